@@ -136,6 +136,7 @@ def _folder_dataset(path, image_size, flip):
     for p in files:
         try:
             with Image.open(p) as im:
+                im.load()  # decodes the whole file: a truncated image fails here, not mid-training
                 modes.add(im.mode)
             readable.append(p)
         except Exception:  # PIL raises several types for broken files
@@ -144,9 +145,10 @@ def _folder_dataset(path, image_size, flip):
         raise UserError(f"no readable images in {root} (looked for {', '.join(sorted(IMAGE_SUFFIXES))})")
     if image_size is None:
         raise UserError("an image folder needs --image-size (e.g. --image-size 32 or 64)")
-    classes = sorted({p.parent.name for p in readable if p.parent != root})
-    if len(classes) >= 2 and all(p.parent != root for p in readable):
-        labels = [classes.index(p.parent.name) for p in readable]
+    top = [p.relative_to(root).parts[0] if p.parent != root else None for p in readable]
+    classes = sorted(set(top) - {None})
+    if len(classes) >= 2 and None not in top:
+        labels = [classes.index(c) for c in top]
     else:
         classes, labels = [], [-1] * len(readable)
     channels = 1 if modes <= {"1", "L", "LA", "I", "I;16", "F"} else 3
@@ -234,8 +236,9 @@ def timestep_embedding(t, dim, max_period=10000):
 
 
 def norm(channels):
-    """GroupNorm with 32 groups where the width allows it (Wu & He 2018; the DDPM U-Net)."""
-    return nn.GroupNorm(math.gcd(32, channels), channels)
+    """GroupNorm (Wu & He 2018) with up to 32 groups of at least 4 channels. With one channel per
+    group it would be instance norm, which subtracts the per-channel time embedding added before it."""
+    return nn.GroupNorm(math.gcd(32, max(channels // 4, 1)), channels)
 
 
 def zero(module):
@@ -328,7 +331,7 @@ class UNet(nn.Module):
         super().__init__()
         levels = len(channel_mults)
         if image_size % 2 ** (levels - 1):
-            fits = [k for k in range(1, 6) if image_size % 2 ** (k - 1) == 0][-1]
+            fits = (image_size & -image_size).bit_length()  # 1 + the times it halves evenly
             raise UserError(f"image size {image_size} cannot be halved {levels - 1} times for "
                             f"channel_mults {tuple(channel_mults)}: use at most {fits} levels "
                             f"(e.g. 28x28: (1, 2, 2); 32x32 or 64x64: (1, 2, 2, 2)) or another size")
@@ -337,6 +340,8 @@ class UNet(nn.Module):
             raise UserError(f"attention_resolutions {tuple(attention_resolutions)} must be among the "
                             f"U-Net's resolutions {sizes}")
         self.num_classes, self.image_size, self.in_channels = num_classes, image_size, in_channels
+        if base_width % 2:
+            raise UserError(f"base_width must be even (the sinusoidal embedding), got {base_width}")
         ch = base_width
         emb_dim = 4 * ch
         self.time_embed = nn.Sequential(nn.Linear(ch, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim))
