@@ -1,17 +1,20 @@
 """ddpm.py against Hugging Face diffusers (UNet2DModel + DDPMScheduler/DDIMScheduler).
 
 Same data (Fashion-MNIST), same seed, same wall-clock training budget for every contender; then
-1,000 samples from each with DDIM, 50 steps, scored by bench/quality.py. Two pairings, one run:
+1,000 samples from each with DDIM, 50 steps, scored by bench/quality.py. The contenders:
 
-  equal parameters  ddpm.py's CPU recipe (1.8M U-Net)  vs  diffusers' UNet2DModel built to the
-                    same 1.8M architecture and trained with the same recipe (lr 2e-3, warm-up,
-                    cosine decay, EMA): the implementations, side by side.
-  what users pick   the same ddpm.py run  vs  a diffusers default-style 4.0M UNet2DModel
-                    (32/64/128 channels, 2 blocks a level, attention at 14x14 and 7x7, AdamW
-                    2e-4 constant, no EMA).
+  ddpm.py CPU recipe      1.8M U-Net (32/64/96 channels, one block a level, attention at 7x7 only),
+                          Adam 2e-3 with warm-up and cosine decay over the budget, EMA.
+  diffusers 1.7M          equal parameters: UNet2DModel in diffusers' default style (two blocks a
+                          level, attention at 14x14 and 7x7) at 32/64/64 channels, the size of
+                          the usual MNIST tutorial; AdamW 2e-4, no EMA.
+  diffusers 4.0M          the same style at 32/64/128 channels; AdamW 2e-4, no EMA.
+  diffusers same net      (with --only) UNet2DModel built to ddpm.py's exact 1.8M architecture
+                          and trained with its recipe: the two implementations side by side.
 
     pip install -r bench/requirements.txt
     python bench/compare.py --minutes 10 --n 1000
+    python bench/compare.py --speed-only              # training img/s and ms per call only
 
 Run it alone: two torch processes on the same cores slow each other down several times.
 """
@@ -37,15 +40,16 @@ from common import UNet, load_dataset, seed_everything  # noqa: E402
 RECIPE = dict(batch_size=64, lr=2e-3, warmup=100)
 
 
-def diffusers_unet(size):
+def diffusers_unet(widths):
+    """diffusers' default block layout, or (for "same") ddpm.py's CPU-recipe network exactly."""
     from diffusers import UNet2DModel
-    if size == "equal":  # the same network as common.UNet(1, 32, (1, 2, 3), 1, (7,))
+    if widths == "same":  # common.UNet(1, 32, (1, 2, 3), 1, (7,)): 1,805,121 parameters in both
         return UNet2DModel(sample_size=28, in_channels=1, out_channels=1, layers_per_block=1,
                            block_out_channels=(32, 64, 96), norm_num_groups=8,
                            down_block_types=("DownBlock2D", "DownBlock2D", "AttnDownBlock2D"),
                            up_block_types=("AttnUpBlock2D", "UpBlock2D", "UpBlock2D"))
     return UNet2DModel(sample_size=28, in_channels=1, out_channels=1, layers_per_block=2,
-                       block_out_channels=(32, 64, 128),
+                       block_out_channels=widths,
                        down_block_types=("DownBlock2D", "AttnDownBlock2D", "AttnDownBlock2D"),
                        up_block_types=("AttnUpBlock2D", "AttnUpBlock2D", "UpBlock2D"))
 
@@ -134,6 +138,26 @@ def sample_diffusers(c, n, steps, seed):
     return torch.cat(out).clamp(-1, 1)
 
 
+def speed_table(contenders, sch, rounds=8):
+    """Training img/s from interleaved steps (so that load on the machine hits all alike)."""
+    x = torch.randn(RECIPE["batch_size"], 1, 28, 28)
+    times = {name: [] for name in contenders}
+    for r in range(rounds + 2):
+        for name, c in contenders.items():
+            xc = x.contiguous(memory_format=torch.channels_last) if c.channels_last else x
+            start = time.perf_counter()
+            losses, _ = ddpm.loss_per_example(lambda x_t, t: c.eps(c.net, x_t, t), xc, sch)
+            c.opt.zero_grad(set_to_none=True)
+            losses.mean().backward()
+            c.opt.step()
+            if r >= 2:  # two warm-up rounds
+                times[name].append(time.perf_counter() - start)
+    print(f"{'contender':22s} {'params':>7s} {'train img/s':>11s} {'ms/call/img':>11s}")
+    for name, c in contenders.items():
+        ips = RECIPE["batch_size"] / sorted(times[name])[len(times[name]) // 2]
+        print(f"{name:22s} {c.params / 1e6:6.2f}M {ips:11.1f} {ms_per_call(c):11.2f}")
+
+
 def ms_per_call(c, batch=256, repeats=3):
     net = c.ema.eval()
     x = torch.randn(batch, 1, 28, 28)
@@ -155,26 +179,32 @@ def main():
     p.add_argument("--sampling-steps", type=int, default=50)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--data-dir", default="./data")
-    p.add_argument("--only", nargs="*", help="contender names to run (default: all)")
+    p.add_argument("--only", nargs="*", help="contender names to run (default: all but 'diffusers same net')")
+    p.add_argument("--speed-only", action="store_true", help="interleaved training-step timings only")
     p.add_argument("--out", default=str(ROOT / "bench" / "results"))
     args = p.parse_args()
     torch.set_num_threads(torch.get_num_threads())
     dataset, _ = load_dataset("fashion-mnist", args.data_dir)
     sch = ddpm.linear_schedule(1000)
     make = {
-        "ddpm.py CPU recipe": lambda: Contender("ddpm.py CPU recipe", UNet(1, 32, (1, 2, 3), 1, (7,), image_size=28),
-                                                "ours", RECIPE["lr"], True, True, True),
-        "diffusers, same net and recipe": lambda: Contender("diffusers, same net and recipe", diffusers_unet("equal"),
-                                                            "diffusers", RECIPE["lr"], True, True, False),
-        "diffusers default-style 4.0M": lambda: Contender("diffusers default-style 4.0M", diffusers_unet("default"),
-                                                          "diffusers", 2e-4, False, False, False),
+        "ddpm.py CPU recipe": lambda n: Contender(n, UNet(1, 32, (1, 2, 3), 1, (7,), image_size=28),
+                                                  "ours", RECIPE["lr"], True, True, True),
+        "diffusers 1.7M": lambda n: Contender(n, diffusers_unet((32, 64, 64)), "diffusers", 2e-4,
+                                              False, False, False),
+        "diffusers 4.0M": lambda n: Contender(n, diffusers_unet((32, 64, 128)), "diffusers", 2e-4,
+                                              False, False, False),
+        "diffusers same net": lambda n: Contender(n, diffusers_unet("same"), "diffusers",
+                                                  RECIPE["lr"], True, True, False),
     }
+    names = args.only or [n for n in make if n != "diffusers same net"]
+    if args.speed_only:
+        return speed_table({n: make[n](n) for n in (args.only or make)}, sch)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     rows = []
-    for name in args.only or make:
+    for name in names:
         seed_everything(args.seed)
-        c = make[name]()
+        c = make[name](name)
         print(f"{name}: {c.params / 1e6:.2f}M parameters, training for {args.minutes} min", flush=True)
         row = {"name": name, "params": c.params, **train(c, dataset, sch, args.minutes, args.seed)}
         row["sample_ms_per_image_call"] = ms_per_call(c)
@@ -194,10 +224,10 @@ def main():
 
 def print_table(rows, args):
     print(f"\nFashion-MNIST, {args.minutes:g} min of training each, {args.n} DDIM-{args.sampling_steps} samples")
-    print(f"{'contender':34s} {'params':>7s} {'steps':>6s} {'img/s':>6s} {'ms/call':>8s} {'FD':>8s} "
+    print(f"{'contender':22s} {'params':>7s} {'steps':>6s} {'img/s':>6s} {'ms/call':>8s} {'FD':>8s} "
           f"{'KID':>7s} {'prec':>5s} {'rec':>5s}")
     for r in rows:
-        print(f"{r['name']:34s} {r['params'] / 1e6:6.2f}M {r['steps']:6d} {r['train_img_per_s']:6.1f} "
+        print(f"{r['name']:22s} {r['params'] / 1e6:6.2f}M {r['steps']:6d} {r['train_img_per_s']:6.1f} "
               f"{r['sample_ms_per_image_call']:8.2f} {r.get('fd', float('nan')):8.2f} "
               f"{r.get('kid', float('nan')):7.4f} {r.get('precision', float('nan')):5.2f} "
               f"{r.get('recall', float('nan')):5.2f}")
