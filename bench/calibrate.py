@@ -1,6 +1,6 @@
 """What bench/quality.py prints for sets whose quality is known: the calibration table.
 
-    flock /tmp/cpu.lock python bench/calibrate.py [--dataset fashion-mnist] [--sizes 1000 10000]
+    python bench/calibrate.py [--dataset fashion-mnist] [--sizes 1000 10000]
 
 Prints a Markdown table for bench/README.md. Every set but the held-out one is built from
 training images (so the test split, the reference, stays unseen), seeded:
