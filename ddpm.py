@@ -26,9 +26,9 @@ Run:
     python ddpm.py --dataset mnist --epochs 10          # MNIST digits (a few minutes on a GPU)
     python ddpm.py --sample --ckpt runs/ddpm/ckpt.pt --n 64 --save samples.png \
                    --sampler ddim --sampling-steps 50
-    CPU recipe (about 15 minutes on 2 cores, clear garments; see README.md):
+    CPU recipe (15 minutes on 2 cores, clear garments; see README.md):
     python ddpm.py --width 32 --mults 1,2,3 --res-blocks 1 --batch-size 64 --lr 2e-3 \
-                   --warmup 100 --lr-decay cosine --steps 1500 --sampler ddim --sampling-steps 50
+                   --warmup 100 --lr-decay cosine --steps 800 --sampler ddim --sampling-steps 50
 
 Outputs in --out (runs/ddpm): samples_epochNNN.png per epoch (EMA weights, fixed noise),
 forward.png (x_0 -> x_T), reverse.png (x_T -> x_0), ckpt.pt, and the loss per timestep bin.
