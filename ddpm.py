@@ -77,9 +77,9 @@ class Schedule:
 
 def linear_schedule(T=1000):
     """Sec. 4: beta_1 = 1e-4 rising linearly to beta_T = 0.02 at T = 1000; rescaled by 1000 / T
-    so that other T keep alpha_bar_T near zero."""
+    so that other T keep alpha_bar_T near zero, and kept below 1 (T <= 20 would reach beta = 1)."""
     scale = 1000 / T
-    return Schedule(torch.linspace(scale * 1e-4, scale * 0.02, T, dtype=torch.float64))
+    return Schedule(torch.linspace(scale * 1e-4, scale * 0.02, T, dtype=torch.float64).clamp(max=0.999))
 
 
 def cosine_schedule(T=1000, s=0.008):
@@ -275,7 +275,9 @@ def epoch_batches(dataset, args, epoch, skip):
     """Epoch `epoch`'s shuffled batches from the `skip`-th on, the same order on every run."""
     g = torch.Generator().manual_seed(args.seed * 100003 + epoch)
     order = torch.randperm(len(dataset), generator=g)[skip * args.batch_size:]
-    return DataLoader(Subset(dataset, order.tolist()), args.batch_size, drop_last=True)
+    # its own generator: a DataLoader iterator otherwise draws a seed from the global RNG, and a
+    # resumed run, which starts one more iterator, would then draw other t and eps
+    return DataLoader(Subset(dataset, order.tolist()), args.batch_size, drop_last=True, generator=g)
 
 
 def train(args):
@@ -283,9 +285,11 @@ def train(args):
     ckpt = None
     if args.resume:
         ckpt = load_checkpoint(args.ckpt or Path(args.out) / "ckpt.pt")
-        keep = {k: getattr(args, k) for k in ("epochs", "steps", "device", "out", "resume", "ckpt")}
-        if keep["epochs"] is None and keep["steps"] is None:
-            keep["epochs"], keep["steps"] = ckpt["args"]["epochs"], ckpt["args"]["steps"]
+        keep = {k: getattr(args, k) for k in ("device", "out", "resume", "ckpt", "data_dir",
+                                              "dataset", "image_size")
+                if getattr(args, k) is not None}  # the data flags given, so the shape is checked
+        if args.epochs is not None or args.steps is not None:  # a new length for the run
+            keep["epochs"], keep["steps"] = args.epochs, args.steps
         args = argparse.Namespace(**{**ckpt["args"], **keep})
     seed_everything(args.seed)
     dataset, info = load_dataset(args.dataset, args.data_dir, True, args.image_size,
@@ -463,7 +467,7 @@ def fill_model_defaults(args, info):
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--dataset", default="fashion-mnist", help="mnist | fashion-mnist | cifar10 | PATH")
+    p.add_argument("--dataset", help="mnist | fashion-mnist (default) | cifar10 | PATH")
     p.add_argument("--data-dir", default="./data")
     p.add_argument("--image-size", type=positive_int, help="for image folders")
     length = p.add_mutually_exclusive_group()
@@ -503,8 +507,10 @@ def parse_args(argv=None):
     args = p.parse_args(argv)
     if not 1 <= args.sampling_steps <= args.T:
         p.error(f"--sampling-steps must be between 1 and --T ({args.T}), got {args.sampling_steps}")
-    if not args.sample and not args.resume and args.epochs is None and args.steps is None:
-        args.epochs = 10
+    if not args.resume:
+        args.dataset = args.dataset or "fashion-mnist"
+        if args.epochs is None and args.steps is None:
+            args.epochs = 10
     return args
 
 
