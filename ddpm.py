@@ -431,7 +431,7 @@ def sample(args):
     ema.eval()
     start = time.time()
     x = torch.cat([draw(ema, min(256, args.n - i), shape, sch, args, device, seed=args.seed + i)
-                   for i in range(0, args.n, 256)]).cpu()
+                   for i in range(0, args.n, 256)]).clamp(-1, 1).cpu()
     print(f"{args.n} samples in {time.time() - start:.1f} s")
     if args.save.endswith(".pt"):
         torch.save(x, args.save)
@@ -490,7 +490,7 @@ def parse_args(argv=None):
                    help="sigma_t^2 of Sec. 3.2")
     p.add_argument("--clip-x0", action=argparse.BooleanOptionalAction, default=True)
     p.add_argument("--sampler", choices=["ddpm", "ddim"], default="ddpm")
-    p.add_argument("--sampling-steps", type=int, default=50, help="DDIM steps S")
+    p.add_argument("--sampling-steps", type=int, help="DDIM steps S (default 50)")
     p.add_argument("--eta", type=float, default=0.0, help="DDIM eta")
     p.add_argument("--width", type=positive_int, help="U-Net base channels")
     p.add_argument("--mults", type=int_list, help="channel multipliers per level, e.g. 1,2,2")
@@ -505,8 +505,9 @@ def parse_args(argv=None):
     p.add_argument("--log-every", type=float, default=5.0, help="seconds")
     p.add_argument("--save-every", type=float, default=5.0, help="minutes between checkpoints")
     args = p.parse_args(argv)
-    if not 1 <= args.sampling_steps <= args.T:
+    if args.sampling_steps is not None and not 1 <= args.sampling_steps <= args.T:
         p.error(f"--sampling-steps must be between 1 and --T ({args.T}), got {args.sampling_steps}")
+    args.sampling_steps = args.sampling_steps or min(50, args.T)
     if not args.resume:
         args.dataset = args.dataset or "fashion-mnist"
         if args.epochs is None and args.steps is None:
