@@ -34,9 +34,20 @@ def ddpm_config(recipe):
             lambda x: model(x, t.expand(x.shape[0]).to(x.device)))
 
 
+def rectified_flow_config(recipe):
+    import rectified_flow as rf
+    args = rf.parse_args(["--width", "32", "--mults", "1,2,3", "--res-blocks", "1"] if recipe else [])
+    rf.fill_model_defaults(args, 28)
+    model = rf.make_model(args, (1, 28, 28), None).to(memory_format=torch.channels_last)
+    v = rf.velocity(model)
+    return (model, lambda x: rf.rf_loss(v, torch.randn_like(x), x, rf.sample_t(len(x), device=x.device)),
+            lambda x: v(x, rf.times(x, 0.5)))
+
+
 CONFIGS = {  # name: (builder, batch size, image shape)
     "ddpm": (lambda: ddpm_config(recipe=False), 128, (1, 28, 28)),
     "ddpm-cpu-recipe": (lambda: ddpm_config(recipe=True), 64, (1, 28, 28)),
+    "rectified-flow-cpu-recipe": (lambda: rectified_flow_config(recipe=True), 64, (1, 28, 28)),
 }
 
 
@@ -117,10 +128,10 @@ def main():
         print(json.dumps(rows, indent=1))
         return
     print(f"device {device}, {torch.get_num_threads()} threads, torch {torch.__version__}")
-    print(f"{'method':18s} {'params':>7s} {'GFLOP/img':>9s} {'train img/s':>11s} {'ms/call/img':>11s} "
+    print(f"{'method':25s} {'params':>7s} {'GFLOP/img':>9s} {'train img/s':>11s} {'ms/call/img':>11s} "
           f"{'peak MB':>8s} {'util':>6s}")
     for r in rows:
-        print(f"{r['method']:18s} {r['params'] / 1e6:6.2f}M {r['gflops_per_image']:9.3f} "
+        print(f"{r['method']:25s} {r['params'] / 1e6:6.2f}M {r['gflops_per_image']:9.3f} "
               f"{r['train_img_per_s']:11.1f} {r['sample_ms_per_image_call']:11.2f} "
               f"{r['peak_mem_mb']:8.0f} {100 * r['train_flop_utilisation']:5.1f}%")
 
