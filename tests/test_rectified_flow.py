@@ -326,6 +326,15 @@ def test_reflow_and_distillation_train_on_the_stored_pairs_only(stages, images, 
     assert hashlib.sha256((tmp_path / "pairs_1rf.pt").read_bytes()).hexdigest() == digest
 
 
+def test_reflow_of_a_2rf_trains_a_3rf_on_pairs_from_the_2rf(stages, images, tmp_path):
+    rf.main(tiny(images, tmp_path) + ["--reflow", "--ckpt", str(stages / "ckpt_2rf.pt"), "--steps", "2"] + PAIRS)
+    ckpt = load(tmp_path / "ckpt_3rf.pt")
+    assert (ckpt["k"], ckpt["distilled"]) == (3, False)
+    # the same teacher, seed and solver as the distillation's pairs in `stages`: the same pairs
+    assert torch.equal(load(tmp_path / "pairs_2rf.pt")["z1"], load(stages / "pairs_2rf.pt")["z1"])
+    assert not torch.equal(load(tmp_path / "pairs_2rf.pt")["z1"], load(stages / "pairs_1rf.pt")["z1"])
+
+
 def states(path):
     ckpt = load(path)
     flat = {**{f"model.{k}": v for k, v in ckpt["model"].items()},
