@@ -71,6 +71,7 @@ from common import UNet, UserError, load_dataset, pick_device, save_grid, seed_e
 TIME_SCALE = 1000              # the U-Net's sinusoidal embedding sees 1000 t, not t in [0, 1]
 EULER_STEPS = (1, 2, 4, 8, 100)  # the rows of every stage's grid
 PAIR_CHUNK = 500               # reflow pairs drawn per solver call; each chunk has its own seed
+PAIR_SEED = 2 ** 40            # pair noise seeds start here, far from the seeds grids and --sample use
 
 # ----------------------------------------------------------------------------------------------
 # The math that needs no network: the interpolation, t, ODE solvers and the straightness
@@ -135,7 +136,7 @@ def rk45(v, z, rtol=1e-3, atol=1e-3):
         return (x / scale).square().mean().sqrt().item()
     k1, nfe, t = v(z, times(z, 0)), 1, 0.0
     d0, d1 = rms(z, atol + rtol * z.abs()), rms(k1, atol + rtol * z.abs())
-    h = min(1.0, 0.01 * d0 / d1) if min(d0, d1) > 1e-5 else 1e-3  # Hairer's first-step guess
+    h = min(1.0, 0.01 * d0 / d1) if min(d0, d1) > 1e-5 else 1e-3  # Hairer's first guess, simplified
     while t < 1 - 1e-9:
         h = min(h, 1 - t)
         ks = [k1]
@@ -145,6 +146,9 @@ def rk45(v, z, rtol=1e-3, atol=1e-3):
         z_new = z + h * sum(b * k for b, k in zip(DP_B, ks))
         err = rms(h * sum((b - bh) * k for b, bh, k in zip(DP_B, DP_B_HAT, ks)),
                   atol + rtol * torch.maximum(z.abs(), z_new.abs()))
+        if not math.isfinite(err) or h < 1e-10:
+            raise UserError(f"RK45 stalled at t = {t:.4f} (error {err}): the velocity is not finite "
+                            f"or not smooth; check the checkpoint, or use --solver euler")
         if err <= 1:  # accept; FSAL: the slope at the new point is the last stage's
             t, z, k1 = t + h, z_new, ks[-1]
         # step-size control: h <- h * 0.9 err^(-1/5), changed by a factor between 0.2 and 10
@@ -222,12 +226,14 @@ def batch_loss(model, batch, args, device):
 
 
 @torch.no_grad()
-def reflow_pairs(args, shape, num_classes, device, stop):
+def reflow_pairs(args, teacher, shape, num_classes, device, stop):
     """Algorithm 1, line 3: Z_0 ~ N(0, I), Z_1 = Flow_k(Z_0), drawn once with --solver and stored in
     args.pairs_file; training only reads them. Chunk i's noise has its own seed, so an interrupted
     run continues where it stopped. Returns TensorDataset(Z_0, Z_1, y), or None if interrupted."""
-    path, teacher = Path(args.pairs_file), load_checkpoint(args.teacher)
-    source = {"teacher": args.teacher, "teacher_step": teacher["step"], "seed": args.seed,
+    path = Path(args.pairs_file)
+    source = {"teacher": args.teacher, "teacher_step": teacher["step"], "seed": PAIR_SEED + args.seed,
+              # tells a retrained teacher with the same path and step from the one the pairs came from
+              "teacher_sum": sum(w.double().sum().item() for w in teacher["ema"].values()),
               "solver": [args.solver, args.sampling_steps, args.rtol, args.atol, args.cfg_scale]}
     pairs = torch.load(path, weights_only=True) if path.exists() else None
     if pairs is None or pairs["source"] != source:
@@ -235,12 +241,15 @@ def reflow_pairs(args, shape, num_classes, device, stop):
             print(f"{path} holds pairs of another teacher or solver: drawing new ones")
         pairs = {"source": source, "z0": torch.zeros(0, *shape), "z1": torch.zeros(0, *shape),
                  "y": torch.zeros(0, dtype=torch.long)}
-    net = load_ema(teacher, device)
+    n = len(pairs["z0"])
+    if n < args.pairs and n % PAIR_CHUNK:  # a short last chunk is drawn again, in full this time
+        pairs = {**pairs, **{k: pairs[k][:n - n % PAIR_CHUNK] for k in ("z0", "z1", "y")}}
+    net = load_ema(teacher, device) if len(pairs["z0"]) < args.pairs else None
     start = last = time.time()
     done0 = len(pairs["z0"])
     while len(pairs["z0"]) < args.pairs and not stop:
         done = len(pairs["z0"])
-        g = torch.Generator().manual_seed(args.seed * 1000003 + done // PAIR_CHUNK)
+        g = torch.Generator().manual_seed(PAIR_SEED + args.seed * 1000003 + done // PAIR_CHUNK)
         z0 = torch.randn(min(PAIR_CHUNK, args.pairs - done), *shape, generator=g)
         y = (torch.randint(num_classes, (len(z0),), generator=g) if num_classes
              else torch.full((len(z0),), -1))
@@ -255,7 +264,7 @@ def reflow_pairs(args, shape, num_classes, device, stop):
             atomic_save(pairs, path)
             last = time.time()
     atomic_save(pairs, path)
-    return None if stop else TensorDataset(pairs["z0"], pairs["z1"], pairs["y"])
+    return None if stop else TensorDataset(*(pairs[k][:args.pairs] for k in ("z0", "z1", "y")))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -371,13 +380,19 @@ def train(args):
     device, name = pick_device(args.device), f"{args.stage_k}rf" + ("_distilled" if args.distilled else "")
     path = Path(args.ckpt) if args.resume and args.ckpt and teacher is None else out / f"ckpt_{name}.pt"
     ckpt = None
-    if args.resume and (path.exists() or not args.all):
+    # a reflow or distillation stopped while drawing pairs has no checkpoint yet: it starts afresh,
+    # and its stored pairs are kept
+    if args.resume and (path.exists() or not (args.all or teacher is not None)):
         ckpt = load_checkpoint(path)
         keep = {k: getattr(args, k) for k in ("epochs", "steps", "device", "out", "resume", "all")}
         if keep["epochs"] is None and keep["steps"] is None:
             keep["epochs"], keep["steps"] = ckpt["args"]["epochs"], ckpt["args"]["steps"]
         args = argparse.Namespace(**{**ckpt["args"], **keep})
         name = f"{args.stage_k}rf" + ("_distilled" if args.distilled else "")
+    if args.epochs is None and args.steps is None:  # --resume of a stage not yet begun
+        args.epochs = 10
+    if args.cfg_scale != 1 and not (teacher["num_classes"] if teacher else args.class_cond):
+        raise UserError("--cfg-scale needs a class-conditional flow: train the 1-RF with --class-cond")
     seed_everything(args.seed)
     out.mkdir(parents=True, exist_ok=True)
     stop = []  # Ctrl-C finishes the current step (or pair chunk), saves, and exits
@@ -402,9 +417,10 @@ def train(args):
                     setattr(args, key, teacher["args"][key])
             args.solver = args.solver or "rk45"
             args.sampling_steps = args.sampling_steps or 100
-            dataset = reflow_pairs(args, shape, num_classes, device, stop)
+            dataset = reflow_pairs(args, teacher, shape, num_classes, device, stop)
             if dataset is None:
-                print(f"interrupted while drawing pairs; {args.pairs_file} keeps them")
+                print(f"interrupted while drawing pairs; {args.pairs_file} keeps them for the "
+                      f"same command (with or without --resume)")
                 return None
         if len(dataset) < args.batch_size:
             raise UserError(f"{len(dataset)} training examples, fewer than --batch-size {args.batch_size}")
@@ -516,10 +532,14 @@ def sample(args):
         s += straightness(z0, z1, vs) * len(z0) if vs else 0.0
         xs.append(z1.float().cpu())
     x = torch.cat(xs).clamp(-1, 1)
+    # one Euler step is a straight line whatever the model: S is 0 and says nothing
     print(f"{args.n} samples in {time.time() - start:.1f} s with {solver} ("
           + (f"N = {steps}, " if solver != "rk45" else "") + f"NFE {nfe})"
-          + (f"; straightness S = {s / args.n:.4f}" if solver == "euler" else ""))
-    torch.save(x, args.save) if args.save.endswith(".pt") else save_grid(x, args.save)
+          + (f"; straightness S = {s / args.n:.4f} on these paths" if solver == "euler" and steps > 1 else ""))
+    if args.save.endswith(".pt"):
+        torch.save(x, args.save)
+    else:
+        save_grid(x, args.save)
     print(f"saved {args.save}")
 
 
@@ -604,6 +624,8 @@ def parse_args(argv=None):
     args = p.parse_args(argv)
     if not 0 <= args.p_uncond < 1:
         p.error(f"--p-uncond must be in [0, 1), got {args.p_uncond}")
+    if not 0 <= args.ema < 1:
+        p.error(f"--ema must be in [0, 1), got {args.ema}")
     if args.cfg_scale < 0:
         p.error(f"--cfg-scale must be >= 0, got {args.cfg_scale}")
     if args.sample and (args.reflow or args.distill or args.all):

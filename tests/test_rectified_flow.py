@@ -10,6 +10,7 @@ import torch.nn as nn
 from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import common  # noqa: E402
 import rectified_flow as rf  # noqa: E402
 
 # The made-up image folders are far below 1,000 images; common.py warns about that.
@@ -320,10 +321,36 @@ def test_reflow_and_distillation_train_on_the_stored_pairs_only(stages, images, 
                 assert len(j) == 1 and torch.equal(pairs["z1"][j[0, 0]], b)
             assert (t == 0).all() if stage == "--distill" else (t > 0).any()
         assert torch.equal(pairs["z0"], load(stages / "pairs_1rf.pt")["z0"])  # same seed, same pairs
-    # resuming reuses the stored pairs without redrawing them
+    # resuming reuses the stored pairs without drawing any
+    def no_solving(*args, **kwargs):
+        raise AssertionError("pairs drawn again")
+    monkeypatch.setattr(rf, "solve", no_solving)
     rf.main(tiny(images, tmp_path) + ["--distill", "--ckpt", str(stages / "ckpt_1rf.pt"), "--resume",
                                       "--steps", "5"] + PAIRS)
     assert hashlib.sha256((tmp_path / "pairs_1rf.pt").read_bytes()).hexdigest() == digest
+    # fewer --pairs than stored: training reads the first ones only
+    seen.clear()
+    (tmp_path / "fewer").mkdir()
+    (tmp_path / "fewer" / "pairs_1rf.pt").write_bytes((tmp_path / "pairs_1rf.pt").read_bytes())
+    rf.main(tiny(images, tmp_path / "fewer") + ["--reflow", "--ckpt", str(stages / "ckpt_1rf.pt"),
+                                                "--steps", "4", "--pairs", "8"] + PAIRS[2:])
+    first = pairs["z0"][:8].flatten(1)
+    assert all((first == a.flatten()).all(1).any() for x0, _, _ in seen for a in x0)
+
+
+def test_1rf_trains_on_data_and_fresh_noise(images, tmp_path, monkeypatch):
+    seen = []
+
+    def recording_loss(v, x0, x1, t):
+        seen.append((x0.detach().clone(), x1.detach().clone()))
+        return real_loss(v, x0, x1, t)
+    real_loss = rf.rf_loss
+    monkeypatch.setattr(rf, "rf_loss", recording_loss)
+    rf.main(tiny(images, tmp_path) + ["--steps", "3"])
+    data = torch.stack([x for x, _ in common.load_dataset(str(images), "unused", True, 8)[0]]).flatten(1)
+    for x0, x1 in seen:  # X_1 are the images (Algorithm 1's pi_1), X_0 ~ N(0, I) is not
+        assert all((data == x.flatten()).all(1).any() for x in x1)
+        assert not any((data == x.flatten()).all(1).any() for x in x0) and x0.abs().max() > 1
 
 
 def test_reflow_of_a_2rf_trains_a_3rf_on_pairs_from_the_2rf(stages, images, tmp_path):
@@ -333,6 +360,12 @@ def test_reflow_of_a_2rf_trains_a_3rf_on_pairs_from_the_2rf(stages, images, tmp_
     # the same teacher, seed and solver as the distillation's pairs in `stages`: the same pairs
     assert torch.equal(load(tmp_path / "pairs_2rf.pt")["z1"], load(stages / "pairs_2rf.pt")["z1"])
     assert not torch.equal(load(tmp_path / "pairs_2rf.pt")["z1"], load(stages / "pairs_1rf.pt")["z1"])
+
+
+def test_resume_of_a_stage_stopped_while_drawing_pairs_starts_it(stages, images, tmp_path):
+    rf.main(tiny(images, tmp_path) + ["--reflow", "--ckpt", str(stages / "ckpt_1rf.pt"), "--resume",
+                                      "--steps", "2"] + PAIRS)
+    assert load(tmp_path / "ckpt_2rf.pt")["step"] == 2
 
 
 def states(path):
@@ -364,7 +397,9 @@ def test_sample_png_pt_solvers_and_guidance(stages, tmp_path, capsys):
                  "--save", str(tmp_path / "x.pt")] + extra)
         x = load(tmp_path / "x.pt")
         assert x.shape == (5, 1, 8, 8) and x.dtype == torch.float32 and x.abs().max() <= 1
-    assert "with euler (N = 1, NFE 1); straightness S = 0.0000" in capsys.readouterr().out  # distilled: 1 step
+    out = capsys.readouterr().out
+    assert "with euler (N = 1, NFE 1)\n" in out  # distilled: one step, and no S (0 for any one step)
+    assert "with euler (N = 4, NFE 4); straightness S = " in out
     rf.main(["--sample", "--ckpt", str(stages / "ckpt_2rf.pt"), "--n", "4", "--save", str(tmp_path / "x.png")])
     assert Image.open(tmp_path / "x.png").size == (2 + 2 * 10, 2 + 2 * 10)
 
@@ -388,6 +423,7 @@ def test_all_runs_the_three_stages(images, tmp_path):
     (["--sample", "--ckpt", "UNCOND", "--save", "x.png", "--cfg-scale", "3"], "needs a class-conditional"),
     (["--resume"], "no checkpoint at"),
     (["--class-cond", "--dataset", "FLAT"], "--class-cond needs labels"),
+    (["--cfg-scale", "2"], "--cfg-scale needs a class-conditional flow"),
 ])
 def test_bad_inputs_give_clear_errors(argv, message, stages, images, tmp_path):
     (tmp_path / "flat").mkdir()
@@ -407,7 +443,8 @@ def test_bad_inputs_give_clear_errors(argv, message, stages, images, tmp_path):
 
 @pytest.mark.parametrize("argv", [["--steps", "0"], ["--reflow", "--distill"], ["--all", "--reflow"],
                                   ["--pairs", "-3"], ["--rtol", "0"], ["--p-uncond", "1"],
-                                  ["--sample", "--reflow"], ["--sampling-steps", "0"]])
+                                  ["--sample", "--reflow"], ["--sampling-steps", "0"],
+                                  ["--ema", "1"]])
 def test_bad_flags_are_usage_errors(argv, capsys):
     with pytest.raises(SystemExit) as e:
         rf.main(argv)
