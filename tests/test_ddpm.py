@@ -32,12 +32,16 @@ def at(a, t, x):
 # Schedules
 # ----------------------------------------------------------------------------------------------
 
-def test_linear_schedule_matches_the_paper():
-    T = 1000
-    sch = ddpm.linear_schedule(T)
+def assert_float64_indexed_0_to_T(sch, T):
     for name in ("beta", "alpha", "alpha_bar", "beta_tilde"):
         a = getattr(sch, name)
         assert a.dtype == torch.float64 and a.shape == (T + 1,), name
+
+
+def test_linear_schedule_matches_the_paper():
+    T = 1000
+    sch = ddpm.linear_schedule(T)
+    assert_float64_indexed_0_to_T(sch, T)
     assert sch.T == T
     assert sch.beta[1].item() == pytest.approx(1e-4, rel=1e-12)
     assert sch.beta[T].item() == pytest.approx(0.02, rel=1e-12)
@@ -71,9 +75,7 @@ def test_linear_schedule_stays_a_diffusion_for_small_T(T):
 def test_cosine_schedule():
     T = 1000
     sch = ddpm.cosine_schedule(T)
-    for name in ("beta", "alpha", "alpha_bar", "beta_tilde"):
-        a = getattr(sch, name)
-        assert a.dtype == torch.float64 and a.shape == (T + 1,), name
+    assert_float64_indexed_0_to_T(sch, T)
     assert sch.alpha_bar[0] == 1 and sch.beta_tilde[1] == 0
     assert (sch.alpha_bar[1:] < sch.alpha_bar[:-1]).all()
     assert (sch.beta[1:] > 0).all() and (sch.beta <= 0.999).all()
