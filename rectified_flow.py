@@ -225,48 +225,6 @@ def batch_loss(model, batch, args, device):
     return rf_loss(v, x0, x1, sample_t(len(x0), args.t_sampling, device))
 
 
-@torch.no_grad()
-def reflow_pairs(args, teacher, shape, num_classes, device, stop):
-    """Algorithm 1, line 3: Z_0 ~ N(0, I), Z_1 = Flow_k(Z_0), drawn once with --solver and stored in
-    args.pairs_file; training only reads them. Chunk i's noise has its own seed, so an interrupted
-    run continues where it stopped. Returns TensorDataset(Z_0, Z_1, y), or None if interrupted."""
-    path = Path(args.pairs_file)
-    source = {"teacher": args.teacher, "teacher_step": teacher["step"], "seed": PAIR_SEED + args.seed,
-              # tells a retrained teacher with the same path and step from the one the pairs came from
-              "teacher_sum": sum(w.double().sum().item() for w in teacher["ema"].values()),
-              "solver": [args.solver, args.sampling_steps, args.rtol, args.atol, args.cfg_scale]}
-    pairs = torch.load(path, weights_only=True) if path.exists() else None
-    if pairs is None or pairs["source"] != source:
-        if pairs is not None:
-            print(f"{path} holds pairs of another teacher or solver: drawing new ones")
-        pairs = {"source": source, "z0": torch.zeros(0, *shape), "z1": torch.zeros(0, *shape),
-                 "y": torch.zeros(0, dtype=torch.long)}
-    n = len(pairs["z0"])
-    if n < args.pairs and n % PAIR_CHUNK:  # a short last chunk is drawn again, in full this time
-        pairs = {**pairs, **{k: pairs[k][:n - n % PAIR_CHUNK] for k in ("z0", "z1", "y")}}
-    net = load_ema(teacher, device) if len(pairs["z0"]) < args.pairs else None
-    start = last = time.time()
-    done0 = len(pairs["z0"])
-    while len(pairs["z0"]) < args.pairs and not stop:
-        done = len(pairs["z0"])
-        g = torch.Generator().manual_seed(PAIR_SEED + args.seed * 1000003 + done // PAIR_CHUNK)
-        z0 = torch.randn(min(PAIR_CHUNK, args.pairs - done), *shape, generator=g)
-        y = (torch.randint(num_classes, (len(z0),), generator=g) if num_classes
-             else torch.full((len(z0),), -1))
-        v = velocity(net, y.to(device) if num_classes else None, args.cfg_scale)
-        z1, nfe = solve(v, z0.to(device), args.solver, args.sampling_steps, args.rtol, args.atol)
-        for key, val in (("z0", z0), ("z1", z1.float().cpu()), ("y", y)):
-            pairs[key] = torch.cat([pairs[key], val])
-        rate = (len(pairs["z0"]) - done0) / (time.time() - start)
-        print(f"pairs {len(pairs['z0'])}/{args.pairs}  {args.solver} NFE {nfe}  "
-              f"{(args.pairs - len(pairs['z0'])) / rate / 60:.1f} min left", flush=True)
-        if time.time() - last > 60:
-            atomic_save(pairs, path)
-            last = time.time()
-    atomic_save(pairs, path)
-    return None if stop else TensorDataset(*(pairs[k][:args.pairs] for k in ("z0", "z1", "y")))
-
-
 # ----------------------------------------------------------------------------------------------
 # Sampling pictures: the step-count grid, the trajectory strip, the straightness
 # ----------------------------------------------------------------------------------------------
@@ -351,6 +309,48 @@ def load_ema(ckpt, device):
     net = make_model(argparse.Namespace(**ckpt["args"]), ckpt["shape"], ckpt["num_classes"])
     net.load_state_dict(ckpt["ema"])
     return net.to(device, memory_format=torch.channels_last).eval()
+
+
+@torch.no_grad()
+def reflow_pairs(args, teacher, shape, num_classes, device, stop):
+    """Algorithm 1, line 3: Z_0 ~ N(0, I), Z_1 = Flow_k(Z_0), drawn once with --solver and stored in
+    args.pairs_file; training only reads them. Chunk i's noise has its own seed, so an interrupted
+    run continues where it stopped. Returns TensorDataset(Z_0, Z_1, y), or None if interrupted."""
+    path = Path(args.pairs_file)
+    source = {"teacher": args.teacher, "teacher_step": teacher["step"], "seed": PAIR_SEED + args.seed,
+              # tells a retrained teacher with the same path and step from the one the pairs came from
+              "teacher_sum": sum(w.double().sum().item() for w in teacher["ema"].values()),
+              "solver": [args.solver, args.sampling_steps, args.rtol, args.atol, args.cfg_scale]}
+    pairs = torch.load(path, weights_only=True) if path.exists() else None
+    if pairs is None or pairs["source"] != source:
+        if pairs is not None:
+            print(f"{path} holds pairs of another teacher or solver: drawing new ones")
+        pairs = {"source": source, "z0": torch.zeros(0, *shape), "z1": torch.zeros(0, *shape),
+                 "y": torch.zeros(0, dtype=torch.long)}
+    n = len(pairs["z0"])
+    if n < args.pairs and n % PAIR_CHUNK:  # a short last chunk is drawn again, in full this time
+        pairs = {**pairs, **{k: pairs[k][:n - n % PAIR_CHUNK] for k in ("z0", "z1", "y")}}
+    net = load_ema(teacher, device) if len(pairs["z0"]) < args.pairs else None
+    start = last = time.time()
+    done0 = len(pairs["z0"])
+    while len(pairs["z0"]) < args.pairs and not stop:
+        done = len(pairs["z0"])
+        g = torch.Generator().manual_seed(PAIR_SEED + args.seed * 1000003 + done // PAIR_CHUNK)
+        z0 = torch.randn(min(PAIR_CHUNK, args.pairs - done), *shape, generator=g)
+        y = (torch.randint(num_classes, (len(z0),), generator=g) if num_classes
+             else torch.full((len(z0),), -1))
+        v = velocity(net, y.to(device) if num_classes else None, args.cfg_scale)
+        z1, nfe = solve(v, z0.to(device), args.solver, args.sampling_steps, args.rtol, args.atol)
+        for key, val in (("z0", z0), ("z1", z1.float().cpu()), ("y", y)):
+            pairs[key] = torch.cat([pairs[key], val])
+        rate = (len(pairs["z0"]) - done0) / (time.time() - start)
+        print(f"pairs {len(pairs['z0'])}/{args.pairs}  {args.solver} NFE {nfe}  "
+              f"{(args.pairs - len(pairs['z0'])) / rate / 60:.1f} min left", flush=True)
+        if time.time() - last > 60:
+            atomic_save(pairs, path)
+            last = time.time()
+    atomic_save(pairs, path)
+    return None if stop else TensorDataset(*(pairs[k][:args.pairs] for k in ("z0", "z1", "y")))
 
 
 def epoch_batches(dataset, args, epoch, skip):
