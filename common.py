@@ -49,10 +49,12 @@ class DataInfo:
     count: int
     num_classes: int | None  # None: the data set has no labels (its loader yields y = -1)
     name: str
+    classes: list | None = None  # the class names, where the data set has them
 
 
 class ImageTensors(Dataset):
-    """uint8 images (N, C, H, W) and labels held in memory; yields (x in [-1, 1], y)."""
+    """Images (N, C, H, W) and labels held in memory; yields (x, y). uint8 pixels are scaled to
+    [-1, 1]; float tensors (an autoencoder's latents, say) are used as they are."""
 
     def __init__(self, images, labels, flip=False):
         self.images, self.labels, self.flip = images, labels, flip
@@ -61,7 +63,8 @@ class ImageTensors(Dataset):
         return len(self.images)
 
     def __getitem__(self, i):
-        x = self.images[i].float() / 127.5 - 1
+        x = self.images[i]
+        x = x.float() / 127.5 - 1 if x.dtype == torch.uint8 else x.float()
         if self.flip and random.random() < 0.5:
             x = x.flip(-1)
         return x, self.labels[i]
@@ -156,11 +159,40 @@ def _folder_dataset(path, image_size, flip):
         warnings.warn(f"{root} holds only {len(readable)} images: a generative model trained on "
                       f"under {SMALL_FOLDER} images mostly memorises them")
     ds = ImageFolder(readable, labels, image_size, channels, flip)
-    return ds, DataInfo(channels, image_size, len(ds), len(classes) or None, str(root))
+    return ds, DataInfo(channels, image_size, len(ds), len(classes) or None, str(root), classes or None)
+
+
+def _tensor_file_dataset(path):
+    """A saved tensor (N, C, H, W), or a dict {"x": (N, C, H, W), "y": (N,) labels, "classes": names}
+    with "y" and "classes" optional: how method files pass data (latents, samples) to each other."""
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise UserError(f"cannot read {path} as a saved tensor ({type(e).__name__}): save images "
+                        f"with torch.save(x, path) or torch.save({{'x': x, 'y': y}}, path)") from None
+    x, y, classes = (obj.get("x"), obj.get("y"), obj.get("classes")) if isinstance(obj, dict) else (obj, None, None)
+    if not torch.is_tensor(x) or x.ndim != 4 or x.shape[-1] != x.shape[-2] or not len(x):
+        got = tuple(x.shape) if torch.is_tensor(x) else type(x).__name__
+        raise UserError(f"{path} must hold a tensor (N, C, H, W) with H = W (or a dict with one under "
+                        f"'x'), got {got}")
+    if x.dtype != torch.uint8 and not x.is_floating_point():
+        raise UserError(f"{path} holds {x.dtype} images: save uint8 pixels or float values")
+    if y is not None:
+        if not torch.is_tensor(y) or y.shape != (len(x),) or y.is_floating_point() or (y < 0).any():
+            got = tuple(y.shape) if torch.is_tensor(y) else type(y).__name__
+            raise UserError(f"{path}: 'y' must hold {len(x)} integer labels >= 0, one per image, got {got}")
+        num_classes = len(classes) if classes else int(y.max()) + 1
+        if int(y.max()) >= num_classes:
+            raise UserError(f"{path}: label {int(y.max())} but only {num_classes} class names")
+        classes = list(classes) if classes else [str(i) for i in range(num_classes)]
+    ds = ImageTensors(x, y.long() if y is not None else torch.full((len(x),), -1), flip=False)
+    return ds, DataInfo(x.shape[1], x.shape[-1], len(x), len(classes) if y is not None else None,
+                        str(path), classes if y is not None else None)
 
 
 def load_dataset(name, data_dir="./data", train=True, image_size=None, flip=False):
-    """`name` is mnist | fashion-mnist | cifar10 | a folder of images. Returns (Dataset, DataInfo)."""
+    """`name` is mnist | fashion-mnist | cifar10 | a folder of images | a saved tensor FILE.pt.
+    Returns (Dataset, DataInfo)."""
     if name in ("mnist", "fashion-mnist", "cifar10"):
         ds = _torchvision_dataset(name, data_dir, train)
         images = torch.as_tensor(np.asarray(ds.data))
@@ -169,11 +201,18 @@ def load_dataset(name, data_dir="./data", train=True, image_size=None, flip=Fals
             images = TF.resize(images, [image_size, image_size], antialias=True)
         labels = torch.as_tensor(ds.targets)
         tensors = ImageTensors(images.contiguous(), labels, flip)
-        return tensors, DataInfo(images.shape[1], images.shape[-1], len(images), 10, name)
+        return tensors, DataInfo(images.shape[1], images.shape[-1], len(images), 10, name,
+                                 list(ds.classes))
     if os.path.isdir(name):
         return _folder_dataset(name, image_size, flip)
-    raise UserError(f"unknown data set {name!r}: use mnist, fashion-mnist, cifar10 "
-                    f"or the path of a folder of images")
+    if name.endswith(".pt"):
+        if not os.path.isfile(name):
+            raise UserError(f"no tensor file {name}")
+        if image_size is not None:
+            raise UserError("--image-size does not apply to a tensor file: its images keep their size")
+        return _tensor_file_dataset(name)
+    raise UserError(f"unknown data set {name!r}: use mnist, fashion-mnist, cifar10, "
+                    f"the path of a folder of images or of a saved tensor FILE.pt")
 
 
 def load_data(name, data_dir="./data", batch_size=128, train=True, image_size=None, flip=False,

@@ -139,6 +139,27 @@ def test_unknown_dataset_name_lists_the_choices(tmp_path, monkeypatch):
         assert word in msg
 
 
+def test_tensor_file_is_a_data_set(tmp_path):
+    pixels = torch.tensor([0, 255, 128], dtype=torch.uint8).view(3, 1, 1, 1).expand(3, 2, 4, 4).clone()
+    torch.save(pixels, tmp_path / "pixels.pt")
+    ds, info = common.load_dataset(str(tmp_path / "pixels.pt"))
+    assert (info.count, info.channels, info.size, info.num_classes, info.classes) == (3, 2, 4, None, None)
+    assert ds[0][0].max() == -1 and ds[1][0].min() == 1 and ds[0][1] == -1  # uint8 -> [-1, 1]
+    latents = torch.randn(5, 4, 8, 8) * 3
+    torch.save({"x": latents, "y": torch.tensor([0, 2, 1, 2, 0]), "classes": ["a", "b", "c"]},
+               tmp_path / "latents.pt")
+    ds, info = common.load_dataset(str(tmp_path / "latents.pt"))
+    assert info.num_classes == 3 and info.classes == ["a", "b", "c"]
+    assert torch.equal(ds[3][0], latents[3]) and ds[3][1] == 2  # float values are kept as they are
+    torch.save({"x": latents, "y": torch.tensor([0, 2, 1, 2, 0])}, tmp_path / "unnamed.pt")
+    assert common.load_dataset(str(tmp_path / "unnamed.pt"))[1].classes == ["0", "1", "2"]
+    with pytest.raises(UserError, match="no tensor file"):
+        common.load_dataset(str(tmp_path / "missing.pt"))
+    (tmp_path / "junk.pt").write_bytes(b"not a tensor")
+    with pytest.raises(UserError, match="cannot read"):
+        common.load_dataset(str(tmp_path / "junk.pt"))
+
+
 # ----------------------------------------------------------------------------------------------
 # Torchvision data sets, never touching the network
 # ----------------------------------------------------------------------------------------------
@@ -153,6 +174,7 @@ def test_fashion_mnist_from_debian_copy(tmp_path, monkeypatch):
 
     ds, info = common.load_dataset("fashion-mnist", tmp_path)
     assert (len(ds), info.count, info.channels, info.size, info.num_classes) == (60000, 60000, 1, 28, 10)
+    assert info.classes[0] == "T-shirt/top" and info.classes[9] == "Ankle boot"
     assert (tmp_path / "FashionMNIST" / "raw" / "train-images-idx3-ubyte").is_file()
     xs, ys = zip(*(ds[i] for i in range(200)))
     x, y = torch.stack(xs), torch.as_tensor(ys)
