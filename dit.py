@@ -230,7 +230,8 @@ def modulate(x, shift, scale):
 
 
 def mlp(d, ratio):
-    return nn.Sequential(nn.Linear(d, int(d * ratio)), nn.GELU(approximate="tanh"), nn.Linear(int(d * ratio), d))
+    hidden = int(d * ratio)
+    return nn.Sequential(nn.Linear(d, hidden), nn.GELU(approximate="tanh"), nn.Linear(hidden, d))
 
 
 class TimestepEmbedder(nn.Module):
@@ -513,9 +514,10 @@ def batch_loss(model, x, y, args, sch, class_tokens, rank=0, world=1):
     exactly what one process computes on the joined batch."""
     b = len(x)
     mine = slice(rank * b, (rank + 1) * b)
-    # Algorithm 1, line 2: eps ~ N(0, I) (the noise x_0 of rectified flow); line 1: y = null w.p. 0.1
+    # Algorithm 1, line 2: eps ~ N(0, I) (for MM-DiT: the noise x_0 of rectified flow)
     eps = torch.randn(world * b, *x.shape[1:], device=x.device)[mine]
-    drop = (torch.rand(world * b, device=x.device) < args.p_uncond)[mine]  # y = null w.p. p_uncond
+    # Algorithm 1, line 1: y = null with probability p_uncond, for classifier-free guidance
+    drop = (torch.rand(world * b, device=x.device) < args.p_uncond)[mine]
     if args.arch == "mmdit":
         # SD3 Sec. 3.1: logit-normal t, t = sigmoid(n), n ~ N(0, 1), most weight on the middle
         t = torch.sigmoid(torch.randn(world * b, device=x.device))[mine]
@@ -591,7 +593,9 @@ def sample_euler(f, x, steps):
 
 def sampling_steps(args):
     """--sampling-steps, or the default: 250 for DDPM (as the paper evaluates), 50 for DDIM and Euler."""
-    return args.sampling_steps or (min(250 if args.sampler == "ddpm" else 50, args.T) if args.arch == "dit" else 50)
+    if args.arch == "mmdit":
+        return args.sampling_steps or 50
+    return args.sampling_steps or min(250 if args.sampler == "ddpm" else 50, args.T)
 
 
 def draw(net, cond, n, shape, sch, args, device, seed, scale):
@@ -604,6 +608,13 @@ def draw(net, cond, n, shape, sch, args, device, seed, scale):
     if args.sampler == "ddim":
         return sample_ddim(f, x, sch, steps, args.clip_x0)
     return sample_ddpm(f, x, sch, steps, args.learn_sigma, args.clip_x0, g)
+
+
+def class_tokens_of(classes, args):
+    """Per class, what the network is conditioned on: the label (DiT) or the name's tokens (MM-DiT)."""
+    if not classes:
+        return None
+    return tokenize(classes, args.text_len) if args.arch == "mmdit" else torch.arange(len(classes))
 
 
 def conditions(ids, class_tokens, args):
@@ -678,7 +689,8 @@ def load_checkpoint(path):
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
-        raise UserError(f"cannot read checkpoint {path} ({type(e).__name__}): is it a dit.py checkpoint?") from None
+        raise UserError(f"cannot read checkpoint {path} ({type(e).__name__}): "
+                        f"is it a dit.py checkpoint?") from None
     if not isinstance(ckpt, dict) or ckpt.get("method") != "dit":
         method = ckpt.get("method", "unknown") if isinstance(ckpt, dict) else "unknown"
         raise UserError(f"{path} is a checkpoint of {method}, not of dit.py")
@@ -731,8 +743,7 @@ def train(args):
     args.clip_x0 = not getattr(getattr(dataset, "images", None), "is_floating_point", bool)()
     if classes and args.arch == "mmdit":
         args.text_len = max(16, max(len(c.encode()) for c in classes))
-    class_tokens = (tokenize(classes, args.text_len) if args.arch == "mmdit" else torch.arange(len(classes))) \
-        if classes else None
+    class_tokens = class_tokens_of(classes, args)
     sch = linear_schedule(args.T)
 
     model = make_model(args, shape, len(classes) if classes else None)
@@ -760,7 +771,8 @@ def train(args):
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     stop = []  # Ctrl-C or SIGTERM finishes the current step, saves, and exits
-    handlers = {s: signal.signal(s, lambda *_: stop.append(True)) for s in (signal.SIGINT, signal.SIGTERM)}
+    handlers = {s: signal.signal(s, lambda *_: stop.append(True))
+                for s in (signal.SIGINT, signal.SIGTERM)}
     run = argparse.Namespace(args=args, model=model, ddp=ddp, ema=ema, opt=opt, sch=sch, shape=shape,
                              classes=classes, class_tokens=class_tokens, device=device, rank=rank,
                              world=world, path=out / "ckpt.pt", stop=stop, saved=ckpt and step)
@@ -833,7 +845,8 @@ def stopped(run):
 
 
 def save(run, step):
-    save_checkpoint(run.path, run.model, run.ema, run.opt, step, run.args, run.shape, run.classes, run.device)
+    save_checkpoint(run.path, run.model, run.ema, run.opt, step, run.args, run.shape, run.classes,
+                    run.device)
     run.saved = step
 
 
@@ -873,8 +886,7 @@ def sample(args):
     classes, shape = ckpt["classes"], tuple(ckpt["shape"])
     if train_args.arch == "dit":
         respace(linear_schedule(train_args.T), sampling_steps(train_args))  # a clear error before any work
-    class_tokens = (tokenize(classes, train_args.text_len) if train_args.arch == "mmdit"
-                    else torch.arange(len(classes))) if classes else None
+    class_tokens = class_tokens_of(classes, train_args)
     fixed = None  # the class (DiT) or prompt (MM-DiT) of every sample; None: the classes in turn
     if args.prompt is not None:
         if not classes:
@@ -903,7 +915,8 @@ def sample(args):
                        args.cfg_scale).float().cpu())
     x = torch.cat(xs)
     if not torch.isfinite(x).all():
-        raise UserError(f"the samples of {args.ckpt} came out non-finite: the checkpoint is broken, retrain it")
+        raise UserError(f"the samples of {args.ckpt} came out non-finite: the checkpoint is broken, "
+                        f"retrain it")
     x = x.clamp(-1, 1) if train_args.clip_x0 else x
     print(f"{args.n} samples in {time.time() - start:.1f} s")
     Path(args.save).parent.mkdir(parents=True, exist_ok=True)
