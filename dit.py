@@ -37,9 +37,11 @@ Run:
     python dit.py --sample --ckpt runs/dit/ckpt.pt --n 64 --cfg-scale 4 --save samples.png
     python dit.py --sample --ckpt runs/mmdit/ckpt.pt --prompt "Ankle boot" --save boots.png
     torchrun --standalone --nproc_per_node 8 dit.py --model XL/2 --batch-size 256 --bf16 ...
-    CPU recipe (about 15 minutes on 2 cores, garments of every class; see README.md):
+    CPU recipes (15 minutes each on 2 cores, garments of every class; see README.md):
     python dit.py --model T/4 --batch-size 64 --lr 1e-3 --warmup 100 --lr-decay cosine \\
-                  --steps 1500 --ema 0.999 --sampler ddim --sampling-steps 50
+                  --steps 1800 --ema 0.999 --sampling-steps 100
+    python dit.py --arch mmdit --model T/4 --batch-size 64 --lr 1e-3 --warmup 100 \\
+                  --lr-decay cosine --steps 1350 --ema 0.999
 
 Outputs in --out (runs/dit): samples_epochNNN.png per epoch (EMA weights, fixed noise; with
 classes one column per class and one row per guidance scale 1, 1.5, 2, 4), ckpt.pt.
