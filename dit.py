@@ -258,6 +258,7 @@ class DiTBlock(nn.Module):
     def __init__(self, d, heads, mlp_ratio, block):
         super().__init__()
         self.block, self.heads, self.adaptive = block, heads, block.startswith("adaln")
+        self.zero_init = block == "adaln-zero"  # init_weights zeroes the modulation
         self.norm1 = nn.LayerNorm(d, elementwise_affine=not self.adaptive, eps=1e-6)
         self.qkv, self.proj = nn.Linear(d, 3 * d), nn.Linear(d, d)
         self.norm2 = nn.LayerNorm(d, elementwise_affine=not self.adaptive, eps=1e-6)
@@ -292,6 +293,7 @@ class FinalLayer(nn.Module):
         super().__init__()
         self.norm = nn.LayerNorm(d, elementwise_affine=not adaptive, eps=1e-6)
         self.adaLN = nn.Sequential(nn.SiLU(), nn.Linear(d, 2 * d)) if adaptive else None
+        self.zero_init = adaptive
         self.linear = nn.Linear(d, patch * patch * out_channels)
 
     def forward(self, x, c):
@@ -311,12 +313,9 @@ def init_weights(net):
     for m in net.t_embed.mlp[::2]:
         nn.init.normal_(m.weight, std=0.02)
     for m in net.modules():
-        if isinstance(m, (DiTBlock, Stream)) and getattr(m, "block", "adaln-zero") == "adaln-zero":
+        if getattr(m, "zero_init", False):
             nn.init.zeros_(m.adaLN[-1].weight)
             nn.init.zeros_(m.adaLN[-1].bias)
-    if net.final.adaLN is not None:
-        nn.init.zeros_(net.final.adaLN[-1].weight)
-        nn.init.zeros_(net.final.adaLN[-1].bias)
     nn.init.zeros_(net.final.linear.weight)
     nn.init.zeros_(net.final.linear.bias)
 
@@ -390,6 +389,7 @@ class Stream(nn.Module):
         super().__init__()
         self.heads = heads
         self.adaLN = nn.Sequential(nn.SiLU(), nn.Linear(d, (2 if pre_only else 6) * d))
+        self.zero_init = True
         self.norm1 = nn.LayerNorm(d, elementwise_affine=False, eps=1e-6)
         self.qkv = nn.Linear(d, 3 * d)
         # SD3 Sec. 5.3.2: RMS-norm of q and k keeps attention logits from growing in long runs
@@ -790,6 +790,20 @@ def train(args):
     print(f"{'interrupted' if stop else 'done'} at step {step}; checkpoint {run.path}")
 
 
+def stopped(run):
+    """Whether any rank was told to stop (all ranks stop at the same step)."""
+    if run.world == 1:
+        return bool(run.stop)
+    flag = torch.tensor(float(len(run.stop)), device=run.device)
+    return all_mean(flag, run.world).item() > 0
+
+
+def save(run, step):
+    save_checkpoint(run.path, run.model, run.ema, run.opt, step, run.args, run.shape, run.classes,
+                    run.device)
+    run.saved = step
+
+
 def run_epochs(run, dataset, step):
     args, device = run.args, run.device
     per_epoch = len(dataset) // args.batch_size
@@ -836,20 +850,6 @@ def run_epochs(run, dataset, step):
         if stopped(run):
             break
     return step
-
-
-def stopped(run):
-    """Whether any rank was told to stop (all ranks stop at the same step)."""
-    if run.world == 1:
-        return bool(run.stop)
-    flag = torch.tensor(float(len(run.stop)), device=run.device)
-    return all_mean(flag, run.world).item() > 0
-
-
-def save(run, step):
-    save_checkpoint(run.path, run.model, run.ema, run.opt, step, run.args, run.shape, run.classes,
-                    run.device)
-    run.saved = step
 
 
 def end_of_epoch(run, step, epoch):
