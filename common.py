@@ -288,18 +288,21 @@ def zero(module):
 
 
 class ResBlock(nn.Module):
-    """Two 3x3 convs with GroupNorm, SiLU and dropout; the time (+ class) embedding is added between."""
+    """Two 3x3 convs with GroupNorm, SiLU and dropout; the time (+ class) embedding is added between.
+    emb_dim=None: no embedding (an autoencoder's block)."""
 
-    def __init__(self, in_ch, out_ch, emb_dim, dropout=0.0):
+    def __init__(self, in_ch, out_ch, emb_dim=None, dropout=0.0):
         super().__init__()
         self.in_layers = nn.Sequential(norm(in_ch), nn.SiLU(), nn.Conv2d(in_ch, out_ch, 3, padding=1))
-        self.emb = nn.Sequential(nn.SiLU(), nn.Linear(emb_dim, out_ch))
+        self.emb = nn.Sequential(nn.SiLU(), nn.Linear(emb_dim, out_ch)) if emb_dim else None
         self.out_layers = nn.Sequential(norm(out_ch), nn.SiLU(), nn.Dropout(dropout),
                                         zero(nn.Conv2d(out_ch, out_ch, 3, padding=1)))
         self.skip = nn.Identity() if in_ch == out_ch else nn.Conv2d(in_ch, out_ch, 1)
 
-    def forward(self, x, emb):
-        h = self.in_layers(x) + self.emb(emb)[:, :, None, None]
+    def forward(self, x, emb=None):
+        h = self.in_layers(x)
+        if self.emb is not None:
+            h = h + self.emb(emb)[:, :, None, None]
         return self.skip(x) + self.out_layers(h)
 
 
@@ -343,15 +346,19 @@ class Upsample(nn.Module):
 
 
 class Level(nn.Module):
-    """The blocks at one resolution: a ResBlock, optionally followed by self-attention."""
+    """The blocks at one resolution: a ResBlock, optionally followed by an attention block
+    (`attention_block(channels, num_heads)`, self-attention unless the U-Net is given another)."""
 
-    def __init__(self, in_ch, out_ch, emb_dim, dropout, attention, num_heads):
+    def __init__(self, in_ch, out_ch, emb_dim, dropout, attention_block, num_heads):
         super().__init__()
         self.res = ResBlock(in_ch, out_ch, emb_dim, dropout)
-        self.attn = Attention(out_ch, num_heads) if attention else nn.Identity()
+        self.attn = attention_block(out_ch, num_heads) if attention_block else None
 
-    def forward(self, x, emb):
-        return self.attn(self.res(x, emb))
+    def forward(self, x, emb, context=None):
+        h = self.res(x, emb)
+        if self.attn is None:
+            return h
+        return self.attn(h) if context is None else self.attn(h, context)
 
 
 class UNet(nn.Module):
@@ -361,12 +368,14 @@ class UNet(nn.Module):
     num_res_blocks ResBlocks; levels at attention_resolutions (in pixels) add self-attention.
     The DDPM CIFAR-10 network is UNet(3, 128, (1, 2, 2, 2), 2, (16,), 0.1, image_size=32): 35.7M.
     With num_classes=K, y in 0..K-1 picks a class and y = K (or y=None) means "no class", the
-    null label that classifier-free guidance trains with.
+    null label that classifier-free guidance trains with. attention_block(channels, num_heads)
+    builds the attention of the attention levels and the middle (default: self-attention); a block
+    that also reads a condition, such as LDM's cross-attention, gets forward(x, t, context=c).
     """
 
     def __init__(self, in_channels, base_width=64, channel_mults=(1, 2, 2), num_res_blocks=2,
                  attention_resolutions=(7,), dropout=0.0, num_classes=None, image_size=28,
-                 out_channels=None, num_heads=1):
+                 out_channels=None, num_heads=1, attention_block=Attention):
         super().__init__()
         levels = len(channel_mults)
         if image_size % 2 ** (levels - 1):
@@ -390,26 +399,29 @@ class UNet(nn.Module):
         self.down, skips, widths = nn.ModuleList(), [ch], [base_width * m for m in channel_mults]
         for i, w in enumerate(widths):
             for _ in range(num_res_blocks):
-                self.down.append(Level(ch, w, emb_dim, dropout, sizes[i] in attention_resolutions, num_heads))
+                attn = attention_block if sizes[i] in attention_resolutions else None
+                self.down.append(Level(ch, w, emb_dim, dropout, attn, num_heads))
                 ch = w
                 skips.append(ch)
             if i < levels - 1:
                 self.down.append(Downsample(ch))
                 skips.append(ch)
-        self.mid = nn.ModuleList([Level(ch, ch, emb_dim, dropout, True, num_heads),
-                                  Level(ch, ch, emb_dim, dropout, False, num_heads)])
+        self.mid = nn.ModuleList([Level(ch, ch, emb_dim, dropout, attention_block, num_heads),
+                                  Level(ch, ch, emb_dim, dropout, None, num_heads)])
         self.up = nn.ModuleList()
         for i, w in reversed(list(enumerate(widths))):
             for _ in range(num_res_blocks + 1):
-                self.up.append(Level(ch + skips.pop(), w, emb_dim, dropout, sizes[i] in attention_resolutions, num_heads))
+                attn = attention_block if sizes[i] in attention_resolutions else None
+                self.up.append(Level(ch + skips.pop(), w, emb_dim, dropout, attn, num_heads))
                 ch = w
             if i > 0:
                 self.up.append(Upsample(ch))
         self.out = nn.Sequential(norm(ch), nn.SiLU(),
                                  zero(nn.Conv2d(ch, out_channels or in_channels, 3, padding=1)))
 
-    def forward(self, x, t, y=None):
-        """x: (B, C, H, W); t: (B,) times (a float t in [0, 1] should be scaled up, e.g. by 1000)."""
+    def forward(self, x, t, y=None, context=None):
+        """x: (B, C, H, W); t: (B,) times (a float t in [0, 1] should be scaled up, e.g. by 1000);
+        context: what the attention blocks attend to besides x, if they take it."""
         if x.shape[-1] != self.image_size or x.shape[-2] != self.image_size:
             raise UserError(f"this U-Net was built for {self.image_size}x{self.image_size} images, "
                             f"got {tuple(x.shape[-2:])}")
@@ -420,10 +432,10 @@ class UNet(nn.Module):
         h = self.conv_in(x)
         hs = [h]
         for layer in self.down:
-            h = layer(h, emb) if isinstance(layer, Level) else layer(h)
+            h = layer(h, emb, context) if isinstance(layer, Level) else layer(h)
             hs.append(h)
         for layer in self.mid:
-            h = layer(h, emb)
+            h = layer(h, emb, context)
         for layer in self.up:
-            h = layer(torch.cat([h, hs.pop()], dim=1), emb) if isinstance(layer, Level) else layer(h)
+            h = layer(torch.cat([h, hs.pop()], dim=1), emb, context) if isinstance(layer, Level) else layer(h)
         return self.out(h)
