@@ -199,11 +199,13 @@ class Schedule:
     """beta_t, alpha_t = 1 - beta_t and alpha_bar_t = prod_{s<=t} alpha_s in float64, indexed by the
     paper's t (index 0: no noise). LDM's "linear" schedule is linear in sqrt(beta):
     beta_t = (sqrt(0.0015) + (t - 1)/(T - 1) (sqrt(0.0195) - sqrt(0.0015)))^2, the official configs'
-    values; it ends noisier than DDPM's (sqrt(alpha_bar_T) = 0.005 against 0.006 at T = 1000)."""
+    values; it ends a little less noisy than DDPM's (sqrt(alpha_bar_T) = 0.012 against 0.006).
+    Other T rescale beta by 1000 / T, as ddpm.py does, so that alpha_bar_T stays near zero."""
 
     def __init__(self, T=1000, beta_1=0.0015, beta_T=0.0195):
         self.T = T
-        beta = torch.linspace(beta_1 ** 0.5, beta_T ** 0.5, T, dtype=torch.float64) ** 2
+        beta = torch.linspace(beta_1 ** 0.5, beta_T ** 0.5, T, dtype=torch.float64) ** 2 * 1000 / T
+        beta = beta.clamp(max=0.999)
         self.beta = torch.cat([torch.zeros(1, dtype=torch.float64), beta])
         self.alpha = 1 - self.beta
         self.alpha_bar = torch.cumprod(self.alpha, dim=0)
@@ -588,7 +590,7 @@ def setup_latent_diffusion(args, device, ckpt):
     moments, labels = encode_all(ae, dataset, device)
     latents = TensorDataset(moments, labels)
     shape = (ae_args.latent_channels, info.size // ae_args.f, info.size // ae_args.f)
-    classes = info.classes if info.num_classes else None
+    classes = info.classes if info.num_classes and args.cond != "none" else None
     args.num_classes = len(classes) if classes else None
     fill_model_defaults(args, shape[-1])
     if classes and args.cond == "text":
@@ -916,8 +918,9 @@ def parse_args(argv=None):
     p.add_argument("--attn", type=int_list, help="latent resolutions with attention")
     p.add_argument("--heads", type=positive_int, default=4)
     p.add_argument("--dropout", type=float, default=0.0)
-    p.add_argument("--cond", choices=["class", "text"], default="class",
-                   help="tau_theta: an embedding of the label, or a transformer over the class name")
+    p.add_argument("--cond", choices=["class", "text", "none"], default="class",
+                   help="tau_theta: an embedding of the label, a transformer over the class name, "
+                        "or no condition (an unconditional LDM)")
     p.add_argument("--context-dim", type=positive_int, default=128, help="the width of tau_theta(y)")
     p.add_argument("--p-uncond", type=float, default=0.1, help="how often training drops the condition")
     p.add_argument("--sampler", choices=["ddpm", "ddim"], default="ddim")
@@ -934,6 +937,11 @@ def parse_args(argv=None):
     args = p.parse_args(argv)
     if sum((args.sample, args.encode, args.decode)) > 1:
         p.error("choose one of --sample, --encode, --decode")
+    for name, bad in (("lr", args.lr <= 0), ("kl_weight", args.kl_weight < 0), ("l2_weight", args.l2_weight < 0),
+                      ("grad_clip", args.grad_clip < 0), ("p_uncond", not 0 <= args.p_uncond <= 1),
+                      ("ema", not 0 <= args.ema < 1), ("warmup", args.warmup < 0)):
+        if bad:
+            p.error(f"--{name.replace('_', '-')} {getattr(args, name)} is out of range")
     if not args.resume and args.epochs is None and args.steps is None:
         args.epochs = 10
     return args

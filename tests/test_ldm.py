@@ -1,0 +1,425 @@
+"""Tests for ldm.py: the autoencoder's posterior and KL, the scale factor, the latent schedule,
+cross-attention and guidance, the samplers, small learning checks, and the command line."""
+import math
+import os
+import signal
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+import common  # noqa: E402
+import ldm  # noqa: E402
+
+
+def perturbed(net, std=0.05, seed=0):
+    """The network with every parameter nudged, so that zero-initialised layers pass signal."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in net.parameters():
+            p.add_(std * torch.randn(p.shape, generator=g))
+    return net
+
+
+# ----------------------------------------------------------------------------------------------
+# Stage 1: shapes, the posterior, the KL term, the scale factor
+# ----------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("f", [1, 2, 4, 8])
+def test_encoder_and_decoder_shapes_for_each_f(f):
+    ae = ldm.Autoencoder(3, f, latent_channels=4, width=8, res_blocks=1)
+    x = torch.randn(2, 3, 32, 32)
+    posterior = ae.encode(x)
+    assert posterior.mean.shape == posterior.log_var.shape == (2, 4, 32 // f, 32 // f)
+    assert ae.decode(posterior.sample()).shape == x.shape
+
+
+def test_f_must_be_a_power_of_two():
+    for f in (3, 6, 32):
+        with pytest.raises(common.UserError, match="power of 2"):
+            ldm.Autoencoder(1, f)
+
+
+def test_kl_equals_the_gaussian_closed_form_and_a_monte_carlo_estimate():
+    g = torch.Generator().manual_seed(0)
+    mean, log_var = torch.randn(3, 2, 2, 2, generator=g), 0.5 * torch.randn(3, 2, 2, 2, generator=g)
+    posterior = ldm.DiagonalGaussian(torch.cat([mean, log_var], 1))
+    q = torch.distributions.Normal(mean, (0.5 * log_var).exp())
+    p = torch.distributions.Normal(0.0, 1.0)
+    closed = torch.distributions.kl_divergence(q, p).flatten(1).sum(1)
+    assert torch.allclose(posterior.kl(), closed, atol=1e-5)
+    z = torch.stack([posterior.sample(g) for _ in range(20000)])  # KL = E_q[log q(z) - log p(z)]
+    monte_carlo = (q.log_prob(z) - p.log_prob(z)).flatten(2).sum(2).mean(0)
+    assert torch.allclose(monte_carlo, closed, rtol=0.05, atol=0.05), (monte_carlo, closed)
+
+
+def test_the_log_variance_is_clamped_and_the_sample_is_reparameterised():
+    moments = torch.cat([torch.zeros(1, 1, 2, 2), torch.full((1, 1, 2, 2), 100.0)], 1)
+    assert ldm.DiagonalGaussian(moments).log_var.max() == 20
+    assert torch.isfinite(ldm.DiagonalGaussian(moments).kl()).all()
+    mean = torch.zeros(1, 1, 2, 2, requires_grad=True)
+    log_var = torch.zeros(1, 1, 2, 2, requires_grad=True)
+    ldm.DiagonalGaussian(torch.cat([mean, log_var], 1)).sample().sum().backward()
+    assert mean.grad is not None and log_var.grad is not None and log_var.grad.abs().sum() > 0
+
+
+def test_psnr():
+    x = torch.zeros(2, 1, 4, 4)
+    assert ldm.psnr(x, x + 0.2)[0].item() == pytest.approx(10 * math.log10(4 / 0.04), abs=1e-4)
+
+
+def test_without_the_scale_factor_the_schedule_s_signal_to_noise_ratios_are_wrong():
+    """z_t = sqrt(alpha_bar_t) z_0 + sqrt(1 - alpha_bar_t) eps has SNR(t) = alpha_bar_t var(z_0) /
+    (1 - alpha_bar_t): the schedule is designed for var(z_0) = 1. Latents of std ~8 keep the signal
+    dominant for far more of the T steps; scaled by scale_by_std, they match the design."""
+    torch.manual_seed(0)
+    ae = ldm.Autoencoder(1, 2, latent_channels=2, width=8, res_blocks=1)
+    with torch.no_grad():
+        out = ae.encoder.layers[-1]  # its channels: 2 means, then 2 log-variances
+        out.weight[:2].mul_(50)  # a wide latent, as a weakly regularised encoder gives
+        out.weight[2:].zero_()
+        out.bias[2:].fill_(-10)
+    x = torch.rand(64, 1, 8, 8) * 2 - 1
+    z = ae.encode(x).sample()
+    scale = ldm.scale_by_std(ae, x)
+    assert z.std() > 4, z.std()
+    assert (scale * z).std().item() == pytest.approx(1, abs=0.1)
+    ab = ldm.Schedule(1000).alpha_bar[1:]
+
+    def steps_where_signal_dominates(latent):
+        return (ab * latent.var() / (1 - ab) > 1).sum().item()
+
+    designed = (ab / (1 - ab) > 1).sum().item()
+    assert abs(steps_where_signal_dominates(scale * z) - designed) <= 10
+    assert steps_where_signal_dominates(z) > designed + 150
+
+
+# ----------------------------------------------------------------------------------------------
+# Stage 2: the schedule, cross-attention, guidance, samplers
+# ----------------------------------------------------------------------------------------------
+
+def test_schedule_is_linear_in_sqrt_beta_with_the_official_end_points():
+    sch = ldm.Schedule(1000)
+    assert sch.alpha_bar[0] == 1 and sch.beta[0] == 0
+    assert sch.beta[1].item() == pytest.approx(0.0015) and sch.beta[1000].item() == pytest.approx(0.0195)
+    steps = sch.beta[1:].sqrt().diff()
+    assert torch.allclose(steps, steps[0].expand_as(steps))
+    assert torch.allclose(sch.alpha_bar[1:], torch.cumprod(1 - sch.beta[1:], 0))
+
+
+def test_q_sample_has_the_right_mean_and_variance_and_predict_z0_inverts_it():
+    sch = ldm.Schedule(1000)
+    t = torch.full((20000,), 300)
+    z0 = torch.full((20000, 1, 1, 1), 2.0)
+    eps = torch.randn_like(z0)
+    z_t = ldm.q_sample(z0, t, eps, sch)
+    ab = sch.alpha_bar[300].item()
+    assert z_t.mean().item() == pytest.approx(math.sqrt(ab) * 2, abs=0.02)
+    assert z_t.var().item() == pytest.approx(1 - ab, rel=0.05)  # sqrt(1 - alpha_bar) eps, not (1 - alpha_bar) eps
+    assert torch.allclose(ldm.predict_z0(z_t, t, eps, sch), z0, atol=1e-4)
+
+
+def test_cross_attention_with_keys_and_values_from_the_features_is_self_attention():
+    torch.manual_seed(0)
+    C, heads = 16, 2
+    self_attn = perturbed(common.Attention(C, heads))
+    cross = ldm.CrossAttention(C, C, heads)
+    with torch.no_grad():
+        self_attn.qkv.bias.zero_()
+        W = self_attn.qkv.weight[:, :, 0, 0]
+        cross.W_Q.weight.copy_(W[:C])
+        cross.W_K.weight.copy_(W[C:2 * C])
+        cross.W_V.weight.copy_(W[2 * C:])
+        cross.out.weight.copy_(self_attn.proj.weight[:, :, 0, 0])
+        cross.out.bias.copy_(self_attn.proj.bias)
+    x = torch.randn(2, C, 4, 4)
+    phi = self_attn.norm(x).flatten(2).transpose(1, 2)  # (B, H*W, C)
+    out = cross(phi, phi).transpose(1, 2).reshape(x.shape)
+    assert torch.allclose(self_attn(x), x + out, atol=1e-5)
+
+
+def test_cross_attention_depends_on_the_condition_and_starts_as_the_identity():
+    torch.manual_seed(0)
+    block = ldm.SpatialTransformer(16, 2, context_dim=8)
+    x, c1, c2 = torch.randn(2, 16, 4, 4), torch.randn(2, 3, 8), torch.randn(2, 3, 8)
+    assert torch.equal(block(x, c1), x)  # zero-initialised output projection
+    perturbed(block)
+    assert not torch.allclose(block(x, c1), block(x, c2), atol=1e-3)
+    assert torch.allclose(block(x, c1), block(x, c1[:, [2, 0, 1]]), atol=1e-5)  # keys are a set
+
+
+def test_one_class_token_makes_cross_attention_a_per_class_offset():
+    """softmax over a single key is 1: every position receives W_V tau(y), whatever it asks."""
+    torch.manual_seed(0)
+    attn = ldm.CrossAttention(16, 8, 2)
+    out = attn(torch.randn(1, 5, 16), torch.randn(1, 1, 8))
+    assert torch.allclose(out, out[:, :1].expand_as(out), atol=1e-6)
+
+
+def tiny_model(cond="class", classes=2, size=8, C=2):
+    args = ldm.parse_args(["--width", "16", "--res-blocks", "1", "--heads", "2", "--context-dim", "16",
+                           "--cond", cond])
+    args.text_len = 16
+    ldm.fill_model_defaults(args, size)
+    return perturbed(ldm.make_model(args, (C, size, size), classes))
+
+
+@pytest.mark.parametrize("cond", ["class", "text"])
+def test_guidance_at_1_is_conditional_at_0_unconditional(cond):
+    torch.manual_seed(0)
+    model = tiny_model(cond).eval()
+    y = torch.tensor([0, 1]) if cond == "class" else ldm.tokenize(["square", "bar"], 16)
+    null = ldm.null_condition(y, 2)
+    assert torch.equal(null, torch.tensor([2, 2]) if cond == "class" else torch.zeros_like(y))
+    z, t = torch.randn(2, 2, 8, 8), torch.tensor([10, 500])
+    with torch.no_grad():
+        assert torch.allclose(ldm.guided(model, y, 1.0, 2)(z, t), model(z, t, y), atol=1e-5)
+        assert torch.allclose(ldm.guided(model, y, 0.0, 2)(z, t), model(z, t, null), atol=1e-5)
+        s3 = ldm.guided(model, y, 3.0, 2)(z, t)
+        assert torch.allclose(s3, model(z, t, null) + 3 * (model(z, t, y) - model(z, t, null)), atol=1e-4)
+        assert not torch.allclose(model(z, t, y), model(z, t, null), atol=1e-3)
+
+
+def test_unconditional_model_is_a_plain_unet():
+    model = tiny_model(classes=None)
+    assert model.tau is None
+    assert any(isinstance(m, common.Attention) for m in model.modules())
+    assert not any(isinstance(m, ldm.SpatialTransformer) for m in model.modules())
+
+
+def test_samplers_return_the_single_data_point_given_its_exact_noise():
+    """For data that is one point z*, eps(z_t, t) = (z_t - sqrt(alpha_bar_t) z*) / sqrt(1 - alpha_bar_t)
+    exactly; DDIM and DDPM's Algorithm 2 must both end at z*."""
+    sch = ldm.Schedule(100)
+    z_star = torch.randn(1, 2, 4, 4)
+
+    def oracle(z, t):
+        ab = ldm.extract(sch.alpha_bar, t, z)
+        return (z - ab.sqrt() * z_star) / (1 - ab).sqrt()
+
+    z_T = torch.randn(3, 2, 4, 4)
+    assert torch.allclose(ldm.sample_ddim(oracle, z_T, sch, 10), z_star.expand(3, -1, -1, -1), atol=1e-3)
+    out = ldm.sample_ddpm(oracle, z_T, sch, torch.Generator().manual_seed(0))
+    assert torch.allclose(out, z_star.expand(3, -1, -1, -1), atol=1e-3)
+
+
+def test_a_tiny_ldm_learns_two_classes_through_cross_attention():
+    """Latents 2x4x4: class 0 is +1 in channel 0 and -1 in channel 1, class 1 the reverse. Guided
+    samples must land on their own class's pattern: the class reaches the U-Net only through the
+    cross-attention to tau_theta(y), so a broken condition gives the wrong class half the time."""
+    torch.manual_seed(0)
+    g = torch.Generator().manual_seed(0)
+    sch = ldm.Schedule(1000)
+    model = ldm.make_model(ldm.parse_args(["--width", "16", "--res-blocks", "1", "--heads", "2",
+                                           "--context-dim", "16", "--mults", "1", "--attn", "4"]),
+                           (2, 4, 4), 2)
+    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
+    pattern = torch.tensor([[1.0, -1.0], [-1.0, 1.0]])[:, :, None, None].expand(-1, -1, 4, 4)
+    for _ in range(300):
+        y = torch.randint(0, 2, (64,), generator=g)
+        z0 = pattern[y] + 0.1 * torch.randn(64, 2, 4, 4, generator=g)
+        cond = torch.where(torch.rand(64, generator=g) < 0.1, 2, y)  # the null label 10% of the time
+        loss = ldm.ldm_loss(model, z0, cond, sch)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    model.eval()
+    y = torch.tensor([0] * 16 + [1] * 16)
+    z = ldm.sample_ddim(ldm.guided(model, y, 2.0, 2), torch.randn(32, 2, 4, 4, generator=g), sch, 20)
+    own_class = (z[:, 0].mean((1, 2)) > z[:, 1].mean((1, 2))) == (y == 0)
+    assert own_class.float().mean() >= 0.9, z.mean((2, 3))
+    assert (z - pattern[y]).abs().mean((1, 2, 3)).median() < 0.25
+
+
+# ----------------------------------------------------------------------------------------------
+# Command line
+# ----------------------------------------------------------------------------------------------
+
+def two_kinds(n, g, size=8):
+    """Images: class 0 bright on the left half, class 1 bright on the right half."""
+    y = torch.randint(0, 2, (n,), generator=g)
+    left = (torch.arange(size) < size // 2).float()
+    x = torch.where(y[:, None, None, None] == 0, left, 1 - left).expand(n, 1, size, size)
+    return (x * 1.6 - 0.8 + 0.1 * torch.randn(n, 1, size, size, generator=g)).clamp(-1, 1), y
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    """32 8x8 uint8 images of two named classes, saved as a tensor file: a data set."""
+    x, y = two_kinds(32, torch.Generator().manual_seed(1))
+    path = tmp_path_factory.mktemp("data") / "two.pt"
+    torch.save({"x": ((x + 1) * 127.5).round().to(torch.uint8), "y": y, "classes": ["Left", "Right"]}, path)
+    return path
+
+
+def ae_argv(data, out, *extra, steps="40"):
+    return ["--stage", "ae", "--dataset", str(data), "--f", "2", "--latent-channels", "2", "--ae-width", "8",
+            "--ae-res-blocks", "1", "--batch-size", "8", "--steps", steps, "--lr", "3e-3",
+            "--out", str(out), "--device", "cpu", *extra]
+
+
+def ldm_argv(ae, out, *extra, steps="6"):
+    return ["--stage", "ldm", "--ae", str(ae), "--width", "16", "--res-blocks", "1", "--heads", "2",
+            "--context-dim", "16", "--T", "20", "--sampling-steps", "3", "--batch-size", "8",
+            "--steps", steps, "--lr", "1e-3", "--out", str(out), "--device", "cpu", *extra]
+
+
+def exit_message(args):
+    try:
+        ldm.main(args)
+    except SystemExit as e:
+        return str(e.code)
+    return None
+
+
+def load(path):
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+@pytest.fixture(scope="module")
+def ae(data, tmp_path_factory):
+    out = tmp_path_factory.mktemp("ae") / "run"
+    ldm.main(ae_argv(data, out))
+    return out / "ckpt.pt"
+
+
+@pytest.fixture(scope="module")
+def trained(ae, tmp_path_factory):
+    """An uninterrupted 6-step stage-2 run: 4 batches per epoch, so grids after steps 4 and 6."""
+    out = tmp_path_factory.mktemp("ldm") / "run"
+    ldm.main(ldm_argv(ae, out))
+    return out
+
+
+def test_stage_1_reconstructs_better_than_the_mean_image_and_stores_its_scale(data, ae):
+    ckpt = load(ae)
+    assert ckpt["method"] == "ldm-ae" and ckpt["step"] == 40 and ckpt["shape"] == [1, 8, 8]
+    assert sorted(p.name for p in ae.parent.glob("reconstructions_epoch*.png"))[-1] == "reconstructions_epoch010.png"
+    x = common.load_dataset(str(data))[0].images.float() / 127.5 - 1
+    model = ldm.make_autoencoder(argparse_namespace(ckpt["args"]), 1)
+    model.load_state_dict(ckpt["model"])
+    with torch.no_grad():
+        posterior = model.encode(x)
+        rec = model.decode(posterior.mean)
+        scaled = ckpt["scale"] * posterior.sample()
+    assert (x - rec).square().mean() < 0.5 * (x - x.mean(0)).square().mean()
+    assert scaled.std().item() == pytest.approx(1, abs=0.15)
+
+
+def argparse_namespace(d):
+    import argparse
+    return argparse.Namespace(**d)
+
+
+def test_stage_2_trains_and_carries_the_decoder(trained):
+    ckpt = load(trained / "ckpt.pt")
+    assert ckpt["method"] == "ldm" and ckpt["step"] == 6 and ckpt["classes"] == ["Left", "Right"]
+    assert ckpt["shape"] == [2, 4, 4] and ckpt["ae"]["shape"] == [1, 8, 8] and "decoder" in ckpt["ae"]
+    assert sorted(p.name for p in trained.glob("samples_epoch*.png")) == ["samples_epoch001.png",
+                                                                         "samples_epoch002.png"]
+    assert not list(trained.glob("*.tmp"))
+
+
+@pytest.mark.parametrize("stage, sig", [("ldm", signal.SIGINT), ("ae", signal.SIGTERM)])
+def test_resume_after_a_signal_is_bit_for_bit(data, ae, trained, tmp_path, monkeypatch, stage, sig):
+    out, real, calls = tmp_path / "run", ldm.learning_rate, []
+
+    def learning_rate_then_signal(*a):
+        calls.append(1)
+        if len(calls) == 4:  # during step 4: it finishes, then the run saves and stops
+            os.kill(os.getpid(), sig)
+        return real(*a)
+
+    make = (lambda *e: ldm_argv(ae, out, *e)) if stage == "ldm" else (lambda *e: ae_argv(data, out, *e))
+    monkeypatch.setattr(ldm, "learning_rate", learning_rate_then_signal)
+    ldm.main(make())
+    assert load(out / "ckpt.pt")["step"] == 4
+    monkeypatch.setattr(ldm, "learning_rate", real)
+    ldm.main(make("--resume"))
+    resumed = load(out / "ckpt.pt")
+    straight = load(trained / "ckpt.pt" if stage == "ldm" else ae)
+    assert resumed["step"] == straight["step"]
+    for part in ("model", "ema") if stage == "ldm" else ("model",):
+        for k, v in straight[part].items():
+            assert torch.equal(v, resumed[part][k]), f"{part}.{k}"
+    if stage == "ae":
+        assert resumed["scale"] == straight["scale"]
+
+
+def test_sample_needs_only_the_stage_2_checkpoint(ae, trained, tmp_path):
+    moved = tmp_path / "alone.pt"
+    moved.write_bytes((trained / "ckpt.pt").read_bytes())
+    pt = tmp_path / "x.pt"
+    ldm.main(["--sample", "--ckpt", str(moved), "--n", "5", "--save", str(pt), "--cfg-scale", "2",
+              "--sampling-steps", "4", "--device", "cpu"])
+    x = load(pt)
+    assert x.shape == (5, 1, 8, 8) and x.dtype == torch.float32 and x.abs().max() <= 1
+    ldm.main(["--sample", "--ckpt", str(moved), "--n", "2", "--save", str(tmp_path / "new" / "x.png"),
+              "--sampler", "ddpm", "--device", "cpu"])
+    assert (tmp_path / "new" / "x.png").is_file()
+
+
+def test_text_conditioning_trains_and_samples(ae, tmp_path):
+    out = tmp_path / "text"
+    ldm.main(ldm_argv(ae, out, "--cond", "text", steps="2"))
+    ckpt = load(out / "ckpt.pt")
+    assert ckpt["args"]["cond"] == "text" and ckpt["args"]["text_len"] == 16
+    ldm.main(["--sample", "--ckpt", str(out / "ckpt.pt"), "--n", "2", "--save", str(tmp_path / "t.png"),
+              "--cfg-scale", "3", "--sampling-steps", "2", "--device", "cpu"])
+
+
+def test_encode_writes_a_data_set_and_decode_turns_it_back_into_images(data, ae, tmp_path):
+    z_path, x_path = tmp_path / "latents.pt", tmp_path / "images.pt"
+    ldm.main(["--encode", "--ae", str(ae), "--save", str(z_path), "--device", "cpu"])
+    ds, info = common.load_dataset(str(z_path))
+    assert (info.channels, info.size, info.count, info.classes) == (2, 4, 32, ["Left", "Right"])
+    assert ds.images.dtype == torch.float32 and ds.images.std().item() == pytest.approx(1, abs=0.2)
+    assert torch.equal(ds.labels, load(data)["y"])
+    ldm.main(["--decode", "--ae", str(ae), "--ckpt", str(z_path), "--save", str(x_path), "--device", "cpu"])
+    x, real = load(x_path), load(data)["x"].float() / 127.5 - 1
+    assert x.shape == (32, 1, 8, 8)
+    assert (x - real).square().mean() < 0.5 * (real - real.mean(0)).square().mean()
+    torch.save(torch.zeros(3, 5, 4, 4), tmp_path / "wrong.pt")
+    msg = exit_message(["--decode", "--ae", str(ae), "--ckpt", str(tmp_path / "wrong.pt"),
+                        "--save", str(x_path), "--device", "cpu"])
+    assert msg and "(N, 2, 4, 4)" in msg and "(3, 5, 4, 4)" in msg
+
+
+def test_bad_input(data, ae, trained, tmp_path):
+    out = str(tmp_path / "run")
+    cases = [
+        (ldm_argv(ae, out)[:2] + ldm_argv(ae, out)[4:], "stage 2 needs a stage-1 autoencoder"),
+        (ldm_argv(trained / "ckpt.pt", out), "--ae"),                    # a stage-2 checkpoint as --ae
+        (ae_argv(data, out, "--f", "3"), "power of 2"),
+        (ae_argv(data, out, "--f", "16"), "does not divide the 8x8 images"),
+        (ldm_argv(ae, out, "--mults", "1,2,3"), "too small to halve 2 times"),
+    ]
+    for args, words in cases:
+        msg = exit_message(args)
+        assert msg and words in msg, (args, msg)
+    other = tmp_path / "ddpm.pt"
+    torch.save({"method": "ddpm"}, other)
+    msg = exit_message(ldm_argv(other, out))
+    assert msg and "--ae" in msg and "ddpm" in msg and "not of ldm.py stage 1" in msg
+    msg = exit_message(["--sample", "--ckpt", str(ae), "--save", str(tmp_path / "x.png"), "--device", "cpu"])
+    assert msg and "stage 1" in msg and "not of ldm.py stage 2" in msg
+
+
+def test_resume_refuses_another_data_set(ae, trained, tmp_path, data):
+    out = tmp_path / "run"
+    ldm.main(ldm_argv(ae, out, steps="1"))
+    msg = exit_message(ldm_argv(ae, out, "--resume", "--dataset", str(tmp_path / "other.pt")))
+    assert msg and "--dataset" in msg and "leave out" in msg
+
+
+def test_guidance_on_an_unconditional_model(ae, tmp_path):
+    x = (torch.rand(16, 1, 8, 8) * 255).to(torch.uint8)
+    torch.save(x, tmp_path / "plain.pt")
+    ldm.main(ae_argv(tmp_path / "plain.pt", tmp_path / "ae", steps="2"))
+    ldm.main(ldm_argv(tmp_path / "ae" / "ckpt.pt", tmp_path / "run", steps="1"))
+    msg = exit_message(["--sample", "--ckpt", str(tmp_path / "run" / "ckpt.pt"), "--save",
+                        str(tmp_path / "x.png"), "--cfg-scale", "3", "--device", "cpu"])
+    assert msg and "--cfg-scale needs a conditional model" in msg
