@@ -730,6 +730,7 @@ def run_epochs(run, dataset, step):
         if step % per_epoch == 0 or step == total:
             run.end_of_epoch(run, epoch)  # sets what the checkpoint carries (stage 1: the scale)
             save_checkpoint(run.path, run, step)
+            seen, t_log = 0, time.time()  # images/s and time left count training alone
     return step
 
 

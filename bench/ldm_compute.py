@@ -43,7 +43,8 @@ def contenders(ae_paths):
     args = ddpm.parse_args(UNET + ["--mults", "1,2,3"])
     ddpm.fill_model_defaults(args, argparse.Namespace(size=28))
     rows = [("pixels 1x28x28", ddpm.make_model(args, 1, 28), (1, 28, 28),
-             [sys.executable, str(ROOT / "ddpm.py"), *UNET, "--mults", "1,2,3", *RECIPE],
+             [sys.executable, str(ROOT / "ddpm.py"), *UNET, "--mults", "1,2,3", *RECIPE,
+              "--sampler", "ddim", "--sampling-steps", "50"],  # the end-of-run grid too
              ["--sampler", "ddim", "--sampling-steps", "50"])]
     for path in ae_paths:
         ae = ldm.load_checkpoint(path, "ldm-ae", "--ae")
@@ -58,10 +59,11 @@ def contenders(ae_paths):
 
 
 def gflops(net, shape):
+    """Giga multiply-adds of one forward pass on one image, as the papers (and dit.py) count."""
     t = torch.full((1,), 500)
     with FlopCounterMode(display=False) as counter:
         net(torch.randn(1, *shape), t)
-    return counter.get_total_flops() / 1e9
+    return counter.get_total_flops() / 2e9
 
 
 def train_speed(net, shape, steps=12, warmup=3):
