@@ -383,6 +383,15 @@ def ldm_loss(eps_theta, z0, cond, sch):
     return (eps - eps_theta(q_sample(z0, t, eps, sch), t, cond)).square().mean()
 
 
+def condition_table(classes, args, device):
+    """Row k: what the network is conditioned on for class k, the label or its name's tokens; the
+    last row (id K) is the null condition. None without classes."""
+    if not classes:
+        return None
+    table = torch.arange(len(classes) + 1) if args.cond == "class" else tokenize(classes + [""], args.text_len)
+    return table.to(device)
+
+
 def null_condition(cond, num_classes):
     """The "no condition" of classifier-free guidance: label K, or the empty prompt."""
     return torch.zeros_like(cond) if cond.dim() == 2 else torch.full_like(cond, num_classes)
@@ -598,9 +607,7 @@ def setup_latent_diffusion(args, device, ckpt):
         args.text_len = max(16, max(len(c.encode()) for c in classes))
     if args.cond == "text" and not classes:
         raise UserError(f"--cond text uses the class names as prompts; {info.name} has no labels")
-    # per class id (and the null id K), what the network is conditioned on: the label or its name
-    cond_of = None if not classes else (torch.arange(len(classes) + 1) if args.cond == "class"
-                                        else tokenize(classes + [""], args.text_len)).to(device)
+    cond_of = condition_table(classes, args, device)
     model = make_model(args, shape, args.num_classes).to(device, memory_format=CL)
     z_std = (scale * DiagonalGaussian(moments[:args.batch_size]).sample()).std().item()
     print(f"stage 2: latents {shape} from {args.ae} (f = {ae_args.f}), scale factor {scale:.4f} "
@@ -782,8 +789,7 @@ def sample(args):
     if not all(torch.isfinite(p).all() for p in ema.parameters()):
         raise UserError(f"{args.ckpt} holds non-finite weights (its run diverged): retrain with a lower --lr")
     decoder, scale = decoder_of(ckpt["ae"], device)
-    cond_of = None if not classes else (torch.arange(len(classes) + 1) if train_args.cond == "class"
-                                        else tokenize(classes + [""], train_args.text_len)).to(device)
+    cond_of = condition_table(classes, train_args, device)
     start, xs = time.time(), []
     for i in range(0, args.n, 256):
         ids = torch.arange(i, min(i + 256, args.n), device=device)
