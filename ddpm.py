@@ -285,6 +285,9 @@ def train(args):
     ckpt = None
     if args.resume:
         ckpt = load_checkpoint(args.ckpt or Path(args.out) / "ckpt.pt")
+        if args.dataset is not None and args.dataset != ckpt["args"]["dataset"]:
+            raise UserError(f"the run was trained on --dataset {ckpt['args']['dataset']}; --resume continues "
+                            f"it on the same data (leave out --dataset, or start a new run with another --out)")
         keep = {k: getattr(args, k) for k in ("device", "out", "resume", "ckpt", "data_dir",
                                               "dataset", "image_size")
                 if getattr(args, k) is not None}  # the data flags given, so the shape is checked
@@ -329,13 +332,14 @@ def train(args):
     if step == 0:
         save_forward_strip(dataset[0][0], sch, out / "forward.png")
 
-    stop = []  # Ctrl-C finishes the current step, saves, and exits
-    old_handler = signal.signal(signal.SIGINT, lambda *_: stop.append(True))
+    stop = []  # Ctrl-C or SIGTERM (kill, timeout, a cluster's scheduler) finishes the step, saves, exits
+    handlers = {s: signal.signal(s, lambda *_: stop.append(True)) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
         step = run_epochs(args, model, ema, opt, sch, dataset, device, shape, step, total, warmup,
                           per_epoch, ckpt_path, stop)
     finally:
-        signal.signal(signal.SIGINT, old_handler)
+        for s, h in handlers.items():
+            signal.signal(s, h)
     save_checkpoint(ckpt_path, model, ema, opt, step, args, shape)
     print(f"{'interrupted' if stop else 'done'} at step {step}; checkpoint {ckpt_path}")
 
@@ -345,6 +349,7 @@ def run_epochs(args, model, ema, opt, sch, dataset, device, shape, step, total, 
     amp = torch.autocast("cuda", torch.bfloat16, enabled=args.bf16 and device.type == "cuda")
     last_log = last_save = time.time()
     seen, t_log = 0, time.time()
+    saved = step or None  # the step ckpt_path holds from this run (a resumed run: where it resumed)
     while step < total and not stop:
         epoch, skip = divmod(step, per_epoch)
         bins = torch.zeros(2, 10, device=device)  # loss sum and count per tenth of 1..T
@@ -357,8 +362,9 @@ def run_epochs(args, model, ema, opt, sch, dataset, device, shape, step, total, 
                 losses, t = loss_per_example(model, x0, sch)
             loss = losses.mean()
             if not torch.isfinite(loss):
+                kept = f"{ckpt_path} holds step {saved}" if saved else "this run has written no checkpoint yet"
                 raise UserError(f"the loss became {loss.item()} at step {step + 1}; stopped without "
-                                f"saving, {ckpt_path} keeps the last good state. Try a lower --lr.")
+                                f"saving ({kept}). Try a lower --lr.")
             opt.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
@@ -378,12 +384,13 @@ def run_epochs(args, model, ema, opt, sch, dataset, device, shape, step, total, 
                 last_log, seen, t_log = now, 0, now
             if now - last_save >= 60 * args.save_every:
                 save_checkpoint(ckpt_path, model, ema, opt, step, args, shape)
-                last_save = now
+                last_save, saved = now, step
             if step == total or stop:
                 break
         print_loss_bins(bins, sch.T)
         if step % per_epoch == 0 or step == total:
             end_of_epoch(args, model, ema, opt, sch, device, shape, step, epoch, ckpt_path)
+            saved = step
     return step
 
 
@@ -429,10 +436,16 @@ def sample(args):
     ema = make_model(train_args, *shape[:2]).to(device, memory_format=torch.channels_last)
     ema.load_state_dict(ckpt["ema"])
     ema.eval()
+    if not all(torch.isfinite(p).all() for p in ema.parameters()):
+        raise UserError(f"{args.ckpt} holds non-finite weights (its run diverged): retrain with a lower --lr")
     start = time.time()
     x = torch.cat([draw(ema, min(256, args.n - i), shape, sch, args, device, seed=args.seed + i)
-                   for i in range(0, args.n, 256)]).clamp(-1, 1).cpu()
+                   for i in range(0, args.n, 256)]).cpu()
+    if not torch.isfinite(x).all():
+        raise UserError(f"the samples of {args.ckpt} came out non-finite: the checkpoint is broken, retrain it")
+    x = x.clamp(-1, 1)
     print(f"{args.n} samples in {time.time() - start:.1f} s")
+    Path(args.save).parent.mkdir(parents=True, exist_ok=True)
     if args.save.endswith(".pt"):
         torch.save(x, args.save)
     else:

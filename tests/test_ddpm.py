@@ -450,7 +450,8 @@ def test_cli_trains_and_writes_its_outputs(trained):
     assert not list(trained.glob("*.tmp"))
 
 
-def test_resume_after_ctrl_c_is_bit_for_bit(folder, trained, tmp_path, monkeypatch):
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_resume_after_ctrl_c_or_sigterm_is_bit_for_bit(folder, trained, tmp_path, monkeypatch, sig):
     out = tmp_path / "run"
     real_ema_update = ddpm.ema_update
     calls = []
@@ -459,20 +460,20 @@ def test_resume_after_ctrl_c_is_bit_for_bit(folder, trained, tmp_path, monkeypat
         real_ema_update(*args)
         calls.append(1)
         if len(calls) == 3:  # step 3 is done
-            os.kill(os.getpid(), signal.SIGINT)
+            os.kill(os.getpid(), sig)
 
     class NotCaught(Exception):
         pass
 
     def not_caught(*_):
-        raise NotCaught("SIGINT reached the caller: train() did not catch it")
+        raise NotCaught(f"{signal.Signals(sig).name} reached the caller: train() did not catch it")
 
     monkeypatch.setattr(ddpm, "ema_update", ema_update_then_ctrl_c)
-    previous = signal.signal(signal.SIGINT, not_caught)  # a KeyboardInterrupt would stop pytest itself
+    previous = signal.signal(sig, not_caught)  # the default action would stop pytest itself
     try:
         ddpm.main(train_argv(folder, out))
     finally:
-        signal.signal(signal.SIGINT, previous)
+        signal.signal(sig, previous)
     assert load(out / "ckpt.pt")["step"] == 3
     monkeypatch.setattr(ddpm, "ema_update", real_ema_update)
 
@@ -586,8 +587,34 @@ def test_nonfinite_loss_stops_and_keeps_the_checkpoint(folder, trained, tmp_path
 
     monkeypatch.setattr(ddpm, "q_sample", q_sample_nan_from_third_call)
     msg = exit_message(train_argv(folder, out))
-    assert msg and "nan" in msg and "step 3" in msg, msg
+    assert msg and "nan" in msg and "step 3" in msg and "has written no checkpoint" in msg, msg
     assert (out / "ckpt.pt").read_bytes() == before
+    training_calls.clear()  # resumed at step 6: steps 7, 8 (an epoch's end, saved), then nan at 9
+    msg = exit_message(train_argv(folder, out, "--resume", steps="10"))
+    assert msg and "at step 9" in msg and "holds step 8" in msg, msg
+    assert load(out / "ckpt.pt")["step"] == 8
+
+
+def test_sample_refuses_a_diverged_checkpoint_and_creates_the_save_folder(trained, tmp_path):
+    ckpt = load(trained / "ckpt.pt")
+    ckpt["ema"]["out.2.weight"][0, 0, 0, 0] = float("inf")
+    torch.save(ckpt, tmp_path / "broken.pt")
+    msg = exit_message(["--sample", "--ckpt", str(tmp_path / "broken.pt"), "--save", str(tmp_path / "x.pt"),
+                        "--device", "cpu"])
+    assert msg and "non-finite weights" in msg and not (tmp_path / "x.pt").exists()
+    pt = tmp_path / "new" / "folder" / "x.pt"
+    ddpm.main(["--sample", "--ckpt", str(trained / "ckpt.pt"), "--n", "2", "--save", str(pt),
+               "--sampler", "ddim", "--sampling-steps", "2", "--device", "cpu"])
+    assert load(pt).shape == (2, 1, 16, 16)
+
+
+def test_resume_on_another_data_set_is_a_clear_error(folder, trained, tmp_path):
+    out = tmp_path / "run"
+    shutil.copytree(trained, out)
+    other = tmp_path / "other"
+    shutil.copytree(folder, other)  # the same shape: only the name tells them apart
+    msg = exit_message(train_argv(other, out, "--resume"))
+    assert msg and "--dataset" in msg and "leave out" in msg, msg
 
 
 def test_script_error_has_no_traceback(tmp_path):
