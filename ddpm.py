@@ -521,6 +521,10 @@ def parse_args(argv=None):
     if args.sampling_steps is not None and not 1 <= args.sampling_steps <= args.T:
         p.error(f"--sampling-steps must be between 1 and --T ({args.T}), got {args.sampling_steps}")
     args.sampling_steps = args.sampling_steps or min(50, args.T)
+    if not args.lr > 0:
+        p.error(f"--lr must be positive, got {args.lr}")
+    if not 0 <= args.eta <= 1:
+        p.error(f"--eta must be between 0 (DDIM) and 1 (DDPM's beta_tilde), got {args.eta}")
     if not args.resume:
         args.dataset = args.dataset or "fashion-mnist"
         if args.epochs is None and args.steps is None:

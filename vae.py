@@ -328,8 +328,14 @@ def train(args):
     ckpt = None
     if args.resume:
         ckpt = load_checkpoint(args.ckpt or Path(args.out) / "ckpt.pt")
-        keep = {k: getattr(args, k) for k in ("epochs", "steps", "device", "out", "resume", "ckpt",
-                                              "iw_samples", "iw_images", "retrieval")}
+        for k in ("dataset", "image_size"):
+            if getattr(args, k) is not None and getattr(args, k) != ckpt["args"][k]:
+                raise UserError(f"the run was trained with --{k.replace('_', '-')} {ckpt['args'][k]}; "
+                                f"--resume continues it on the same data (leave out --{k.replace('_', '-')})")
+        keep = {k: getattr(args, k) for k in ("epochs", "steps", "device", "out", "resume", "ckpt")}
+        # the evaluation flags the run was started with, unless given again
+        keep.update({k: getattr(args, k) for k in ("iw_samples", "iw_images", "retrieval")
+                     if getattr(args, k) is not None})
         if keep["epochs"] is None and keep["steps"] is None:
             keep["epochs"], keep["steps"] = ckpt["args"]["epochs"], ckpt["args"]["steps"]
         args = argparse.Namespace(**{**ckpt["args"], **keep})
@@ -381,13 +387,14 @@ def train(args):
     out.mkdir(parents=True, exist_ok=True)
     ckpt_path = out / "ckpt.pt"
 
-    stop = []  # Ctrl-C finishes the current step, saves, and exits
-    old_handler = signal.signal(signal.SIGINT, lambda *_: stop.append(True))
+    stop = []  # Ctrl-C or SIGTERM (kill, timeout, a cluster's scheduler) finishes the step, saves, exits
+    handlers = {s: signal.signal(s, lambda *_: stop.append(True)) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
         step = run_epochs(args, model, opt, dataset, test_set, device, shape, step, total,
                           per_epoch, ckpt_path, stop)
     finally:
-        signal.signal(signal.SIGINT, old_handler)
+        for s, h in handlers.items():
+            signal.signal(s, h)
     # Algorithm 1, line 8: return theta, phi
     save_checkpoint(ckpt_path, model, opt, step, args, shape)
     print(f"{'interrupted' if stop else 'done'} at step {step}; checkpoint {ckpt_path}")
@@ -399,6 +406,7 @@ def run_epochs(args, model, opt, dataset, test_set, device, shape, step, total, 
                ckpt_path, stop):
     last_log = last_save = time.time()
     seen, t_log = 0, time.time()
+    saved = step or None  # the step ckpt_path holds from this run (a resumed run: where it resumed)
     # Algorithm 1, lines 2 and 7: repeat ... until convergence (here: a fixed number of steps)
     while step < total and not stop:
         epoch, skip = divmod(step, per_epoch)
@@ -413,8 +421,9 @@ def run_epochs(args, model, opt, dataset, test_set, device, shape, step, total, 
             # Eq. 8 over N, and beta-VAE (Higgins et al. 2017) weighs the KL by beta (1: the ELBO)
             loss = -(rec - args.beta * kl).mean()
             if not torch.isfinite(loss):
+                kept = f"{ckpt_path} holds step {saved}" if saved else "this run has written no checkpoint yet"
                 raise UserError(f"the loss became {loss.item()} at step {step + 1}; stopped without "
-                                f"saving, {ckpt_path} keeps the last good state. Try a lower --lr.")
+                                f"saving ({kept}). Try a lower --lr.")
             opt.zero_grad(set_to_none=True)
             # Algorithm 1, line 5: g <- grad_{theta,phi} L~^M(theta, phi; X^M, eps)
             loss.backward()
@@ -433,11 +442,12 @@ def run_epochs(args, model, opt, dataset, test_set, device, shape, step, total, 
                 last_log, seen, t_log = now, 0, now
             if now - last_save >= 60 * args.save_every:
                 save_checkpoint(ckpt_path, model, opt, step, args, shape)
-                last_save = now
+                last_save, saved = now, step
             if step == total or stop:
                 break
         if step % per_epoch == 0 or step == total:
             save_checkpoint(ckpt_path, model, opt, step, args, shape)
+            saved = step
             end_of_epoch(args, model, test_set, device, epoch, time.time() - t_epoch, elbo_sum / count)
     return step
 
@@ -470,9 +480,14 @@ def sample(args):
     model = make_model(argparse.Namespace(**ckpt["args"]), tuple(ckpt["shape"])).to(device)
     model.load_state_dict(ckpt["model"])
     model.eval()
+    if not all(torch.isfinite(p).all() for p in model.parameters()):
+        raise UserError(f"{args.ckpt} holds non-finite weights (its run diverged): retrain with a lower --lr")
     g = torch.Generator().manual_seed(args.seed)
     z = torch.randn(args.n, model.latent_dim, generator=g).to(device)
     x = torch.cat([model.mean(zz) for zz in z.split(1024)]).cpu()
+    if not torch.isfinite(x).all():
+        raise UserError(f"the samples of {args.ckpt} came out non-finite: the checkpoint is broken, retrain it")
+    Path(args.save).parent.mkdir(parents=True, exist_ok=True)
     if args.save.endswith(".pt"):
         torch.save(x, args.save)
     else:
@@ -494,7 +509,7 @@ def positive_int(s):
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--dataset", default="fashion-mnist", help="mnist | fashion-mnist | cifar10 | PATH")
+    p.add_argument("--dataset", help="mnist | fashion-mnist (default) | cifar10 | PATH")
     p.add_argument("--data-dir", default="./data")
     p.add_argument("--image-size", type=positive_int, help="for image folders")
     length = p.add_mutually_exclusive_group()
@@ -517,8 +532,8 @@ def parse_args(argv=None):
     p.add_argument("--likelihood", choices=["bernoulli", "gaussian"],
                    help="p(x|z); default bernoulli for (fashion-)mnist, gaussian otherwise")
     p.add_argument("--beta", type=float, default=1.0, help="KL weight (beta-VAE)")
-    p.add_argument("--iw-samples", type=positive_int, default=1000, help="K of the IW bound")
-    p.add_argument("--iw-images", type=positive_int, default=500, help="test images for log p(x)")
+    p.add_argument("--iw-samples", type=positive_int, help="K of the IW bound (default 1000)")
+    p.add_argument("--iw-images", type=positive_int, help="test images for log p(x) (default 500)")
     p.add_argument("--anomaly-class", type=int, help="train without class k; AUC of -ELBO")
     p.add_argument("--retrieval", type=positive_int, metavar="K", help="K nearest neighbours in mu-space")
     p.add_argument("--log-every", type=float, default=5.0, help="seconds")
@@ -526,8 +541,13 @@ def parse_args(argv=None):
     args = p.parse_args(argv)
     if not args.beta >= 0:
         p.error(f"--beta must be >= 0, got {args.beta}")
-    if not args.sample and not args.resume and args.epochs is None and args.steps is None:
-        args.epochs = 10
+    if not args.lr > 0:
+        p.error(f"--lr must be positive, got {args.lr}")
+    if not args.resume:
+        args.dataset = args.dataset or "fashion-mnist"
+        args.iw_samples, args.iw_images = args.iw_samples or 1000, args.iw_images or 500
+        if not args.sample and args.epochs is None and args.steps is None:
+            args.epochs = 10
     return args
 
 

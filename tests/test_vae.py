@@ -2,6 +2,8 @@
 importance-weighted bound on probabilistic PCA (where log p(x) is exact), learning on small
 images, and the command line."""
 import math
+import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -355,3 +357,42 @@ def test_error_is_one_line_without_traceback(tmp_path):
                         "--save", str(tmp_path / "x.png")], capture_output=True, text=True)
     assert r.returncode == 1
     assert r.stderr.startswith("error: ") and "Traceback" not in r.stderr
+
+
+def test_sigterm_saves_and_resume_keeps_the_runs_evaluation_flags(folder, tmp_path, capsys, monkeypatch):
+    base = ["--dataset", folder, "--image-size", "8", "--batch-size", "8", "--hidden", "16",
+            "--log-every", "0", "--latent-dim", "2", "--out", tmp_path / "a"]
+    real, calls = vae.sgvb, []
+
+    def sgvb_then_sigterm(*a):
+        calls.append(1)
+        if len(calls) == 2:  # during step 2: it finishes, saves, and the run stops
+            os.kill(os.getpid(), signal.SIGTERM)
+        return real(*a)
+
+    monkeypatch.setattr(vae, "sgvb", sgvb_then_sigterm)
+    out = run([*base, "--steps", 6, "--iw-samples", 7, "--iw-images", 5], capsys)
+    assert "interrupted at step 2" in out
+    monkeypatch.setattr(vae, "sgvb", real)
+    out = run(["--resume", "--out", tmp_path / "a"], capsys)  # no evaluation flags given again
+    assert "resumed from step 2" in out and "K = 7" in out
+    assert torch.load(tmp_path / "a" / "ckpt.pt", weights_only=True)["args"]["iw_images"] == 5
+    err = error_of(["--resume", "--out", tmp_path / "a", "--dataset", "mnist"], capsys)
+    assert "--dataset" in err and "leave out" in err
+
+
+def test_nonfinite_loss_and_a_diverged_checkpoint_are_named(folder, tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(vae, "sgvb", lambda model, x, eps: (torch.full((len(x),), float("nan")),) * 2)
+    err = error_of(["--dataset", folder, *TINY, "--steps", 3, "--out", tmp_path / "a"], capsys)
+    assert "the loss became nan at step 1" in err and "has written no checkpoint" in err
+    monkeypatch.undo()
+    run(["--dataset", folder, *TINY, "--steps", 1, "--out", tmp_path / "b"], capsys)
+    ckpt = torch.load(tmp_path / "b" / "ckpt.pt", weights_only=True)
+    name = next(iter(ckpt["model"]))
+    ckpt["model"][name].fill_(float("nan"))
+    torch.save(ckpt, tmp_path / "broken.pt")
+    err = error_of(["--sample", "--ckpt", tmp_path / "broken.pt", "--save", tmp_path / "x.pt"], capsys)
+    assert "non-finite weights" in err
+    run(["--sample", "--ckpt", tmp_path / "b" / "ckpt.pt", "--n", 2, "--save", tmp_path / "new" / "x.pt"], capsys)
+    assert torch.load(tmp_path / "new" / "x.pt", weights_only=True).shape == (2, 1, 8, 8)
+    assert "--lr must be positive" in error_of(["--lr", "-1"], capsys)
