@@ -148,7 +148,7 @@ def rk45(v, z, rtol=1e-3, atol=1e-3):
                   atol + rtol * torch.maximum(z.abs(), z_new.abs()))
         if not math.isfinite(err) or h < 1e-10:
             raise UserError(f"RK45 stalled at t = {t:.4f} (error {err}): the velocity is not finite "
-                            f"or not smooth; check the checkpoint, or use --solver euler")
+                            f"or not smooth: the model is broken or far from trained")
         if err <= 1:  # accept; FSAL: the slope at the new point is the last stage's
             t, z, k1 = t + h, z_new, ks[-1]
         # step-size control: h <- h * 0.9 err^(-1/5), changed by a factor between 0.2 and 10
@@ -305,9 +305,11 @@ def load_checkpoint(path):
     return ckpt
 
 
-def load_ema(ckpt, device):
+def load_ema(ckpt, device, path):
     net = make_model(argparse.Namespace(**ckpt["args"]), ckpt["shape"], ckpt["num_classes"])
     net.load_state_dict(ckpt["ema"])
+    if not all(torch.isfinite(p).all() for p in net.parameters()):
+        raise UserError(f"{path} holds non-finite weights (its run diverged): retrain it with a lower --lr")
     return net.to(device, memory_format=torch.channels_last).eval()
 
 
@@ -330,7 +332,7 @@ def reflow_pairs(args, teacher, shape, num_classes, device, stop):
     n = len(pairs["z0"])
     if n < args.pairs and n % PAIR_CHUNK:  # a short last chunk is drawn again, in full this time
         pairs = {**pairs, **{k: pairs[k][:n - n % PAIR_CHUNK] for k in ("z0", "z1", "y")}}
-    net = load_ema(teacher, device) if len(pairs["z0"]) < args.pairs else None
+    net = load_ema(teacher, device, args.teacher) if len(pairs["z0"]) < args.pairs else None
     start = last = time.time()
     done0 = len(pairs["z0"])
     while len(pairs["z0"]) < args.pairs and not stop:
@@ -384,6 +386,10 @@ def train(args):
     # and its stored pairs are kept
     if args.resume and (path.exists() or not (args.all or teacher is not None)):
         ckpt = load_checkpoint(path)
+        for k in ("dataset", "image_size"):
+            if getattr(args, k) is not None and getattr(args, k) != ckpt["args"][k]:
+                raise UserError(f"{path} was trained with --{k.replace('_', '-')} {ckpt['args'][k]}; "
+                                f"--resume continues it on the same data (leave out --{k.replace('_', '-')})")
         keep = {k: getattr(args, k) for k in ("epochs", "steps", "device", "out", "resume", "all")}
         if keep["epochs"] is None and keep["steps"] is None:
             keep["epochs"], keep["steps"] = ckpt["args"]["epochs"], ckpt["args"]["steps"]
@@ -391,12 +397,13 @@ def train(args):
         name = f"{args.stage_k}rf" + ("_distilled" if args.distilled else "")
     if args.epochs is None and args.steps is None:  # --resume of a stage not yet begun
         args.epochs = 10
+    args.dataset = args.dataset or "fashion-mnist"
     if args.cfg_scale != 1 and not (teacher["num_classes"] if teacher else args.class_cond):
         raise UserError("--cfg-scale needs a class-conditional flow: train the 1-RF with --class-cond")
     seed_everything(args.seed)
     out.mkdir(parents=True, exist_ok=True)
-    stop = []  # Ctrl-C finishes the current step (or pair chunk), saves, and exits
-    old_handler = signal.signal(signal.SIGINT, lambda *_: stop.append(True))
+    stop = []  # Ctrl-C or SIGTERM finishes the current step (or pair chunk), saves, and exits
+    handlers = {s: signal.signal(s, lambda *_: stop.append(True)) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
         if args.stage_k == 1 and not args.distilled:
             dataset, info = load_dataset(args.dataset, args.data_dir, True, args.image_size,
@@ -446,7 +453,8 @@ def train(args):
         step = run_epochs(args, model, ema, opt, dataset, device, shape, num_classes, step,
                           path, name, stop)
     finally:
-        signal.signal(signal.SIGINT, old_handler)
+        for s, h in handlers.items():
+            signal.signal(s, h)
     save_checkpoint(path, model, ema, opt, step, args, shape, num_classes)
     print(f"{'interrupted' if stop else 'done'} at step {step}; checkpoint {path}")
     return None if stop else path
@@ -459,6 +467,7 @@ def run_epochs(args, model, ema, opt, dataset, device, shape, num_classes, step,
     amp = torch.autocast("cuda", torch.bfloat16, enabled=args.bf16 and device.type == "cuda")
     last_log = last_save = t_log = time.time()
     seen = 0
+    saved = step or None  # the step `path` holds from this run (a resumed run: where it resumed)
     while step < total and not stop:
         epoch, skip = divmod(step, per_epoch)
         for batch in epoch_batches(dataset, args, epoch, skip):
@@ -467,8 +476,9 @@ def run_epochs(args, model, ema, opt, dataset, device, shape, num_classes, step,
             with amp:
                 loss = batch_loss(model, batch, args, device)
             if not torch.isfinite(loss):
+                kept = f"{path} holds step {saved}" if saved else "this stage has written no checkpoint yet"
                 raise UserError(f"the loss became {loss.item()} at step {step + 1}; stopped without "
-                                f"saving, {path} keeps the last good state. Try a lower --lr.")
+                                f"saving ({kept}). Try a lower --lr.")
             opt.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
@@ -485,11 +495,12 @@ def run_epochs(args, model, ema, opt, dataset, device, shape, num_classes, step,
                 last_log, seen, t_log = now, 0, now
             if now - last_save >= 60 * args.save_every:
                 save_checkpoint(path, model, ema, opt, step, args, shape, num_classes)
-                last_save = now
+                last_save, saved = now, step
             if step == total or stop:
                 break
         if step % per_epoch == 0 or step == total:
             save_checkpoint(path, model, ema, opt, step, args, shape, num_classes)
+            saved = step
             pictures(ema, args, shape, device, name, f"epoch{epoch + 1:03d}")
     return step
 
@@ -517,7 +528,7 @@ def sample(args):
         raise UserError(f"--cfg-scale needs a class-conditional model; {args.ckpt} was trained "
                         f"without --class-cond")
     device = pick_device(args.device)
-    net, shape, K = load_ema(ckpt, device), tuple(ckpt["shape"]), ckpt["num_classes"]
+    net, shape, K = load_ema(ckpt, device, args.ckpt), tuple(ckpt["shape"]), ckpt["num_classes"]
     # a distilled model is a one-step map: one Euler step unless told otherwise
     solver = args.solver or ("euler" if ckpt["distilled"] else "rk45")
     steps = args.sampling_steps or (1 if ckpt["distilled"] else 100)
@@ -531,11 +542,15 @@ def sample(args):
         nfe = max(nfe, n_eval)
         s += straightness(z0, z1, vs) * len(z0) if vs else 0.0
         xs.append(z1.float().cpu())
-    x = torch.cat(xs).clamp(-1, 1)
+    x = torch.cat(xs)
+    if not torch.isfinite(x).all():
+        raise UserError(f"the samples of {args.ckpt} came out non-finite: the checkpoint is broken, retrain it")
+    x = x.clamp(-1, 1)
     # one Euler step is a straight line whatever the model: S is 0 and says nothing
     print(f"{args.n} samples in {time.time() - start:.1f} s with {solver} ("
           + (f"N = {steps}, " if solver != "rk45" else "") + f"NFE {nfe})"
           + (f"; straightness S = {s / args.n:.4f} on these paths" if solver == "euler" and steps > 1 else ""))
+    Path(args.save).parent.mkdir(parents=True, exist_ok=True)
     if args.save.endswith(".pt"):
         torch.save(x, args.save)
     else:
@@ -577,7 +592,7 @@ def fill_model_defaults(args, size):
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--dataset", default="fashion-mnist", help="mnist | fashion-mnist | cifar10 | PATH")
+    p.add_argument("--dataset", help="mnist | fashion-mnist (default) | cifar10 | PATH")
     p.add_argument("--data-dir", default="./data")
     p.add_argument("--image-size", type=positive_int, help="for image folders")
     length = p.add_mutually_exclusive_group()

@@ -1,5 +1,7 @@
 """Tests for rectified_flow.py: the paper's math, a 2-D mixture learned and reflowed, and the CLI."""
 import hashlib
+import os
+import signal
 import sys
 from pathlib import Path
 
@@ -449,3 +451,41 @@ def test_bad_flags_are_usage_errors(argv, capsys):
     with pytest.raises(SystemExit) as e:
         rf.main(argv)
     assert e.value.code == 2 and "error:" in capsys.readouterr().err
+
+
+def test_sigterm_saves_and_resume_refuses_other_data(images, tmp_path, monkeypatch):
+    real, calls = rf.ema_update, []
+
+    def ema_update_then_sigterm(*a):
+        real(*a)
+        calls.append(1)
+        if len(calls) == 2:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    monkeypatch.setattr(rf, "ema_update", ema_update_then_sigterm)
+    rf.main(tiny(images, tmp_path) + ["--steps", "5"])
+    assert load(tmp_path / "ckpt_1rf.pt")["step"] == 2
+    monkeypatch.setattr(rf, "ema_update", real)
+    with pytest.raises(SystemExit) as e:
+        rf.main(tiny(images, tmp_path) + ["--steps", "5", "--resume", "--image-size", "4"])
+    assert "--image-size 8" in str(e.value.code) and "leave out" in str(e.value.code)
+
+
+def test_nonfinite_loss_and_a_diverged_checkpoint_are_named(stages, images, tmp_path, monkeypatch):
+    monkeypatch.setattr(rf, "batch_loss", lambda *a: torch.tensor(float("nan")))
+    with pytest.raises(SystemExit) as e:
+        rf.main(tiny(images, tmp_path / "a") + ["--steps", "3"])
+    assert "nan at step 1" in str(e.value.code) and "no checkpoint yet" in str(e.value.code)
+    monkeypatch.undo()
+    ckpt = load(stages / "ckpt_1rf.pt")
+    next(iter(ckpt["ema"].values())).fill_(float("nan"))
+    torch.save(ckpt, tmp_path / "broken.pt")
+    for argv in (["--sample", "--ckpt", str(tmp_path / "broken.pt"), "--save", str(tmp_path / "x.pt"),
+                  "--solver", "euler"],
+                 tiny(images, tmp_path / "b") + ["--reflow", "--ckpt", str(tmp_path / "broken.pt")] + PAIRS):
+        with pytest.raises(SystemExit) as e:
+            rf.main(argv)
+        assert "broken.pt holds non-finite weights" in str(e.value.code)
+    rf.main(["--sample", "--ckpt", str(stages / "ckpt_1rf.pt"), "--n", "2", "--solver", "euler",
+             "--sampling-steps", "2", "--save", str(tmp_path / "new" / "x.pt")])
+    assert load(tmp_path / "new" / "x.pt").shape == (2, 1, 8, 8)
