@@ -102,8 +102,14 @@ def _torchvision_dataset(name, data_dir, train):
                     ["data_batch_1", "...", "data_batch_5", "test_batch"]),
     }[name]
     raw = Path(data_dir) / folder
+    if Path(data_dir).exists() and not Path(data_dir).is_dir():
+        raise UserError(f"--data-dir {data_dir} is a file: give a folder (the data sets are kept in it)")
     if name == "fashion-mnist":
-        _unpack_debian_fashion_mnist(raw)
+        try:
+            _unpack_debian_fashion_mnist(raw)
+        except OSError as e:
+            raise UserError(f"cannot write the data set into {raw} ({e.strerror}): give --data-dir a "
+                            f"folder you can write to") from None
     try:
         return cls(data_dir, train=train, download=False)
     except RuntimeError:  # not there: try the network

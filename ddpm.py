@@ -213,8 +213,8 @@ def draw(eps_theta, n, shape, sch, args, device, seed=0, trajectory=None):
     """n images with the sampler chosen on the command line, from a fixed seed."""
     g = torch.Generator(device).manual_seed(seed)
     if args.sampler == "ddim":
-        return sample_ddim(eps_theta, (n, *shape), sch, args.sampling_steps, args.eta, args.clip_x0,
-                           device, g, trajectory)
+        steps = args.sampling_steps or min(50, sch.T)
+        return sample_ddim(eps_theta, (n, *shape), sch, steps, args.eta, args.clip_x0, device, g, trajectory)
     return sample_ddpm(eps_theta, (n, *shape), sch, args.sigma, args.clip_x0, device, g, trajectory)
 
 
@@ -252,10 +252,20 @@ def save_checkpoint(path, model, ema, opt, step, args, shape):
     state = {"method": "ddpm", "args": vars(args), "shape": list(shape), "step": step,
              "model": model.state_dict(), "ema": ema.state_dict(), "optimizer": opt.state_dict(),
              "rng": {"torch": torch.get_rng_state(), "python": random.getstate(),
-                     "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}}
+                     "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+                     "mps": torch.mps.get_rng_state() if torch.backends.mps.is_available() else None}}
     tmp = Path(str(path) + ".tmp")
     torch.save(state, tmp)
     os.replace(tmp, path)  # atomic: a crash mid-write never leaves a broken ckpt.pt
+
+
+def restore_device_rng(rng):
+    """The CUDA generators of the devices this machine has (a checkpoint from a machine with more
+    GPUs restores the first ones), and MPS's."""
+    for i, state in enumerate(rng["cuda"][:torch.cuda.device_count()]):
+        torch.cuda.set_rng_state(state, i)
+    if rng.get("mps") is not None and torch.backends.mps.is_available():
+        torch.mps.set_rng_state(rng["mps"])
 
 
 def load_checkpoint(path):
@@ -264,10 +274,14 @@ def load_checkpoint(path):
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
-        raise UserError(f"cannot read checkpoint {path} ({type(e).__name__}): is it a ddpm.py checkpoint?") from None
+        raise UserError(f"cannot read checkpoint {path} ({type(e).__name__}): it is damaged or "
+                        f"incomplete (a copy cut short?), or not a checkpoint at all") from None
     if not isinstance(ckpt, dict) or ckpt.get("method") != "ddpm":
         method = ckpt.get("method", "unknown") if isinstance(ckpt, dict) else "unknown"
         raise UserError(f"{path} is a checkpoint of {method}, not of ddpm.py")
+    missing = [k for k in ("args", "shape", "step", "model", "ema", "optimizer", "rng") if k not in ckpt]
+    if missing:
+        raise UserError(f"{path} is an incomplete ddpm.py checkpoint: no {', '.join(missing)}")
     return ckpt
 
 
@@ -323,10 +337,11 @@ def train(args):
         step = ckpt["step"]
         torch.set_rng_state(ckpt["rng"]["torch"])
         random.setstate(ckpt["rng"]["python"])
-        if ckpt["rng"]["cuda"] and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all(ckpt["rng"]["cuda"])
+        restore_device_rng(ckpt["rng"])
         print(f"resumed from step {step}")
     out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--out {out} is a file: give a folder for the run's outputs")
     out.mkdir(parents=True, exist_ok=True)
     ckpt_path = out / "ckpt.pt"
     if step == 0:
@@ -405,9 +420,14 @@ def end_of_epoch(args, model, ema, opt, sch, device, shape, step, epoch, ckpt_pa
 
 
 def print_loss_bins(bins, T):
-    mean = (bins[0] / bins[1].clamp(min=1)).tolist()
-    print("loss by t: " + "  ".join(f"{i * T // 10 + 1}-{(i + 1) * T // 10}: {m:.4f}"
-                                    for i, m in enumerate(mean)))
+    """Bin i holds the t with (t - 1) * 10 // T = i: t from ceil(i T / 10) + 1 to ceil((i + 1) T / 10)."""
+    parts = []
+    for i, (total, count) in enumerate(zip(*bins.tolist())):
+        lo, hi = -(-i * T // 10) + 1, -(-(i + 1) * T // 10)
+        if lo <= hi:
+            label = f"{lo}-{hi}" if hi > lo else f"{lo}"
+            parts.append(f"{label}: {total / count:.4f}" if count else f"{label}: —")
+    print("loss by t: " + "  ".join(parts))
 
 
 def save_forward_strip(x0, sch, path, count=10):
@@ -431,6 +451,7 @@ def sample(args):
     train_args = argparse.Namespace(**ckpt["args"])
     sch = make_schedule(train_args)
     if args.sampler == "ddim":
+        args.sampling_steps = args.sampling_steps or min(50, sch.T)
         ddim_timesteps(sch.T, args.sampling_steps)  # a clear error before any work
     shape = tuple(ckpt["shape"])
     ema = make_model(train_args, *shape[:2]).to(device, memory_format=torch.channels_last)
@@ -465,7 +486,10 @@ def positive_int(s):
 
 
 def int_list(s):
-    return tuple(int(v) for v in s.split(",") if v)
+    v = tuple(int(x) for x in s.split(",") if x.strip())
+    if not v:
+        raise argparse.ArgumentTypeError(f"must be comma-separated integers such as 1,2,2, got {s!r}")
+    return v
 
 
 def fill_model_defaults(args, info):
@@ -520,7 +544,7 @@ def parse_args(argv=None):
     args = p.parse_args(argv)
     if args.sampling_steps is not None and not 1 <= args.sampling_steps <= args.T:
         p.error(f"--sampling-steps must be between 1 and --T ({args.T}), got {args.sampling_steps}")
-    args.sampling_steps = args.sampling_steps or min(50, args.T)
+    # --sampling-steps left out: 50, or T if smaller (the T of the checkpoint when sampling)
     if not args.lr > 0:
         p.error(f"--lr must be positive, got {args.lr}")
     if not 0 <= args.eta <= 1:

@@ -286,8 +286,18 @@ def save_checkpoint(path, model, ema, opt, step, args, shape, num_classes):
                  "step": step, "model": model.state_dict(), "ema": ema.state_dict(),
                  "optimizer": opt.state_dict(),
                  "rng": {"torch": torch.get_rng_state(), "python": random.getstate(),
-                         "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}},
+                         "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+                         "mps": torch.mps.get_rng_state() if torch.backends.mps.is_available() else None}},
                 path)
+
+
+def restore_device_rng(rng):
+    """The CUDA generators of the devices this machine has (a checkpoint from a machine with more
+    GPUs restores the first ones), and MPS's."""
+    for i, state in enumerate(rng["cuda"][:torch.cuda.device_count()]):
+        torch.cuda.set_rng_state(state, i)
+    if rng.get("mps") is not None and torch.backends.mps.is_available():
+        torch.mps.set_rng_state(rng["mps"])
 
 
 def load_checkpoint(path):
@@ -297,11 +307,14 @@ def load_checkpoint(path):
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
-        raise UserError(f"cannot read checkpoint {path} ({type(e).__name__}): "
-                        f"is it a rectified_flow.py checkpoint?") from None
+        raise UserError(f"cannot read checkpoint {path} ({type(e).__name__}): it is damaged or "
+                        f"incomplete (a copy cut short?), or not a checkpoint at all") from None
     if not isinstance(ckpt, dict) or ckpt.get("method") != "rectified_flow":
         method = ckpt.get("method", "unknown") if isinstance(ckpt, dict) else "unknown"
         raise UserError(f"{path} is a checkpoint of {method}, not of rectified_flow.py")
+    missing = [k for k in ("args", "shape", "num_classes", "k", "distilled", "step", "model", "ema", "optimizer", "rng") if k not in ckpt]
+    if missing:
+        raise UserError(f"{path} is an incomplete rectified_flow.py checkpoint: no {', '.join(missing)}")
     return ckpt
 
 
@@ -323,7 +336,11 @@ def reflow_pairs(args, teacher, shape, num_classes, device, stop):
               # tells a retrained teacher with the same path and step from the one the pairs came from
               "teacher_sum": sum(w.double().sum().item() for w in teacher["ema"].values()),
               "solver": [args.solver, args.sampling_steps, args.rtol, args.atol, args.cfg_scale]}
-    pairs = torch.load(path, weights_only=True) if path.exists() else None
+    try:
+        pairs = torch.load(path, weights_only=True) if path.exists() else None
+    except Exception as e:
+        raise UserError(f"cannot read {path} ({type(e).__name__}): it is damaged or incomplete; delete it "
+                        f"and the pairs are drawn again") from None
     if pairs is None or pairs["source"] != source:
         if pairs is not None:
             print(f"{path} holds pairs of another teacher or solver: drawing new ones")
@@ -401,6 +418,8 @@ def train(args):
     if args.cfg_scale != 1 and not (teacher["num_classes"] if teacher else args.class_cond):
         raise UserError("--cfg-scale needs a class-conditional flow: train the 1-RF with --class-cond")
     seed_everything(args.seed)
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--out {out} is a file: give a folder for the run's outputs")
     out.mkdir(parents=True, exist_ok=True)
     stop = []  # Ctrl-C or SIGTERM finishes the current step (or pair chunk), saves, and exits
     handlers = {s: signal.signal(s, lambda *_: stop.append(True)) for s in (signal.SIGINT, signal.SIGTERM)}
@@ -446,8 +465,7 @@ def train(args):
             step = ckpt["step"]
             torch.set_rng_state(ckpt["rng"]["torch"])
             random.setstate(ckpt["rng"]["python"])
-            if ckpt["rng"]["cuda"] and torch.cuda.is_available():
-                torch.cuda.set_rng_state_all(ckpt["rng"]["cuda"])
+            restore_device_rng(ckpt["rng"])
             print(f"resumed {name} from step {step}")
         path = out / f"ckpt_{name}.pt"
         step = run_epochs(args, model, ema, opt, dataset, device, shape, num_classes, step,
@@ -577,7 +595,10 @@ def positive_float(s):
 
 
 def int_list(s):
-    return tuple(int(v) for v in s.split(",") if v)
+    v = tuple(int(x) for x in s.split(",") if x.strip())
+    if not v:
+        raise argparse.ArgumentTypeError(f"must be comma-separated integers such as 1,2,2, got {s!r}")
+    return v
 
 
 def fill_model_defaults(args, size):

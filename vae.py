@@ -286,10 +286,20 @@ def save_checkpoint(path, model, opt, step, args, shape):
     state = {"method": "vae", "args": vars(args), "shape": list(shape), "step": step,
              "model": model.state_dict(), "optimizer": opt.state_dict(),
              "rng": {"torch": torch.get_rng_state(), "python": random.getstate(),
-                     "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}}
+                     "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+                     "mps": torch.mps.get_rng_state() if torch.backends.mps.is_available() else None}}
     tmp = Path(str(path) + ".tmp")
     torch.save(state, tmp)
     os.replace(tmp, path)  # atomic: a crash mid-write never leaves a broken ckpt.pt
+
+
+def restore_device_rng(rng):
+    """The CUDA generators of the devices this machine has (a checkpoint from a machine with more
+    GPUs restores the first ones), and MPS's."""
+    for i, state in enumerate(rng["cuda"][:torch.cuda.device_count()]):
+        torch.cuda.set_rng_state(state, i)
+    if rng.get("mps") is not None and torch.backends.mps.is_available():
+        torch.mps.set_rng_state(rng["mps"])
 
 
 def load_checkpoint(path):
@@ -298,10 +308,14 @@ def load_checkpoint(path):
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
-        raise UserError(f"cannot read checkpoint {path} ({type(e).__name__}): is it a vae.py checkpoint?") from None
+        raise UserError(f"cannot read checkpoint {path} ({type(e).__name__}): it is damaged or "
+                        f"incomplete (a copy cut short?), or not a checkpoint at all") from None
     if not isinstance(ckpt, dict) or ckpt.get("method") != "vae":
         method = ckpt.get("method", "unknown") if isinstance(ckpt, dict) else "unknown"
         raise UserError(f"{path} is a checkpoint of {method}, not of vae.py")
+    missing = [k for k in ("args", "shape", "step", "model", "optimizer", "rng") if k not in ckpt]
+    if missing:
+        raise UserError(f"{path} is an incomplete vae.py checkpoint: no {', '.join(missing)}")
     return ckpt
 
 
@@ -380,10 +394,11 @@ def train(args):
         step = ckpt["step"]
         torch.set_rng_state(ckpt["rng"]["torch"])
         random.setstate(ckpt["rng"]["python"])
-        if ckpt["rng"]["cuda"] and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all(ckpt["rng"]["cuda"])
+        restore_device_rng(ckpt["rng"])
         print(f"resumed from step {step}")
     out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--out {out} is a file: give a folder for the run's outputs")
     out.mkdir(parents=True, exist_ok=True)
     ckpt_path = out / "ckpt.pt"
 

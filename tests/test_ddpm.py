@@ -622,3 +622,52 @@ def test_script_error_has_no_traceback(tmp_path):
                        cwd=tmp_path, capture_output=True, text=True, timeout=120)
     assert r.returncode != 0
     assert "error:" in r.stderr and "Traceback" not in r.stderr, r.stderr
+
+
+@pytest.mark.parametrize("T, labels", [(1000, ["1-100", "101-200", "901-1000"]), (25, ["1-3", "4-5", "24-25"]),
+                                       (5, ["1", "2", "5"])])
+def test_loss_by_t_labels_cover_1_to_T_and_empty_bins_say_so(T, labels, capsys):
+    bins = torch.zeros(2, 10)
+    bins[:, 0] = torch.tensor([2.0, 4.0])  # one bin with data, mean 0.5; the others empty
+    ddpm.print_loss_bins(bins, T)
+    line = capsys.readouterr().out
+    assert all(f"{label}: " in line for label in labels), line
+    assert line.count(": ") == 1 + min(T, 10) and "0.5000" in line and "—" in line and "0.0000" not in line
+    covered = [t for part in line.split(": ", 1)[1].split("  ") for t in
+               range(int(part.split(":")[0].split("-")[0]), int(part.split(":")[0].split("-")[-1]) + 1)]
+    assert covered == list(range(1, T + 1))
+
+
+def test_damaged_and_incomplete_checkpoints_and_other_bad_paths(folder, trained, tmp_path, capsys):
+    cut = tmp_path / "cut.pt"
+    cut.write_bytes((trained / "ckpt.pt").read_bytes()[:5000])
+    sample = ["--sample", "--save", str(tmp_path / "x.png"), "--device", "cpu", "--ckpt"]
+    assert "damaged or incomplete" in exit_message(sample + [str(cut)])
+    ckpt = load(trained / "ckpt.pt")
+    del ckpt["ema"]
+    torch.save(ckpt, tmp_path / "no_ema.pt")
+    assert "incomplete ddpm.py checkpoint: no ema" in exit_message(sample + [str(tmp_path / "no_ema.pt")])
+    (tmp_path / "file").write_text("")
+    assert "is a file" in exit_message(train_argv(folder, tmp_path / "file"))
+    assert "is a file" in exit_message(["--dataset", "fashion-mnist", "--data-dir", str(tmp_path / "file"),
+                                        "--out", str(tmp_path / "o"), "--steps", "1", "--device", "cpu"])
+    with pytest.raises(SystemExit):
+        ddpm.main(train_argv(folder, tmp_path / "o", "--mults", ","))
+    assert "comma-separated integers" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        ddpm.main(train_argv(folder, tmp_path / "o", "--eta", "1.5"))
+    assert "--eta must be between 0" in capsys.readouterr().err
+
+
+def test_ddim_without_sampling_steps_uses_the_checkpoints_T(trained, tmp_path):
+    ddpm.main(["--sample", "--ckpt", str(trained / "ckpt.pt"), "--n", "2", "--sampler", "ddim",
+               "--save", str(tmp_path / "x.pt"), "--device", "cpu"])  # T = 20 < 50
+    assert load(tmp_path / "x.pt").shape == (2, 1, 16, 16)
+
+
+def test_rng_states_of_missing_gpus_are_skipped(monkeypatch):
+    restored = []
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setattr(torch.cuda, "set_rng_state", lambda state, i: restored.append(i))
+    ddpm.restore_device_rng({"cuda": [torch.zeros(8, dtype=torch.uint8)] * 4, "mps": None})
+    assert restored == [0]  # a checkpoint from a 4-GPU machine resumes on a 1-GPU one

@@ -1,6 +1,7 @@
 """Tests for rectified_flow.py: the paper's math, a 2-D mixture learned and reflowed, and the CLI."""
 import hashlib
 import os
+import shutil
 import signal
 import sys
 from pathlib import Path
@@ -489,3 +490,22 @@ def test_nonfinite_loss_and_a_diverged_checkpoint_are_named(stages, images, tmp_
     rf.main(["--sample", "--ckpt", str(stages / "ckpt_1rf.pt"), "--n", "2", "--solver", "euler",
              "--sampling-steps", "2", "--save", str(tmp_path / "new" / "x.pt")])
     assert load(tmp_path / "new" / "x.pt").shape == (2, 1, 8, 8)
+
+
+def test_damaged_pairs_checkpoints_and_out_are_named(stages, images, tmp_path):
+    shutil.copy(stages / "pairs_1rf.pt", tmp_path / "pairs_1rf.pt")
+    with open(tmp_path / "pairs_1rf.pt", "r+b") as f:
+        f.truncate(3000)
+    cases = [(tiny(images, tmp_path) + ["--reflow", "--ckpt", str(stages / "ckpt_1rf.pt"), "--steps", "1"] + PAIRS,
+              "damaged or incomplete; delete it")]
+    ckpt = load(stages / "ckpt_1rf.pt")
+    del ckpt["optimizer"]
+    torch.save(ckpt, tmp_path / "no_opt.pt")
+    cases.append((["--sample", "--ckpt", str(tmp_path / "no_opt.pt"), "--save", str(tmp_path / "x.png")],
+                  "incomplete rectified_flow.py checkpoint: no optimizer"))
+    (tmp_path / "file").write_text("")
+    cases.append((tiny(images, tmp_path / "file") + ["--steps", "1"], "is a file"))
+    for argv, words in cases:
+        with pytest.raises(SystemExit) as e:
+            rf.main(argv)
+        assert words in str(e.value.code), e.value.code

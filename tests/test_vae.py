@@ -396,3 +396,18 @@ def test_nonfinite_loss_and_a_diverged_checkpoint_are_named(folder, tmp_path, ca
     run(["--sample", "--ckpt", tmp_path / "b" / "ckpt.pt", "--n", 2, "--save", tmp_path / "new" / "x.pt"], capsys)
     assert torch.load(tmp_path / "new" / "x.pt", weights_only=True).shape == (2, 1, 8, 8)
     assert "--lr must be positive" in error_of(["--lr", "-1"], capsys)
+
+
+def test_damaged_and_incomplete_checkpoints_and_out_are_named(folder, tmp_path, capsys):
+    run(["--dataset", folder, *TINY, "--steps", 1, "--out", tmp_path / "a"], capsys)
+    data = (tmp_path / "a" / "ckpt.pt").read_bytes()
+    (tmp_path / "cut.pt").write_bytes(data[:len(data) // 2])
+    assert "damaged or incomplete" in error_of(["--sample", "--ckpt", tmp_path / "cut.pt",
+                                                "--save", tmp_path / "x.png"], capsys)
+    ckpt = torch.load(tmp_path / "a" / "ckpt.pt", weights_only=True)
+    del ckpt["model"]
+    torch.save(ckpt, tmp_path / "no_model.pt")
+    assert "incomplete vae.py checkpoint: no model" in error_of(["--sample", "--ckpt", tmp_path / "no_model.pt",
+                                                                  "--save", tmp_path / "x.png"], capsys)
+    (tmp_path / "file").write_text("")
+    assert "is a file" in error_of(["--dataset", folder, *TINY, "--steps", 1, "--out", tmp_path / "file"], capsys)
