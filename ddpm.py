@@ -156,7 +156,7 @@ def p_mean(eps_theta, x_t, t, sch, clip_x0):
 
 @torch.no_grad()
 def sample_ddpm(eps_theta, shape, sch, sigma="beta", clip_x0=True, device="cpu", generator=None,
-                trajectory=None):
+                on_step=None):
     """Algorithm 2. sigma: 'beta' (sigma_t^2 = beta_t) or 'beta_tilde' (sigma_t^2 = beta_tilde_t), Sec. 3.2."""
     var = sch.beta if sigma == "beta" else sch.beta_tilde
     # Algorithm 2, line 1: x_T ~ N(0, I)
@@ -171,8 +171,8 @@ def sample_ddpm(eps_theta, shape, sch, sigma="beta", clip_x0=True, device="cpu",
         else:
             # Algorithm 2, line 3 at t = 1: z = 0, so x_0 is the mean, with no noise added
             x = mean
-        if trajectory is not None:
-            trajectory.append(x[:1].cpu())
+        if on_step is not None:
+            on_step(x, sch.T - t + 1, sch.T)
     return x  # Algorithm 2, line 6: return x_0
 
 
@@ -185,12 +185,12 @@ def ddim_timesteps(T, S):
 
 @torch.no_grad()
 def sample_ddim(eps_theta, shape, sch, steps, eta=0.0, clip_x0=True, device="cpu", generator=None,
-                trajectory=None):
+                on_step=None):
     """DDIM (Song et al. 2021, Eq. 12) on the respaced chain tau_S = T > ... > tau_1 > tau_0 = 0.
     DDIM's alpha_t is DDPM's alpha_bar_t. eta = 0: deterministic; eta = 1: DDPM's sigma = beta_tilde."""
     taus = ddim_timesteps(sch.T, steps)
     x = torch.randn(shape, device=device, generator=generator)  # x_T ~ N(0, I)
-    for t, t_prev in zip(reversed(taus), list(reversed(taus))[1:] + [0]):
+    for i, (t, t_prev) in enumerate(zip(reversed(taus), list(reversed(taus))[1:] + [0])):
         tt = torch.full((shape[0],), t, device=device, dtype=torch.long)
         ab, ab_prev = sch.alpha_bar[t].item(), sch.alpha_bar[t_prev].item()
         eps = eps_theta(x, tt)
@@ -204,18 +204,45 @@ def sample_ddim(eps_theta, shape, sch, steps, eta=0.0, clip_x0=True, device="cpu
         x = math.sqrt(ab_prev) * x0 + math.sqrt(max(1 - ab_prev - sigma ** 2, 0.0)) * eps
         if sigma > 0:
             x = x + sigma * torch.randn(shape, device=device, generator=generator)
-        if trajectory is not None:
-            trajectory.append(x[:1].cpu())
+        if on_step is not None:
+            on_step(x, i + 1, len(taus))
     return x
 
 
-def draw(eps_theta, n, shape, sch, args, device, seed=0, trajectory=None):
+def draw(eps_theta, n, shape, sch, args, device, seed=0, on_step=None):
     """n images with the sampler chosen on the command line, from a fixed seed."""
     g = torch.Generator(device).manual_seed(seed)
     if args.sampler == "ddim":
         steps = args.sampling_steps or min(50, sch.T)
-        return sample_ddim(eps_theta, (n, *shape), sch, steps, args.eta, args.clip_x0, device, g, trajectory)
-    return sample_ddpm(eps_theta, (n, *shape), sch, args.sigma, args.clip_x0, device, g, trajectory)
+        return sample_ddim(eps_theta, (n, *shape), sch, steps, args.eta, args.clip_x0, device, g, on_step)
+    return sample_ddpm(eps_theta, (n, *shape), sch, args.sigma, args.clip_x0, device, g, on_step)
+
+
+class SamplingStopped(Exception):
+    """Ctrl-C or SIGTERM arrived while training drew its grid (the checkpoint was saved before)."""
+
+
+def duration(seconds):
+    return f"{seconds / 3600:.1f} h" if seconds >= 5400 else f"{seconds / 60:.1f} min"
+
+
+class Progress:
+    """Called after every sampling step: says how far sampling is every few seconds, keeps the first
+    image of each step (for reverse.png), and ends the sampling at the next step once `stop` is set."""
+
+    def __init__(self, what, stop=(), every=5.0):
+        self.what, self.stop, self.every, self.frames = what, stop, every, []
+        self.start = self.last = time.time()
+
+    def __call__(self, x, done, total):
+        self.frames.append(x[:1].cpu())
+        if self.stop:
+            raise SamplingStopped
+        now = time.time()
+        if now - self.last >= self.every:
+            left = (now - self.start) / done * (total - done)
+            print(f"{self.what}: step {done}/{total}, {duration(left)} left", flush=True)
+            self.last = now
 
 
 def save_strip(frames, path, count=10):
@@ -365,6 +392,7 @@ def run_epochs(args, model, ema, opt, sch, dataset, device, shape, step, total, 
     last_log = last_save = time.time()
     seen, t_log = 0, time.time()
     saved = step or None  # the step ckpt_path holds from this run (a resumed run: where it resumed)
+    grid_s, noted = None, False  # seconds one epoch's grid takes (measured once one is drawn)
     while step < total and not stop:
         epoch, skip = divmod(step, per_epoch)
         bins = torch.zeros(2, 10, device=device)  # loss sum and count per tenth of 1..T
@@ -393,10 +421,13 @@ def run_epochs(args, model, ema, opt, sch, dataset, device, shape, step, total, 
             now = time.time()
             if now - last_log >= args.log_every or step == total:
                 speed = seen / (now - t_log)
-                left = (total - step) * args.batch_size / speed
+                left = time_left(args, sch, step, total, per_epoch, speed, grid_s)
                 print(f"step {step}/{total}  epoch {epoch + 1}  loss {loss.item():.4f}  "
-                      f"{speed:.0f} img/s  {left / 60:.1f} min left", flush=True)
-                last_log, seen, t_log = now, 0, now
+                      f"{speed:.0f} img/s  {duration(left)} left", flush=True)
+                if device.type == "cpu" and not noted and left > 1800:
+                    print(f"note: this run needs about {duration(left)} on this CPU (sample grids "
+                          f"included); README.md's CPU recipe shows real results in about 15 minutes")
+                last_log, seen, t_log, noted = now, 0, now, True
             if now - last_save >= 60 * args.save_every:
                 save_checkpoint(ckpt_path, model, ema, opt, step, args, shape)
                 last_save, saved = now, step
@@ -404,18 +435,36 @@ def run_epochs(args, model, ema, opt, sch, dataset, device, shape, step, total, 
                 break
         print_loss_bins(bins, sch.T)
         if step % per_epoch == 0 or step == total:
-            end_of_epoch(args, model, ema, opt, sch, device, shape, step, epoch, ckpt_path)
-            saved = step
+            start = time.time()
+            try:
+                end_of_epoch(args, model, ema, opt, sch, device, shape, step, epoch, ckpt_path, stop)
+            except SamplingStopped:
+                print(f"stopped while drawing the grid; {ckpt_path} holds step {step}")
+                break
+            finally:
+                saved = step
+            grid_s, seen, t_log = time.time() - start, 0, time.time()  # img/s counts training alone
     return step
 
 
-def end_of_epoch(args, model, ema, opt, sch, device, shape, step, epoch, ckpt_path):
+def time_left(args, sch, step, total, per_epoch, speed, grid_s):
+    """Seconds of training left, and of the grids still to draw at the ends of epochs. Before the
+    first grid is timed, one grid's network calls are guessed from a training step's: a forward and
+    backward pass on a batch cost about 3 forward passes."""
+    grids = -(-(total - step) // per_epoch) if step < total else 0
+    if grid_s is None:
+        calls = (args.sampling_steps or min(50, args.T)) if args.sampler == "ddim" else sch.T
+        grid_s = calls * min(args.n, 64) / (3 * speed)
+    return (total - step) * args.batch_size / speed + grids * grid_s
+
+
+def end_of_epoch(args, model, ema, opt, sch, device, shape, step, epoch, ckpt_path, stop):
     save_checkpoint(ckpt_path, model, ema, opt, step, args, shape)
     ema.eval()
-    frames = []
-    x = draw(ema, min(args.n, 64), shape, sch, args, device, seed=0, trajectory=frames)
+    progress = Progress(f"epoch {epoch + 1} grid", stop)
+    x = draw(ema, min(args.n, 64), shape, sch, args, device, seed=0, on_step=progress)
     save_grid(x, Path(args.out) / f"samples_epoch{epoch + 1:03d}.png")
-    save_strip(frames, Path(args.out) / "reverse.png")
+    save_strip(progress.frames, Path(args.out) / "reverse.png")
     print(f"epoch {epoch + 1}: samples in {Path(args.out) / f'samples_epoch{epoch + 1:03d}.png'}")
 
 
@@ -460,7 +509,8 @@ def sample(args):
     if not all(torch.isfinite(p).all() for p in ema.parameters()):
         raise UserError(f"{args.ckpt} holds non-finite weights (its run diverged): retrain with a lower --lr")
     start = time.time()
-    x = torch.cat([draw(ema, min(256, args.n - i), shape, sch, args, device, seed=args.seed + i)
+    x = torch.cat([draw(ema, min(256, args.n - i), shape, sch, args, device, seed=args.seed + i,
+                        on_step=Progress(f"images {i + 1}-{min(i + 256, args.n)} of {args.n}"))
                    for i in range(0, args.n, 256)]).cpu()
     if not torch.isfinite(x).all():
         raise UserError(f"the samples of {args.ckpt} came out non-finite: the checkpoint is broken, retrain it")

@@ -671,3 +671,33 @@ def test_rng_states_of_missing_gpus_are_skipped(monkeypatch):
     monkeypatch.setattr(torch.cuda, "set_rng_state", lambda state, i: restored.append(i))
     ddpm.restore_device_rng({"cuda": [torch.zeros(8, dtype=torch.uint8)] * 4, "mps": None})
     assert restored == [0]  # a checkpoint from a 4-GPU machine resumes on a 1-GPU one
+
+
+def test_ctrl_c_while_drawing_the_grid_stops_within_a_step(folder, tmp_path, monkeypatch, capsys):
+    real, calls = ddpm.p_mean, []
+
+    def p_mean_then_ctrl_c(*a):  # p_mean runs only when sampling: here, the first epoch's grid
+        calls.append(1)
+        if len(calls) == 3:
+            os.kill(os.getpid(), signal.SIGINT)
+        return real(*a)
+
+    monkeypatch.setattr(ddpm, "p_mean", p_mean_then_ctrl_c)
+    ddpm.main(train_argv(folder, tmp_path / "run", "--sampler", "ddpm"))  # T = 20 sampling steps
+    assert len(calls) == 3, "sampling went on after Ctrl-C"
+    assert "stopped while drawing the grid" in capsys.readouterr().out
+    assert load(tmp_path / "run" / "ckpt.pt")["step"] == 4
+
+
+def test_progress_and_time_left_count_the_grids(capsys):
+    progress = ddpm.Progress("grid", every=0)
+    progress(torch.zeros(2, 1, 4, 4), 5, 20)
+    assert "grid: step 5/20" in capsys.readouterr().out and len(progress.frames) == 1
+    args = ddpm.parse_args(["--T", "1000", "--batch-size", "64"])
+    sch = ddpm.linear_schedule(1000)
+    training = 100 * 64 / 100.0  # 100 steps left at 100 img/s
+    # two epoch ends left (at steps 50 and 100 of 100): each a 64-image, 1000-step grid
+    left = ddpm.time_left(args, sch, 0, 100, 50, 100.0, grid_s=None)
+    assert left == pytest.approx(training + 2 * 1000 * 64 / 300)
+    assert ddpm.time_left(args, sch, 0, 100, 50, 100.0, grid_s=7.0) == pytest.approx(training + 14)
+    assert ddpm.duration(3 * 3600) == "3.0 h" and ddpm.duration(600) == "10.0 min"
