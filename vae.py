@@ -262,9 +262,15 @@ def evaluate(args, model, test_set, device, out):
           f"KL {kl.mean():.2f}) on {len(elbo)} images")
     n = min(args.iw_images, len(test_set))
     g = torch.Generator(device).manual_seed(1)
-    log_px = torch.cat([iw_log_likelihood(model, x.to(device), args.iw_samples, g).cpu()
-                        for x, _ in DataLoader(Subset(test_set, range(n)), 50,
-                                                        generator=torch.Generator())])
+    log_px, start, last = [], time.time(), time.time()
+    for x, _ in DataLoader(Subset(test_set, range(n)), 50, generator=torch.Generator()):
+        log_px.append(iw_log_likelihood(model, x.to(device), args.iw_samples, g).cpu())
+        done = sum(map(len, log_px))
+        if time.time() - last >= args.log_every and done < n:  # K passes per image: it takes a while
+            left = (time.time() - start) / done * (n - done)
+            print(f"log p(x): {done}/{n} images, {left / 60:.1f} min left", flush=True)
+            last = time.time()
+    log_px = torch.cat(log_px)
     print(f"test, first {n} images: ELBO {elbo[:n].mean():.2f}, log p(x) >= {log_px.mean():.2f} "
           f"(importance-weighted, K = {args.iw_samples}); gap {log_px.mean() - elbo[:n].mean():.2f} nats")
     save_figures(model, test_set, device, out)

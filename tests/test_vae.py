@@ -411,3 +411,11 @@ def test_damaged_and_incomplete_checkpoints_and_out_are_named(folder, tmp_path, 
                                                                   "--save", tmp_path / "x.png"], capsys)
     (tmp_path / "file").write_text("")
     assert "is a file" in error_of(["--dataset", folder, *TINY, "--steps", 1, "--out", tmp_path / "file"], capsys)
+
+
+def test_the_log_likelihood_evaluation_says_how_far_it_is(tmp_path, capsys):
+    root = make_folder(tmp_path / "many", per_class=40)  # 120 images: 3 batches of up to 50
+    out = run(["--dataset", root, "--image-size", "8", "--batch-size", "8", "--hidden", "16",
+               "--iw-samples", "4", "--iw-images", "120", "--log-every", "0", "--steps", "1",
+               "--out", tmp_path / "a"], capsys)
+    assert "log p(x): 50/120 images" in out and "log p(x): 100/120 images" in out
