@@ -560,6 +560,10 @@ def sample(args):
         nfe = max(nfe, n_eval)
         s += straightness(z0, z1, vs) * len(z0) if vs else 0.0
         xs.append(z1.float().cpu())
+        if i + len(z0) < args.n:
+            done = i + len(z0)
+            print(f"sampling: {done}/{args.n} images, {(time.time() - start) / done * (args.n - done):.0f} s left",
+                  flush=True)
     x = torch.cat(xs)
     if not torch.isfinite(x).all():
         raise UserError(f"the samples of {args.ckpt} came out non-finite: the checkpoint is broken, retrain it")

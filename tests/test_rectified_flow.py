@@ -509,3 +509,9 @@ def test_damaged_pairs_checkpoints_and_out_are_named(stages, images, tmp_path):
         with pytest.raises(SystemExit) as e:
             rf.main(argv)
         assert words in str(e.value.code), e.value.code
+
+
+def test_sampling_many_images_says_how_far_it_is(stages, tmp_path, capsys):
+    rf.main(["--sample", "--ckpt", str(stages / "ckpt_2rf_distilled.pt"), "--n", "300",
+             "--save", str(tmp_path / "x.pt")])
+    assert "sampling: 256/300 images" in capsys.readouterr().out
