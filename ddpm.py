@@ -38,7 +38,14 @@ Differences from the paper:
 - The EMA decay warms up as min(0.9999, (1 + n) / (10 + n)) so short runs sample well, and the
   learning-rate warm-up is shortened to a tenth of the run when the run is short.
 - The default 28x28 network is smaller than the paper's 35.7M CIFAR-10 U-Net (--width 128
-  --mults 1,2,2,2 --attn 16 on 32x32 data rebuilds that one).
+  --mults 1,2,2,2 --attn 16 on 32x32 data rebuilds that one), and runs are shorter than its
+  800k steps: "the paper's recipe" means its hyperparameters, not its scale.
+- Both samplers clip the predicted x_0 to [-1, 1] by default, as the official code does: the mean
+  is then Eq. 7's posterior mean at the clipped x_0, not Eq. 11 (Algorithm 2, line 4) as quoted,
+  and DDIM's Eq. 12 uses the clipped x_0 and the eps consistent with it (--no-clip-x0: the
+  equations exactly).
+- DDIM's S times are spread evenly over 1..T and end at T; the official DDIM code takes
+  range(0, T, T // S), which starts at t = 1 (counting from 1) and ends before T.
 """
 import argparse
 import copy
@@ -84,7 +91,8 @@ def linear_schedule(T=1000):
 
 def cosine_schedule(T=1000, s=0.008):
     """Nichol & Dhariwal 2021, Eq. 17: alpha_bar_t = f(t) / f(0), f(t) = cos((t/T + s)/(1 + s) pi/2)^2,
-    beta_t = 1 - alpha_bar_t / alpha_bar_{t-1} clipped at 0.999 so that x_T stays computable."""
+    beta_t = 1 - alpha_bar_t / alpha_bar_{t-1} clipped at 0.999: near T the unclipped beta_t reaches 1,
+    alpha_t = 0, and Algorithm 2's 1/sqrt(alpha_t) would divide by zero."""
     t = torch.arange(T + 1, dtype=torch.float64)
     f = torch.cos((t / T + s) / (1 + s) * math.pi / 2) ** 2
     alpha_bar = f / f[0]
@@ -187,7 +195,8 @@ def ddim_timesteps(T, S):
 def sample_ddim(eps_theta, shape, sch, steps, eta=0.0, clip_x0=True, device="cpu", generator=None,
                 on_step=None):
     """DDIM (Song et al. 2021, Eq. 12) on the respaced chain tau_S = T > ... > tau_1 > tau_0 = 0.
-    DDIM's alpha_t is DDPM's alpha_bar_t. eta = 0: deterministic; eta = 1: DDPM's sigma = beta_tilde."""
+    DDIM's alpha_t is DDPM's alpha_bar_t. eta = 0: deterministic; eta = 1: DDPM's sigma = beta_tilde
+    of the respaced chain (of the original chain when S = T)."""
     taus = ddim_timesteps(sch.T, steps)
     x = torch.randn(shape, device=device, generator=generator)  # x_T ~ N(0, I)
     for i, (t, t_prev) in enumerate(zip(reversed(taus), list(reversed(taus))[1:] + [0])):

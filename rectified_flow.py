@@ -167,7 +167,8 @@ def solve(v, z, solver="rk45", steps=100, rtol=1e-3, atol=1e-3, velocities=None)
 
 def straightness(z0, z1, velocities):
     """S(Z) = int_0^1 E || (Z_1 - Z_0) - dZ_t/dt ||^2 dt on an Euler path, dZ_t/dt being each step's v,
-    the integral the mean over steps and || . ||^2 a mean over pixels. 0 iff the paths are straight."""
+    the integral the mean over steps and || . ||^2 a mean over pixels. 0 iff the paths are straight
+    lines travelled at constant speed (a straight path whose speed varies has S > 0)."""
     return torch.stack([((z1 - z0) - vt).square().flatten(1).mean(1)
                         for vt in velocities]).mean().item()
 
@@ -186,7 +187,8 @@ def make_model(args, shape, num_classes):
 
 def velocity(net, y=None, cfg_scale=1.0):
     """v(z, t) for t in [0, 1]. With classes, classifier-free guidance (Ho & Salimans 2022):
-    v = v(z, t, null) + w (v(z, t, y) - v(z, t, null)); w = 1 is the plain class-conditional flow."""
+    v = v(z, t, null) + w (v(z, t, y) - v(z, t, null)); w = 1 is the plain class-conditional flow,
+    w = 0 the unconditional one. (Ho & Salimans write the same rule with 1 + w where w is here.)"""
     def v(z, t):
         t = TIME_SCALE * t
         if y is None or cfg_scale == 1:
