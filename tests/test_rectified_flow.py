@@ -515,3 +515,24 @@ def test_sampling_many_images_says_how_far_it_is(stages, tmp_path, capsys):
     rf.main(["--sample", "--ckpt", str(stages / "ckpt_2rf_distilled.pt"), "--n", "300",
              "--save", str(tmp_path / "x.pt")])
     assert "sampling: 256/300 images" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("p_uncond", [0.0, 0.3])
+def test_label_dropout_gives_the_null_label_to_a_fraction_p_uncond(p_uncond):
+    """Guidance needs v(z, t, null): training hands the null label K to p_uncond of the images."""
+    seen = []
+
+    class Spy(nn.Module):
+        num_classes = 3
+
+        def forward(self, z, t, y):
+            seen.append(y)
+            return torch.zeros_like(z)
+
+    args = rf.parse_args(["--class-cond", "--p-uncond", str(p_uncond)])
+    args.stage_k, args.distilled = 1, False
+    torch.manual_seed(0)
+    rf.batch_loss(Spy(), (torch.zeros(20000, 1, 1, 1), torch.full((20000,), 1)), args, "cpu")
+    y = seen[0]
+    assert set(y.unique().tolist()) <= {1, 3}
+    assert (y == 3).float().mean().item() == pytest.approx(p_uncond, abs=0.01)
