@@ -64,7 +64,7 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from torch.utils.data import DataLoader, Subset
+from torch.utils.data import DataLoader, Subset, TensorDataset
 
 from common import UserError, load_dataset, pick_device, save_grid, seed_everything
 
@@ -261,7 +261,8 @@ def evaluate(args, model, test_set, device, out):
     elbo = rec - kl
     # a Bernoulli decoder on grey values is not a normalised density: its nats are comparable
     # between runs, not with published log-likelihoods (those binarise the images)
-    pseudo = " (Bernoulli pseudo-likelihood on grey values)" if args.likelihood == "bernoulli" else ""
+    pseudo = " (Bernoulli pseudo-likelihood on grey values)" if args.likelihood == "bernoulli" \
+        and not args.binarize else ""
     print(f"test: ELBO {elbo.mean():.2f} nats/image (log p(x|z) {rec.mean():.2f}, "
           f"KL {kl.mean():.2f}) on {len(elbo)} images{pseudo}")
     n = min(args.iw_images, len(test_set))
@@ -345,6 +346,21 @@ def check_likelihood(args, info):
     if args.likelihood == "bernoulli" and info.channels != 1:
         raise UserError(f"--likelihood bernoulli models grey values in [0, 1] of one-channel images; "
                         f"{info.name} has {info.channels} channels: use --likelihood gaussian")
+    if args.binarize and args.likelihood != "bernoulli":
+        raise UserError("--binarize makes binary images for a Bernoulli decoder: use --likelihood bernoulli")
+
+
+def binarize(x, generator=None):
+    """Stochastic binarisation (as Burda et al. 2016 and most published MNIST likelihoods): each pixel
+    is 1 with probability its grey value, so the Bernoulli decoder is a true likelihood."""
+    return torch.bernoulli((x + 1) / 2, generator=generator) * 2 - 1
+
+
+def binarized(dataset, seed=0):
+    """The test set binarised once, with a fixed seed, so every evaluation sees the same images."""
+    x = torch.stack([dataset[i][0] for i in range(len(dataset))])
+    y = torch.as_tensor([dataset[i][1] for i in range(len(dataset))])
+    return TensorDataset(binarize(x, torch.Generator().manual_seed(seed)), y)
 
 
 def train(args):
@@ -362,7 +378,7 @@ def train(args):
                      if getattr(args, k) is not None})
         if keep["epochs"] is None and keep["steps"] is None:
             keep["epochs"], keep["steps"] = ckpt["args"]["epochs"], ckpt["args"]["steps"]
-        args = argparse.Namespace(**{**ckpt["args"], **keep})
+        args = argparse.Namespace(**{"binarize": False, **ckpt["args"], **keep})  # older runs: grey values
     seed_everything(args.seed)
     dataset, info = load_dataset(args.dataset, args.data_dir, True, args.image_size)
     test_set, _ = load_dataset(args.dataset, args.data_dir, False, args.image_size)
@@ -371,6 +387,8 @@ def train(args):
         raise UserError(f"the checkpoint was trained on {tuple(ckpt['shape'])} images, "
                         f"{args.dataset} has {shape}: use the same --dataset and --image-size")
     check_likelihood(args, info)
+    if args.binarize:
+        test_set = binarized(test_set)
     if args.anomaly_class is not None:
         if info.num_classes is None:
             raise UserError(f"--anomaly-class needs labels; {info.name} has none (use class subfolders)")
@@ -440,6 +458,8 @@ def run_epochs(args, model, opt, dataset, test_set, device, shape, step, total, 
         # Algorithm 1, line 3: X^M <- random minibatch of M datapoints
         for x, _ in epoch_batches(dataset, args, epoch, skip):
             x = x.to(device)
+            if args.binarize:  # a fresh binarisation every time an image is seen
+                x = binarize(x)
             # Algorithm 1, line 4: eps <- random samples from p(eps) = N(0, I)
             eps = torch.randn(x.shape[0], args.latent_dim, device=device)
             rec, kl = sgvb(model, x, eps)
@@ -557,6 +577,8 @@ def parse_args(argv=None):
     p.add_argument("--likelihood", choices=["bernoulli", "gaussian"],
                    help="p(x|z); default bernoulli for (fashion-)mnist, gaussian otherwise")
     p.add_argument("--beta", type=float, default=1.0, help="KL weight (beta-VAE)")
+    p.add_argument("--binarize", action="store_true",
+                   help="stochastically binarised images: a true Bernoulli likelihood (Burda et al.)")
     p.add_argument("--iw-samples", type=positive_int, help="K of the IW bound (default 1000)")
     p.add_argument("--iw-images", type=positive_int, help="test images for log p(x) (default 500)")
     p.add_argument("--anomaly-class", type=int, help="train without class k; AUC of -ELBO")

@@ -16,6 +16,7 @@ from PIL import Image
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+import common  # noqa: E402
 import vae  # noqa: E402
 
 # Every made-up folder is far below 1,000 images.
@@ -419,3 +420,26 @@ def test_the_log_likelihood_evaluation_says_how_far_it_is(tmp_path, capsys):
                "--iw-samples", "4", "--iw-images", "120", "--log-every", "0", "--steps", "1",
                "--out", tmp_path / "a"], capsys)
     assert "log p(x): 50/120 images" in out and "log p(x): 100/120 images" in out
+
+
+def test_binarize_trains_and_evaluates_on_binary_images(folder, tmp_path, capsys, monkeypatch):
+    seen = []
+    real = vae.sgvb
+
+    def spy(model, x, eps):
+        seen.append(x.clone())
+        return real(model, x, eps)
+
+    monkeypatch.setattr(vae, "sgvb", spy)
+    out = run(["--dataset", folder, *TINY, "--likelihood", "bernoulli", "--binarize", "--steps", 4,
+               "--out", tmp_path / "a"], capsys)
+    assert all(set(x.unique().tolist()) <= {-1.0, 1.0} for x in seen)
+    assert not torch.equal(seen[0], seen[-1])  # a fresh draw each time
+    assert "pseudo-likelihood" not in out
+    test = vae.binarized(common.load_dataset(str(folder), image_size=8)[0])
+    again = vae.binarized(common.load_dataset(str(folder), image_size=8)[0])
+    assert torch.equal(test.tensors[0], again.tensors[0])  # the test set: binarised once, seeded
+    grey = torch.full((20000,), 0.5)  # grey value 0.75 in [0, 1]: a 1 three times in four
+    assert ((vae.binarize(grey) + 1) / 2).mean().item() == pytest.approx(0.75, abs=0.01)
+    assert "--likelihood bernoulli" in error_of(["--dataset", folder, *TINY, "--likelihood", "gaussian",
+                                                 "--binarize", "--out", tmp_path / "b"], capsys)
