@@ -156,6 +156,22 @@ def rk45(v, z, rtol=1e-3, atol=1e-3):
     return z, nfe
 
 
+def reporting(v, what, every=5.0):
+    """v, saying every few seconds how far along t = 0 -> 1 the solver is (sampling can be slow)."""
+    start = last = time.time()
+
+    def wrapped(z, t):
+        nonlocal last
+        now = time.time()
+        if now - last >= every:
+            s = t.flatten()[0].item()
+            if s > 0:
+                print(f"{what}: t = {s:.2f}, {(now - start) / s * (1 - s):.0f} s left", flush=True)
+            last = now
+        return v(z, t)
+    return wrapped
+
+
 def solve(v, z, solver="rk45", steps=100, rtol=1e-3, atol=1e-3, velocities=None):
     """Z_1 from Z_0 = z with the chosen solver; returns (Z_1, number of evaluations of v)."""
     if solver == "rk45":
@@ -314,7 +330,8 @@ def load_checkpoint(path):
     if not isinstance(ckpt, dict) or ckpt.get("method") != "rectified_flow":
         method = ckpt.get("method", "unknown") if isinstance(ckpt, dict) else "unknown"
         raise UserError(f"{path} is a checkpoint of {method}, not of rectified_flow.py")
-    missing = [k for k in ("args", "shape", "num_classes", "k", "distilled", "step", "model", "ema", "optimizer", "rng") if k not in ckpt]
+    missing = [k for k in ("args", "shape", "num_classes", "k", "distilled", "step", "model", "ema",
+                           "optimizer", "rng") if k not in ckpt]
     if missing:
         raise UserError(f"{path} is an incomplete rectified_flow.py checkpoint: no {', '.join(missing)}")
     return ckpt
@@ -486,7 +503,7 @@ def run_epochs(args, model, ema, opt, dataset, device, shape, num_classes, step,
     warmup = max(1, min(args.warmup, total // 10))
     amp = torch.autocast("cuda", torch.bfloat16, enabled=args.bf16 and device.type == "cuda")
     last_log = last_save = t_log = time.time()
-    seen = 0
+    seen, noted = 0, False
     saved = step or None  # the step `path` holds from this run (a resumed run: where it resumed)
     while step < total and not stop:
         epoch, skip = divmod(step, per_epoch)
@@ -509,9 +526,13 @@ def run_epochs(args, model, ema, opt, dataset, device, shape, num_classes, step,
             now = time.time()
             if now - last_log >= args.log_every or step == total:
                 speed = seen / (now - t_log)
-                print(f"{name} step {step}/{total}  epoch {epoch + 1}  loss {loss.item():.4f}  "
-                      f"{speed:.0f} img/s  {(total - step) * args.batch_size / speed / 60:.1f} min left",
-                      flush=True)
+                left = (total - step) * args.batch_size / speed
+                if device.type == "cpu" and not noted and left > 1800:
+                    print(f"note: this stage needs about {left / 3600:.1f} h on this CPU; README.md's "
+                          f"CPU recipe shows real results in about 15 minutes a stage")
+                noted = True
+                print(f"{name} step {step}/{total}  epoch {epoch + 1}  loss {loss.item():.4f}  {speed:.0f} img/s  "
+                      + (f"{left / 3600:.1f} h left" if left >= 5400 else f"{left / 60:.1f} min left"), flush=True)
                 last_log, seen, t_log = now, 0, now
             if now - last_save >= 60 * args.save_every:
                 save_checkpoint(path, model, ema, opt, step, args, shape, num_classes)
@@ -558,7 +579,9 @@ def sample(args):
                          generator=torch.Generator().manual_seed(args.seed + i)).to(device)
         y = (torch.arange(i, i + len(z0), device=device) % K) if K else None
         vs = [] if solver == "euler" else None
-        z1, n_eval = solve(velocity(net, y, args.cfg_scale), z0, solver, steps, args.rtol, args.atol, vs)
+        v = reporting(velocity(net, y, args.cfg_scale), f"images {i + 1}-{i + len(z0)} of {args.n}",
+                      args.log_every)
+        z1, n_eval = solve(v, z0, solver, steps, args.rtol, args.atol, vs)
         nfe = max(nfe, n_eval)
         s += straightness(z0, z1, vs) * len(z0) if vs else 0.0
         xs.append(z1.float().cpu())

@@ -3,6 +3,7 @@ import hashlib
 import os
 import shutil
 import signal
+import types
 import sys
 from pathlib import Path
 
@@ -536,3 +537,18 @@ def test_label_dropout_gives_the_null_label_to_a_fraction_p_uncond(p_uncond):
     y = seen[0]
     assert set(y.unique().tolist()) <= {1, 3}
     assert (y == 3).float().mean().item() == pytest.approx(p_uncond, abs=0.01)
+
+
+def test_sampling_reports_how_far_the_solver_is(stages, tmp_path, capsys):
+    rf.main(["--sample", "--ckpt", str(stages / "ckpt_1rf.pt"), "--n", "3", "--solver", "euler",
+             "--sampling-steps", "4", "--log-every", "0", "--save", str(tmp_path / "x.pt")])
+    out = capsys.readouterr().out
+    assert "images 1-3 of 3: t = 0.25" in out and "t = 0.75" in out
+
+
+def test_a_long_run_on_a_cpu_says_so_at_once(images, tmp_path, monkeypatch, capsys):
+    clock = iter(range(0, 10 ** 9, 600))  # every reading of the clock 10 minutes later: a slow CPU
+    monkeypatch.setattr(rf, "time", types.SimpleNamespace(time=lambda: float(next(clock))))
+    rf.main(tiny(images, tmp_path) + ["--steps", "6", "--log-every", "0"])
+    out = capsys.readouterr().out
+    assert out.count("note: this stage needs about") == 1 and "CPU recipe" in out
