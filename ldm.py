@@ -474,13 +474,23 @@ def save_checkpoint(path, run, step):
     state = {"method": METHODS[run.args.stage], "args": vars(run.args), "step": step,
              "model": run.model.state_dict(), "optimizer": run.opt.state_dict(), **run.extra,
              "rng": {"torch": torch.get_rng_state(), "python": random.getstate(),
-                     "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}}
+                     "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+                     "mps": torch.mps.get_rng_state() if torch.backends.mps.is_available() else None}}
     if run.ema is not None:
         state["ema"] = run.ema.state_dict()
     tmp = Path(str(path) + ".tmp")
     torch.save(state, tmp)
     os.replace(tmp, path)  # atomic: a crash mid-write never leaves a broken ckpt.pt
     run.saved = step
+
+
+def restore_device_rng(rng):
+    """The CUDA generators of the devices this machine has (a checkpoint from a machine with more
+    GPUs restores the first ones), and MPS's."""
+    for i, state in enumerate(rng["cuda"][:torch.cuda.device_count()]):
+        torch.cuda.set_rng_state(state, i)
+    if rng.get("mps") is not None and torch.backends.mps.is_available():
+        torch.mps.set_rng_state(rng["mps"])
 
 
 def load_checkpoint(path, method, flag="--ckpt"):
@@ -491,12 +501,16 @@ def load_checkpoint(path, method, flag="--ckpt"):
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
-        raise UserError(f"cannot read checkpoint {path} ({type(e).__name__}): is it an ldm.py checkpoint?") from None
+        raise UserError(f"cannot read checkpoint {path} ({type(e).__name__}): it is damaged or incomplete "
+                        f"(a copy cut short?), or not a checkpoint at all") from None
     found = ckpt.get("method", "unknown") if isinstance(ckpt, dict) else "unknown"
     if found != method:
         what = {"ldm-ae": "ldm.py stage 1 (--stage ae)", "ldm": "ldm.py stage 2 (--stage ldm)"}
         raise UserError(f"{flag} {path} is a checkpoint of {what.get(found, found)}, "
                         f"not of {what[method]}")
+    missing = [k for k in ("args", "shape", "step", "model", "optimizer", "rng") if k not in ckpt]
+    if missing:
+        raise UserError(f"{path} is an incomplete ldm.py checkpoint: no {', '.join(missing)}")
     return ckpt
 
 
@@ -680,9 +694,10 @@ def train(args):
         step = run.saved = ckpt["step"]
         torch.set_rng_state(ckpt["rng"]["torch"])
         random.setstate(ckpt["rng"]["python"])
-        if ckpt["rng"]["cuda"] and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all(ckpt["rng"]["cuda"])
+        restore_device_rng(ckpt["rng"])
         print(f"resumed from step {step}")
+    if Path(args.out).exists() and not Path(args.out).is_dir():
+        raise UserError(f"--out {args.out} is a file: give a folder for the run's outputs")
     Path(args.out).mkdir(parents=True, exist_ok=True)
     run.stop = []  # Ctrl-C or SIGTERM finishes the current step, saves, and exits
     handlers = {s: signal.signal(s, lambda *_: run.stop.append(True)) for s in (signal.SIGINT, signal.SIGTERM)}

@@ -423,3 +423,18 @@ def test_guidance_on_an_unconditional_model(ae, tmp_path):
     msg = exit_message(["--sample", "--ckpt", str(tmp_path / "run" / "ckpt.pt"), "--save",
                         str(tmp_path / "x.png"), "--cfg-scale", "3", "--device", "cpu"])
     assert msg and "--cfg-scale needs a conditional model" in msg
+
+
+def test_damaged_and_incomplete_checkpoints_and_out_are_named(data, ae, tmp_path):
+    cut = tmp_path / "cut.pt"
+    cut.write_bytes(ae.read_bytes()[:2000])
+    msg = exit_message(["--encode", "--ae", str(cut), "--save", str(tmp_path / "z.pt"), "--device", "cpu"])
+    assert msg and "damaged or incomplete" in msg
+    ckpt = load(ae)
+    del ckpt["model"]
+    torch.save(ckpt, tmp_path / "no_model.pt")
+    msg = exit_message(["--encode", "--ae", str(tmp_path / "no_model.pt"), "--save", str(tmp_path / "z.pt")])
+    assert msg and "incomplete ldm.py checkpoint: no model" in msg
+    (tmp_path / "file").write_text("")
+    msg = exit_message(ae_argv(data, tmp_path / "file", steps="1"))
+    assert msg and "is a file" in msg
