@@ -700,4 +700,4 @@ def test_progress_and_time_left_count_the_grids(capsys):
     left = ddpm.time_left(args, sch, 0, 100, 50, 100.0, grid_s=None)
     assert left == pytest.approx(training + 2 * 1000 * 64 / 300)
     assert ddpm.time_left(args, sch, 0, 100, 50, 100.0, grid_s=7.0) == pytest.approx(training + 14)
-    assert ddpm.duration(3 * 3600) == "3.0 h" and ddpm.duration(600) == "10.0 min"
+    assert ddpm.duration(3 * 3600) == "3.0 h" and ddpm.duration(600) == "10.0 min" and ddpm.duration(42) == "42 s"
