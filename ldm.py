@@ -169,8 +169,11 @@ def autoencoder_loss(ae, x, kl_weight, l2_weight=0.0):
     """Stage 1's loss per image: |x - D(z)|_1 (+ l2_weight |x - D(z)|_2^2) + kl_weight KL, with
     z ~ q(z | x); summed over pixels and latent entries, as the official loss, so that the KL weight
     1e-6 means what it does there. Returns the loss, the reconstruction term and the KL term."""
+    # Stage 1, line 2: q(z | x) = N(mu, diag(sigma^2)) = E(x)
     posterior = ae.encode(x)
+    # Stage 1, line 3: z = mu + sigma * eps, then the decoder's D(z)
     x_rec = ae.decode(posterior.sample())
+    # Stage 1, line 4: L = |x - D(z)|_1 + w_KL KL(q(z | x) || N(0, I))
     rec = (x - x_rec).abs().flatten(1).sum(1)
     if l2_weight:
         rec = rec + l2_weight * (x - x_rec).square().flatten(1).sum(1)
@@ -514,6 +517,19 @@ def load_checkpoint(path, method, flag="--ckpt"):
     return ckpt
 
 
+def load_autoencoder(args, device):
+    if not args.ae:
+        raise UserError("--encode and --decode need --ae CKPT (a stage-1 checkpoint, runs/ldm_ae/ckpt.pt)")
+    ckpt = load_checkpoint(args.ae, "ldm-ae", "--ae")
+    if ckpt["scale"] is None:
+        raise UserError(f"{args.ae} has no scale factor yet (written at the end of its first epoch): "
+                        f"train it longer (--resume)")
+    ae_args = argparse.Namespace(**ckpt["args"])
+    ae = make_autoencoder(ae_args, ckpt["shape"][0])
+    ae.load_state_dict(ckpt["model"])
+    return ae.to(device, memory_format=CL).eval(), ckpt, ae_args
+
+
 def epoch_batches(dataset, args, epoch, skip):
     """Epoch `epoch`'s shuffled batches from the `skip`-th on, the same order on every run."""
     g = torch.Generator().manual_seed(args.seed * 100003 + epoch)
@@ -817,19 +833,6 @@ def sample(args):
         raise UserError(f"the samples of {args.ckpt} came out non-finite: the checkpoint is broken, retrain it")
     print(f"{args.n} samples in {time.time() - start:.1f} s (guidance {args.cfg_scale})")
     write(x, args.save, nrow=min(len(classes), 10) if classes else None)
-
-
-def load_autoencoder(args, device):
-    if not args.ae:
-        raise UserError("--encode and --decode need --ae CKPT (a stage-1 checkpoint, runs/ldm_ae/ckpt.pt)")
-    ckpt = load_checkpoint(args.ae, "ldm-ae", "--ae")
-    if ckpt["scale"] is None:
-        raise UserError(f"{args.ae} has no scale factor yet (written at the end of its first epoch): "
-                        f"train it longer (--resume)")
-    ae_args = argparse.Namespace(**ckpt["args"])
-    ae = make_autoencoder(ae_args, ckpt["shape"][0])
-    ae.load_state_dict(ckpt["model"])
-    return ae.to(device, memory_format=CL).eval(), ckpt, ae_args
 
 
 @torch.no_grad()

@@ -1,5 +1,6 @@
 """Tests for ldm.py: the autoencoder's posterior and KL, the scale factor, the latent schedule,
 cross-attention and guidance, the samplers, small learning checks, and the command line."""
+import argparse
 import math
 import os
 import signal
@@ -299,7 +300,7 @@ def test_stage_1_reconstructs_better_than_the_mean_image_and_stores_its_scale(da
     assert ckpt["method"] == "ldm-ae" and ckpt["step"] == 40 and ckpt["shape"] == [1, 8, 8]
     assert sorted(p.name for p in ae.parent.glob("reconstructions_epoch*.png"))[-1] == "reconstructions_epoch010.png"
     x = common.load_dataset(str(data))[0].images.float() / 127.5 - 1
-    model = ldm.make_autoencoder(argparse_namespace(ckpt["args"]), 1)
+    model = ldm.make_autoencoder(argparse.Namespace(**ckpt["args"]), 1)
     model.load_state_dict(ckpt["model"])
     with torch.no_grad():
         posterior = model.encode(x)
@@ -307,11 +308,6 @@ def test_stage_1_reconstructs_better_than_the_mean_image_and_stores_its_scale(da
         scaled = ckpt["scale"] * posterior.sample()
     assert (x - rec).square().mean() < 0.5 * (x - x.mean(0)).square().mean()
     assert scaled.std().item() == pytest.approx(1, abs=0.15)
-
-
-def argparse_namespace(d):
-    import argparse
-    return argparse.Namespace(**d)
 
 
 def test_stage_2_trains_and_carries_the_decoder(trained):
