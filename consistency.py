@@ -57,7 +57,9 @@ import time
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 import torch.nn as nn
+from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, Subset
 
 from common import UNet, UserError, load_dataset, pick_device, save_grid, seed_everything
@@ -106,6 +108,12 @@ def c_noise(t):
     return 250 * t.log()
 
 
+def mine(draw, x, rank, world):
+    """This rank's rows of `draw(world * len(x))`: under torchrun every rank draws t, n and z for
+    the whole global batch and keeps its slice, so N processes compute what one process would."""
+    return draw(world * len(x))[rank * len(x):(rank + 1) * len(x)]
+
+
 def view(c, x):
     """Per-example coefficients (B,), in x's dtype, shaped to broadcast against x."""
     return c.to(x.dtype).view(-1, *([1] * (x.dim() - 1)))
@@ -151,12 +159,12 @@ def make_model(args, channels, size, boundary):
 # The teacher: EDM's loss and Heun sampler
 # ----------------------------------------------------------------------------------------------
 
-def edm_loss(D, x, P_mean=-1.2, P_std=1.2):
+def edm_loss(D, x, sigma_data, P_mean=-1.2, P_std=1.2, rank=0, world=1):
     """EDM's training loss (Sec. 5, Table 1): ln t ~ N(P_mean, P_std^2), weighted by
     lambda(t) = (t^2 + sigma_data^2) / (t sigma_data)^2 so every t contributes about equally."""
-    t = (P_mean + P_std * torch.randn(x.shape[0], device=x.device)).exp()
-    n = torch.randn_like(x) * view(t, x)
-    lam = (t ** 2 + D.sigma_data ** 2) / (t * D.sigma_data) ** 2
+    t = (P_mean + P_std * mine(lambda B: torch.randn(B, device=x.device), x, rank, world)).exp()
+    n = mine(lambda B: torch.randn(B, *x.shape[1:], device=x.device), x, rank, world) * view(t, x)
+    lam = (t ** 2 + sigma_data ** 2) / (t * sigma_data) ** 2
     return lam * (D(x + n, t) - x).square().flatten(1).mean(1)  # Note: the mean over pixels
 
 
@@ -197,14 +205,14 @@ def consistency_loss(f, f_minus, x_next, t_next, x_hat, t_n, metric, lam):
     return lam * distance(student, target.float(), metric)
 
 
-def cd_loss(f, f_minus, D_phi, x, t, solver, metric):
+def cd_loss(f, f_minus, D_phi, x, t, solver, metric, rank=0, world=1):
     """Algorithm 2, lines 3-6, on the N-point discretisation t (t[i] = t_i)."""
     N = len(t) - 1
     # Algorithm 2: n ~ U[1, N - 1]
-    n = torch.randint(1, N, (x.shape[0],))
-    t_n, t_next = t[n].to(x.device).float(), t[n + 1].to(x.device).float()
+    n = mine(lambda B: torch.randint(1, N, (B,)), x, rank, world)
+    t_n, t_next = t[n].to(x.device, x.dtype), t[n + 1].to(x.device, x.dtype)
     # Algorithm 2: x_{t_{n+1}} ~ N(x; t_{n+1}^2 I)
-    x_next = x + view(t_next, x) * torch.randn_like(x)
+    x_next = x + view(t_next, x) * mine(lambda B: torch.randn(B, *x.shape[1:], device=x.device), x, rank, world)
     # Algorithm 2: x^_{t_n} <- x_{t_{n+1}} + (t_n - t_{n+1}) Phi(x_{t_{n+1}}, t_{n+1}; phi), one
     # step of the teacher's ODE solver
     with torch.no_grad():
@@ -214,16 +222,16 @@ def cd_loss(f, f_minus, D_phi, x, t, solver, metric):
     return consistency_loss(f, f_minus, x_next, t_next, x_hat, t_n, metric, 1.0), n
 
 
-def ct_loss(f, f_minus, x, t, metric, ict):
+def ct_loss(f, f_minus, x, t, metric, ict, rank=0, world=1):
     """Algorithm 3, lines 3-5, on the discretisation t of N(k) points."""
     N = len(t) - 1
     if ict:  # iCT (Song & Dhariwal 2023, Sec. 3.5): n drawn from a discretised log-normal
-        n = torch.multinomial(ict_n_weights(t), x.shape[0], replacement=True) + 1
+        n = mine(lambda B: torch.multinomial(ict_n_weights(t), B, replacement=True), x, rank, world) + 1
     else:  # Algorithm 3: n ~ U[1, N(k) - 1]
-        n = torch.randint(1, N, (x.shape[0],))
-    t_n, t_next = t[n].to(x.device).float(), t[n + 1].to(x.device).float()
+        n = mine(lambda B: torch.randint(1, N, (B,)), x, rank, world)
+    t_n, t_next = t[n].to(x.device, x.dtype), t[n + 1].to(x.device, x.dtype)
     # Algorithm 3: z ~ N(0, I)
-    z = torch.randn_like(x)
+    z = mine(lambda B: torch.randn(B, *x.shape[1:], device=x.device), x, rank, world)
     # iCT, Sec. 3.4: lambda(t_n) = 1 / (t_{n+1} - t_n); Algorithm 3 as the paper ran it: lambda = 1
     lam = 1 / (t_next - t_n) if ict else 1.0
     # Algorithm 3: L <- lambda(t_n) d(f_theta(x + t_{n+1} z, t_{n+1}), f_theta^-(x + t_n z, t_n))
@@ -285,8 +293,9 @@ def sample_multistep(f, z, taus=(), clip=True, generator=None):
     return x
 
 
-# tau_1 > ... > tau_{k-1} for k steps, when --taus is not given (README.md: how they were chosen)
-DEFAULT_TAUS = {1: (), 2: (0.8,), 3: (2.0, 0.4), 4: (5.0, 1.5, 0.4)}
+# tau_1 > ... > tau_{k-1} for k steps, when --taus is not given. The paper searched its taus on FID
+# (Sec. 6); tau_1 = 1.5 scored best of 0.3, 0.8, 1.5 and 3 for two steps on Fashion-MNIST (README.md)
+DEFAULT_TAUS = {1: (), 2: (1.5,), 3: (3.0, 0.8), 4: (5.0, 1.5, 0.4)}
 
 
 def check_taus(taus, steps):
@@ -369,13 +378,16 @@ def teacher_from_state(state, device):
     return D_phi.to(device, memory_format=torch.channels_last).eval().requires_grad_(False)
 
 
-def epoch_batches(dataset, args, epoch, skip):
-    """Epoch `epoch`'s shuffled batches from the `skip`-th on, the same order on every run."""
+def epoch_batches(dataset, args, epoch, skip, rank=0, world=1):
+    """Epoch `epoch`'s shuffled batches from the `skip`-th on, the same order on every run; under
+    torchrun, rank r's slice r of each global batch of --batch-size."""
     g = torch.Generator().manual_seed(args.seed * 100003 + epoch)
     order = torch.randperm(len(dataset), generator=g)[skip * args.batch_size:]
+    b = args.batch_size // world
+    mine = order[:len(order) // args.batch_size * args.batch_size].view(-1, world, b)[:, rank].flatten()
     # its own generator: a DataLoader otherwise draws a seed from the global RNG, and a resumed
     # run, which starts one more loader, would then draw other noise
-    return DataLoader(Subset(dataset, order.tolist()), args.batch_size, drop_last=True, generator=g)
+    return DataLoader(Subset(dataset, mine.tolist()), b, drop_last=True, generator=g)
 
 
 @torch.no_grad()
@@ -395,13 +407,52 @@ def learning_rate(args, step, total):
 
 
 # ----------------------------------------------------------------------------------------------
+# Many GPUs (torchrun): one process per device; without torchrun, one process and none of this
+# ----------------------------------------------------------------------------------------------
+
+def setup_distributed(device_name):
+    """torchrun sets RANK, WORLD_SIZE and LOCAL_RANK; without them this is rank 0 of 1. NCCL on
+    GPUs, gloo on CPUs. Ranks > 0 print nothing. Returns (rank, world, device)."""
+    if "RANK" not in os.environ:
+        return 0, 1, pick_device(device_name)
+    rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    if rank > 0:
+        sys.stdout = open(os.devnull, "w")
+    if device_name in ("auto", "cuda") and torch.cuda.is_available():
+        device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
+        torch.cuda.set_device(device)
+    else:
+        device = pick_device("cpu" if device_name == "auto" else device_name)
+    if not dist.is_initialized():  # (a caller may have set the group up already)
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    print(f"distributed: {world} processes ({dist.get_backend()})")
+    return rank, world, device
+
+
+def all_sum(x, world):
+    """The sum of a tensor over all ranks (itself for one process)."""
+    if world > 1:
+        x = x.clone()
+        dist.all_reduce(x)
+    return x
+
+
+def stopped(run):
+    """Whether Ctrl-C or SIGTERM reached any rank: all ranks then stop after the same step."""
+    if run.world > 1 and all_sum(torch.tensor(float(len(run.stop)), device=run.device), run.world).item():
+        run.stop.append(True)  # every rank's list then says so
+    return bool(run.stop)
+
+
+# ----------------------------------------------------------------------------------------------
 # Training: the three stages share one loop
 # ----------------------------------------------------------------------------------------------
 
 def setup_teacher(run, ckpt):
     run.model = make_model(run.args, *run.shape[:2], boundary=False)
     run.target, run.teacher, run.teacher_state = None, None, None
-    run.loss = lambda x, k, total: (edm_loss(run.model, x).mean(), "")
+    run.loss = lambda x, k, total: (edm_loss(run.ddp, x, run.args.sigma_data, rank=run.rank,
+                                             world=run.world).mean(), "")
 
 
 def setup_consistency(run, ckpt):
@@ -435,18 +486,19 @@ def setup_consistency(run, ckpt):
 
     def loss(x, k, total):
         if args.stage == "cd":
-            losses, _ = cd_loss(run.model, run.target, run.teacher, x, t_fixed, args.ode_solver, args.metric)
+            losses, _ = cd_loss(run.ddp, run.target, run.teacher, x, t_fixed, args.ode_solver, args.metric,
+                                run.rank, run.world)
             run.mu, N = args.mu, args.N
         else:
             N = ict_N(k, total) if args.ict else ct_N(k, total, args.s0, args.s1)
             run.mu = 0.0 if args.ict else ct_mu(k, total, args.s0, args.s1, args.mu0)
-            losses, _ = ct_loss(run.model, run.target, x, karras_times(N), args.metric, args.ict)
+            losses, _ = ct_loss(run.ddp, run.target, x, karras_times(N), args.metric, args.ict, run.rank, run.world)
         return losses.mean(), f"N {N}  mu {run.mu:.4f}"
     run.loss = loss
 
 
 def train(args):
-    device = pick_device(args.device)
+    rank, world, device = setup_distributed(args.device)
     args.out = args.out or f"runs/cm_{args.stage}"
     ckpt = None
     if args.resume:
@@ -462,11 +514,14 @@ def train(args):
     else:
         args.dataset = args.dataset or "fashion-mnist"
         args.epochs = args.epochs if args.epochs or args.steps else 10
-    seed_everything(args.seed)
+    if args.batch_size % world:
+        raise UserError(f"--batch-size {args.batch_size} (the global batch) must divide evenly over "
+                        f"{world} processes")
+    seed_everything(args.seed)  # the same on every rank: see mine()
     dataset, info = load_dataset(args.dataset, args.data_dir, True, args.image_size,
                                  flip=args.dataset == "cifar10")
     run = argparse.Namespace(args=args, device=device, shape=(info.channels, info.size, info.size),
-                             saved=None, mu=None)
+                             saved=None, mu=None, rank=rank, world=world)
     if ckpt is not None and tuple(ckpt["shape"]) != run.shape:
         raise UserError(f"the checkpoint was trained on {tuple(ckpt['shape'])} images, {args.dataset} "
                         f"has {run.shape}: use the same --dataset and --image-size")
@@ -496,7 +551,11 @@ def train(args):
         torch.set_rng_state(ckpt["rng"]["torch"])
         random.setstate(ckpt["rng"]["python"])
         restore_device_rng(ckpt["rng"])
+        if world > 1 and device.type == "cuda":  # every rank continues rank 0's stream (device 0)
+            torch.cuda.set_rng_state(ckpt["rng"]["cuda"][0], device)
         print(f"resumed from step {step}")
+    run.ddp = DistributedDataParallel(run.model, device_ids=[device.index] if device.type == "cuda"
+                                      else None) if world > 1 else run.model  # averages gradients
     if Path(args.out).exists() and not Path(args.out).is_dir():
         raise UserError(f"--out {args.out} is a file: give a folder for the run's outputs")
     Path(args.out).mkdir(parents=True, exist_ok=True)
@@ -505,10 +564,13 @@ def train(args):
     handlers = {s: signal.signal(s, lambda *_: run.stop.append(True)) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
         step = run_epochs(run, dataset, step)
+        if rank == 0:
+            save_checkpoint(run.path, run, step)
     finally:
         for s, h in handlers.items():
             signal.signal(s, h)
-    save_checkpoint(run.path, run, step)
+        if world > 1:
+            dist.destroy_process_group()
     print(f"{'interrupted' if run.stop else 'done'} at step {step}; checkpoint {run.path}")
 
 
@@ -519,16 +581,17 @@ def run_epochs(run, dataset, step):
     amp = torch.autocast("cuda", torch.bfloat16, enabled=args.bf16 and device.type == "cuda")
     last_log = last_save = t_log = time.time()
     seen = 0
-    while step < total and not run.stop:
+    while step < total:
         epoch, skip = divmod(step, per_epoch)
-        for x, _ in epoch_batches(dataset, args, epoch, skip):
+        for x, _ in epoch_batches(dataset, args, epoch, skip, run.rank, run.world):
             for group in run.opt.param_groups:
                 group["lr"] = learning_rate(args, step, total)
             with amp:
                 loss, detail = run.loss(x.to(device, memory_format=torch.channels_last), step, total)
-            if not torch.isfinite(loss):
+            loss_all = all_sum(loss.detach(), run.world) / run.world  # the same on every rank
+            if not torch.isfinite(loss_all):
                 kept = f"{run.path} holds step {run.saved}" if run.saved else "no checkpoint was written yet"
-                raise UserError(f"the loss became {loss.item()} at step {step + 1}; stopped, {kept}. "
+                raise UserError(f"the loss became {loss_all.item()} at step {step + 1}; stopped, {kept}. "
                                 f"Try a lower --lr.")
             run.opt.zero_grad(set_to_none=True)
             loss.backward()
@@ -538,23 +601,25 @@ def run_epochs(run, dataset, step):
             if run.target is not None:  # Algorithm 2/3: theta^- <- stopgrad(mu theta^- + (1 - mu) theta)
                 update_target(run.target, run.model, run.mu)
             ema_update(run.ema, run.model, step, args.ema)
-            seen += len(x)
+            seen += args.batch_size
             now = time.time()
             if now - last_log >= args.log_every or step == total:
                 speed = seen / (now - t_log)
-                print(f"step {step}/{total}  epoch {epoch + 1}  loss {loss.item():.4f}  {detail}  "
+                print(f"step {step}/{total}  epoch {epoch + 1}  loss {loss_all.item():.4f}  {detail}  "
                       f"{speed:.0f} img/s  {(total - step) * args.batch_size / speed / 60:.1f} min left",
                       flush=True)
                 last_log, seen, t_log = now, 0, now
-            if now - last_save >= 60 * args.save_every:
+            if now - last_save >= 60 * args.save_every and run.rank == 0:
                 save_checkpoint(run.path, run, step)
                 last_save = now
-            if step == total or run.stop:
+            if step == total or stopped(run):
                 break
-        if step % per_epoch == 0 or step == total:
+        if (step % per_epoch == 0 or step == total) and run.rank == 0:  # the others wait meanwhile
             save_checkpoint(run.path, run, step)
             save_epoch_grid(run, epoch)
             seen, t_log = 0, time.time()  # images/s and time left count training alone
+        if stopped(run):
+            break
     return step
 
 

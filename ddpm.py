@@ -58,7 +58,9 @@ import time
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
+from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, Subset
 
 from common import UNet, UserError, load_dataset, pick_device, save_grid, seed_everything
@@ -141,12 +143,15 @@ def make_model(args, channels, size):
 # Training objective (Algorithm 1) and samplers (Algorithm 2, DDIM)
 # ----------------------------------------------------------------------------------------------
 
-def loss_per_example(eps_theta, x0, sch):
-    """Algorithm 1, lines 2-5, for a batch x0. Returns each example's loss and its t."""
+def loss_per_example(eps_theta, x0, sch, rank=0, world=1):
+    """Algorithm 1, lines 2-5, for a batch x0. Returns each example's loss and its t. Under
+    torchrun, x0 is this rank's slice of the global batch: every rank draws t and eps for the whole
+    batch and keeps its slice, so N processes compute what one process computes on all of it."""
+    mine = slice(rank * len(x0), (rank + 1) * len(x0))
     # Algorithm 1, line 3: t ~ Uniform({1, ..., T})
-    t = torch.randint(1, sch.T + 1, (x0.shape[0],), device=x0.device)
+    t = torch.randint(1, sch.T + 1, (world * len(x0),), device=x0.device)[mine]
     # Algorithm 1, line 4: eps ~ N(0, I)
-    eps = torch.randn_like(x0)
+    eps = torch.randn(world * len(x0), *x0.shape[1:], device=x0.device)[mine]
     # Algorithm 1, line 5: || eps - eps_theta(sqrt(alpha_bar_t) x_0 + sqrt(1 - alpha_bar_t) eps, t) ||^2
     # Note: the mean over pixels instead of the sum (L_simple up to a constant factor).
     return (eps - eps_theta(q_sample(x0, t, eps, sch), t)).square().flatten(1).mean(1), t
@@ -263,6 +268,37 @@ def save_strip(frames, path, count=10):
 
 
 # ----------------------------------------------------------------------------------------------
+# Many GPUs (torchrun): one process per device; without torchrun, one process and none of this
+# ----------------------------------------------------------------------------------------------
+
+def setup_distributed(device_name):
+    """torchrun sets RANK, WORLD_SIZE and LOCAL_RANK; without them this is rank 0 of 1. NCCL on
+    GPUs, gloo on CPUs. Ranks > 0 print nothing. Returns (rank, world, device)."""
+    if "RANK" not in os.environ:
+        return 0, 1, pick_device(device_name)
+    rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    if rank > 0:
+        sys.stdout = open(os.devnull, "w")
+    if device_name in ("auto", "cuda") and torch.cuda.is_available():
+        device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
+        torch.cuda.set_device(device)
+    else:
+        device = pick_device("cpu" if device_name == "auto" else device_name)
+    if not dist.is_initialized():  # (a caller may have set the group up already)
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    print(f"distributed: {world} processes ({dist.get_backend()})")
+    return rank, world, device
+
+
+def all_sum(x, world):
+    """The sum of a tensor over all ranks (itself for one process)."""
+    if world > 1:
+        x = x.clone()
+        dist.all_reduce(x)
+    return x
+
+
+# ----------------------------------------------------------------------------------------------
 # Training loop: EMA, learning-rate warm-up, logging, checkpoints, grids
 # ----------------------------------------------------------------------------------------------
 
@@ -323,17 +359,20 @@ def load_checkpoint(path):
     return ckpt
 
 
-def epoch_batches(dataset, args, epoch, skip):
-    """Epoch `epoch`'s shuffled batches from the `skip`-th on, the same order on every run."""
+def epoch_batches(dataset, args, epoch, skip, rank=0, world=1):
+    """Epoch `epoch`'s shuffled batches from the `skip`-th on, the same order on every run; under
+    torchrun, rank r's slice r of each global batch of --batch-size."""
     g = torch.Generator().manual_seed(args.seed * 100003 + epoch)
     order = torch.randperm(len(dataset), generator=g)[skip * args.batch_size:]
+    b = args.batch_size // world
+    mine = order[:len(order) // args.batch_size * args.batch_size].view(-1, world, b)[:, rank].flatten()
     # its own generator: a DataLoader iterator otherwise draws a seed from the global RNG, and a
     # resumed run, which starts one more iterator, would then draw other t and eps
-    return DataLoader(Subset(dataset, order.tolist()), args.batch_size, drop_last=True, generator=g)
+    return DataLoader(Subset(dataset, mine.tolist()), b, drop_last=True, generator=g)
 
 
 def train(args):
-    device = pick_device(args.device)
+    rank, world, device = setup_distributed(args.device)
     ckpt = None
     if args.resume:
         ckpt = load_checkpoint(args.ckpt or Path(args.out) / "ckpt.pt")
@@ -346,7 +385,10 @@ def train(args):
         if args.epochs is not None or args.steps is not None:  # a new length for the run
             keep["epochs"], keep["steps"] = args.epochs, args.steps
         args = argparse.Namespace(**{**ckpt["args"], **keep})
-    seed_everything(args.seed)
+    if args.batch_size % world:
+        raise UserError(f"--batch-size {args.batch_size} (the global batch) must divide evenly over "
+                        f"{world} processes")
+    seed_everything(args.seed)  # the same on every rank: see loss_per_example
     dataset, info = load_dataset(args.dataset, args.data_dir, True, args.image_size,
                                  flip=args.dataset == "cifar10")
     shape = (info.channels, info.size, info.size)
@@ -376,48 +418,59 @@ def train(args):
         torch.set_rng_state(ckpt["rng"]["torch"])
         random.setstate(ckpt["rng"]["python"])
         restore_device_rng(ckpt["rng"])
+        if world > 1 and device.type == "cuda":  # every rank continues rank 0's stream (device 0)
+            torch.cuda.set_rng_state(ckpt["rng"]["cuda"][0], device)
         print(f"resumed from step {step}")
+    ddp = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None) \
+        if world > 1 else model  # averages the gradients over the ranks in backward()
     out = Path(args.out)
     if out.exists() and not out.is_dir():
         raise UserError(f"--out {out} is a file: give a folder for the run's outputs")
     out.mkdir(parents=True, exist_ok=True)
     ckpt_path = out / "ckpt.pt"
-    if step == 0:
+    if step == 0 and rank == 0:
         save_forward_strip(dataset[0][0], sch, out / "forward.png")
 
     stop = []  # Ctrl-C or SIGTERM (kill, timeout, a cluster's scheduler) finishes the step, saves, exits
     handlers = {s: signal.signal(s, lambda *_: stop.append(True)) for s in (signal.SIGINT, signal.SIGTERM)}
+    ranks = argparse.Namespace(ddp=ddp, rank=rank, world=world)
     try:
         step = run_epochs(args, model, ema, opt, sch, dataset, device, shape, step, total, warmup,
-                          per_epoch, ckpt_path, stop)
+                          per_epoch, ckpt_path, stop, ranks)
+        if rank == 0:
+            save_checkpoint(ckpt_path, model, ema, opt, step, args, shape)
     finally:
         for s, h in handlers.items():
             signal.signal(s, h)
-    save_checkpoint(ckpt_path, model, ema, opt, step, args, shape)
+        if world > 1:
+            dist.destroy_process_group()
     print(f"{'interrupted' if stop else 'done'} at step {step}; checkpoint {ckpt_path}")
 
 
 def run_epochs(args, model, ema, opt, sch, dataset, device, shape, step, total, warmup, per_epoch,
-               ckpt_path, stop):
+               ckpt_path, stop, ranks):
+    """The training loop. ranks: the model to call (DistributedDataParallel under torchrun), this
+    process's rank and the world size; rank 0 alone logs, saves and draws the grids."""
     amp = torch.autocast("cuda", torch.bfloat16, enabled=args.bf16 and device.type == "cuda")
     last_log = last_save = time.time()
     seen, t_log = 0, time.time()
     saved = step or None  # the step ckpt_path holds from this run (a resumed run: where it resumed)
     grid_s, noted = None, False  # seconds one epoch's grid takes (measured once one is drawn)
-    while step < total and not stop:
+    while step < total:
         epoch, skip = divmod(step, per_epoch)
         bins = torch.zeros(2, 10, device=device)  # loss sum and count per tenth of 1..T
-        for x0, _ in epoch_batches(dataset, args, epoch, skip):
+        for x0, _ in epoch_batches(dataset, args, epoch, skip, ranks.rank, ranks.world):
             # Algorithm 1, line 2: x_0 ~ q(x_0)
             x0 = x0.to(device).contiguous(memory_format=torch.channels_last)
             for group in opt.param_groups:
                 group["lr"] = learning_rate(args, step, total, warmup)
             with amp:
-                losses, t = loss_per_example(model, x0, sch)
+                losses, t = loss_per_example(ranks.ddp, x0, sch, ranks.rank, ranks.world)
             loss = losses.mean()
-            if not torch.isfinite(loss):
+            loss_all = all_sum(loss.detach(), ranks.world) / ranks.world  # the same on every rank
+            if not torch.isfinite(loss_all):
                 kept = f"{ckpt_path} holds step {saved}" if saved else "this run has written no checkpoint yet"
-                raise UserError(f"the loss became {loss.item()} at step {step + 1}; stopped without "
+                raise UserError(f"the loss became {loss_all.item()} at step {step + 1}; stopped without "
                                 f"saving ({kept}). Try a lower --lr.")
             opt.zero_grad(set_to_none=True)
             loss.backward()
@@ -428,34 +481,42 @@ def run_epochs(args, model, ema, opt, sch, dataset, device, shape, step, total, 
             b = ((t - 1) * 10 // sch.T)
             bins[0].index_add_(0, b, losses.detach().float())
             bins[1].index_add_(0, b, torch.ones_like(losses, dtype=torch.float))
-            seen += x0.shape[0]
+            seen += args.batch_size
             now = time.time()
             if now - last_log >= args.log_every or step == total:
                 speed = seen / (now - t_log)
                 left = time_left(args, sch, step, total, per_epoch, speed, grid_s)
-                print(f"step {step}/{total}  epoch {epoch + 1}  loss {loss.item():.4f}  "
+                print(f"step {step}/{total}  epoch {epoch + 1}  loss {loss_all.item():.4f}  "
                       f"{speed:.0f} img/s  {duration(left)} left", flush=True)
                 if device.type == "cpu" and not noted and left > 1800:
                     print(f"note: this run needs about {duration(left)} on this CPU (sample grids "
                           f"included); README.md's CPU recipe shows real results in about 15 minutes")
                 last_log, seen, t_log, noted = now, 0, now, True
-            if now - last_save >= 60 * args.save_every:
+            if now - last_save >= 60 * args.save_every and ranks.rank == 0:
                 save_checkpoint(ckpt_path, model, ema, opt, step, args, shape)
                 last_save, saved = now, step
-            if step == total or stop:
+            if step == total or stopped(stop, ranks, device):
                 break
-        print_loss_bins(bins, sch.T)
-        if step % per_epoch == 0 or step == total:
+        print_loss_bins(all_sum(bins, ranks.world), sch.T)
+        if (step % per_epoch == 0 or step == total) and ranks.rank == 0:  # the others wait meanwhile
             start = time.time()
             try:
                 end_of_epoch(args, model, ema, opt, sch, device, shape, step, epoch, ckpt_path, stop)
             except SamplingStopped:
                 print(f"stopped while drawing the grid; {ckpt_path} holds step {step}")
-                break
             finally:
                 saved = step
             grid_s, seen, t_log = time.time() - start, 0, time.time()  # img/s counts training alone
+        if stopped(stop, ranks, device):
+            break
     return step
+
+
+def stopped(stop, ranks, device):
+    """Whether Ctrl-C or SIGTERM reached any rank: all ranks then stop after the same step."""
+    if ranks.world > 1 and all_sum(torch.tensor(float(len(stop)), device=device), ranks.world).item():
+        stop.append(True)  # every rank's list then says so
+    return bool(stop)
 
 
 def time_left(args, sch, step, total, per_epoch, speed, grid_s):

@@ -63,8 +63,10 @@ import time
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, Subset, TensorDataset
 
 from common import (Attention, Downsample, ResBlock, UNet, Upsample, UserError, load_dataset, norm,
@@ -78,6 +80,13 @@ CL = torch.channels_last  # convolutions run faster on CPUs and GPUs with channe
 # ----------------------------------------------------------------------------------------------
 
 
+def global_randn(shape, rank=0, world=1, device=None, generator=None):
+    """N(0, I) noise for this rank's slice of a batch: under torchrun every rank draws the whole
+    global batch's noise and keeps its slice, so N processes compute what one process would."""
+    b = shape[0]
+    return torch.randn(world * b, *shape[1:], device=device, generator=generator)[rank * b:(rank + 1) * b]
+
+
 class DiagonalGaussian:
     """q(z | x) = N(mean, diag(exp(log_var))), from the encoder's 2c output channels. The
     log-variance is clamped to [-30, 20] as in the official code: a KL weight of 1e-6 barely
@@ -87,9 +96,9 @@ class DiagonalGaussian:
         self.mean, log_var = moments.chunk(2, dim=1)
         self.log_var = log_var.clamp(-30.0, 20.0)
 
-    def sample(self, generator=None):
+    def sample(self, generator=None, rank=0, world=1):
         # the reparameterisation trick: z = mu + sigma * eps, differentiable in mu and sigma
-        eps = torch.randn(self.mean.shape, device=self.mean.device, generator=generator)
+        eps = global_randn(self.mean.shape, rank, world, self.mean.device, generator)
         return self.mean + (0.5 * self.log_var).exp() * eps
 
     def kl(self):
@@ -160,19 +169,24 @@ class Autoencoder(nn.Module):
     def decode(self, z):
         return self.decoder(z)
 
+    def forward(self, x, rank=0, world=1):
+        """Stage 1's pass (one call, as DistributedDataParallel wants): the moments of q(z | x) =
+        E(x), and D(z) at z = mu + sigma * eps."""
+        moments = self.encoder(x)
+        return moments, self.decoder(DiagonalGaussian(moments).sample(None, rank, world))
+
 
 def make_autoencoder(args, channels):
     return Autoencoder(channels, args.f, args.latent_channels, args.ae_width, args.ae_res_blocks)
 
 
-def autoencoder_loss(ae, x, kl_weight, l2_weight=0.0):
+def autoencoder_loss(ae, x, kl_weight, l2_weight=0.0, rank=0, world=1):
     """Stage 1's loss per image: |x - D(z)|_1 (+ l2_weight |x - D(z)|_2^2) + kl_weight KL, with
     z ~ q(z | x); summed over pixels and latent entries, as the official loss, so that the KL weight
     1e-6 means what it does there. Returns the loss, the reconstruction term and the KL term."""
-    # Stage 1, line 2: q(z | x) = N(mu, diag(sigma^2)) = E(x)
-    posterior = ae.encode(x)
-    # Stage 1, line 3: z = mu + sigma * eps, then the decoder's D(z)
-    x_rec = ae.decode(posterior.sample())
+    # Stage 1, lines 2-3: q(z | x) = N(mu, diag(sigma^2)) = E(x); z = mu + sigma * eps; D(z)
+    moments, x_rec = ae(x, rank, world)
+    posterior = DiagonalGaussian(moments)
     # Stage 1, line 4: L = |x - D(z)|_1 + w_KL KL(q(z | x) || N(0, I))
     rec = (x - x_rec).abs().flatten(1).sum(1)
     if l2_weight:
@@ -375,13 +389,14 @@ def make_model(args, latent_shape, num_classes):
 # Stage 2's objective (Eq. 2 with the condition of Eq. 3) and samplers
 # ----------------------------------------------------------------------------------------------
 
-def ldm_loss(eps_theta, z0, cond, sch):
+def ldm_loss(eps_theta, z0, cond, sch, rank=0, world=1):
     """L_LDM = E_{E(x), y, eps ~ N(0, 1), t} || eps - eps_theta(z_t, t, tau_theta(y)) ||^2, DDPM's
     Algorithm 1 on latents (the mean over entries, L_simple up to a constant factor)."""
-    # Algorithm 1, line 3: t ~ Uniform({1, ..., T})
-    t = torch.randint(1, sch.T + 1, (z0.shape[0],), device=z0.device)
+    b = len(z0)
+    # Algorithm 1, line 3: t ~ Uniform({1, ..., T}) (for the global batch: see global_randn)
+    t = torch.randint(1, sch.T + 1, (world * b,), device=z0.device)[rank * b:(rank + 1) * b]
     # Algorithm 1, line 4: eps ~ N(0, I)
-    eps = torch.randn_like(z0)
+    eps = global_randn(z0.shape, rank, world, z0.device)
     # Algorithm 1, line 5: || eps - eps_theta(sqrt(alpha_bar_t) z_0 + sqrt(1 - alpha_bar_t) eps, t, y) ||^2
     return (eps - eps_theta(q_sample(z0, t, eps, sch), t, cond)).square().mean()
 
@@ -530,13 +545,54 @@ def load_autoencoder(args, device):
     return ae.to(device, memory_format=CL).eval(), ckpt, ae_args
 
 
-def epoch_batches(dataset, args, epoch, skip):
-    """Epoch `epoch`'s shuffled batches from the `skip`-th on, the same order on every run."""
+def epoch_batches(dataset, args, epoch, skip, rank=0, world=1):
+    """Epoch `epoch`'s shuffled batches from the `skip`-th on, the same order on every run; under
+    torchrun, rank r's slice r of each global batch of --batch-size."""
     g = torch.Generator().manual_seed(args.seed * 100003 + epoch)
     order = torch.randperm(len(dataset), generator=g)[skip * args.batch_size:]
+    b = args.batch_size // world
+    mine = order[:len(order) // args.batch_size * args.batch_size].view(-1, world, b)[:, rank].flatten()
     # its own generator: a DataLoader otherwise draws a seed from the global RNG, and a resumed
     # run, which starts one more loader, would then draw other noise
-    return DataLoader(Subset(dataset, order.tolist()), args.batch_size, drop_last=True, generator=g)
+    return DataLoader(Subset(dataset, mine.tolist()), b, drop_last=True, generator=g)
+
+
+# ----------------------------------------------------------------------------------------------
+# Many GPUs (torchrun): one process per device; without torchrun, one process and none of this
+# ----------------------------------------------------------------------------------------------
+
+def setup_distributed(device_name):
+    """torchrun sets RANK, WORLD_SIZE and LOCAL_RANK; without them this is rank 0 of 1. NCCL on
+    GPUs, gloo on CPUs. Ranks > 0 print nothing. Returns (rank, world, device)."""
+    if "RANK" not in os.environ:
+        return 0, 1, pick_device(device_name)
+    rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    if rank > 0:
+        sys.stdout = open(os.devnull, "w")
+    if device_name in ("auto", "cuda") and torch.cuda.is_available():
+        device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
+        torch.cuda.set_device(device)
+    else:
+        device = pick_device("cpu" if device_name == "auto" else device_name)
+    if not dist.is_initialized():  # (a caller may have set the group up already)
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    print(f"distributed: {world} processes ({dist.get_backend()})")
+    return rank, world, device
+
+
+def all_sum(x, world):
+    """The sum of a tensor over all ranks (itself for one process)."""
+    if world > 1:
+        x = x.clone()
+        dist.all_reduce(x)
+    return x
+
+
+def stopped(run):
+    """Whether Ctrl-C or SIGTERM reached any rank: all ranks then stop after the same step."""
+    if run.world > 1 and all_sum(torch.tensor(float(len(run.stop)), device=run.device), run.world).item():
+        run.stop.append(True)  # every rank's list then says so
+    return bool(run.stop)
 
 
 @torch.no_grad()
@@ -589,8 +645,8 @@ def setup_autoencoder(args, device, ckpt):
           f"{sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, KL weight {args.kl_weight:g}")
     x_test = torch.stack([test[i][0] for i in range(min(1000, len(test)))])
 
-    def loss(x, y):
-        total, rec, kl = autoencoder_loss(model, x, args.kl_weight, args.l2_weight)
+    def loss(net, x, y, rank, world):  # net: the model, or its DistributedDataParallel wrapper
+        total, rec, kl = autoencoder_loss(net, x, args.kl_weight, args.l2_weight, rank, world)
         return total, f"rec {rec.item():.1f}  kl {kl.item():.0f}"
 
     run = argparse.Namespace(args=args, model=model, ema=None, loss=loss, betas=(0.5, 0.9),
@@ -646,14 +702,14 @@ def setup_latent_diffusion(args, device, ckpt):
     ema = copy.deepcopy(model).requires_grad_(False)  # starts as an exact copy
     sch = Schedule(args.T)
 
-    def loss(moments, y):
+    def loss(net, moments, y, rank, world):  # net: the model, or its DistributedDataParallel wrapper
         # z_0 = scale * z, z ~ q(z | x): the frozen encoder's posterior, sampled (Sec. 3.1)
-        z0 = scale * DiagonalGaussian(moments).sample()
+        z0 = scale * DiagonalGaussian(moments).sample(None, rank, world)
         cond = None
         if classes:  # the null condition with probability p_uncond, for guidance
-            y = torch.where(torch.rand(len(y), device=y.device) < args.p_uncond, len(classes), y)
-            cond = cond_of[y]
-        return ldm_loss(model, z0, cond, sch), ""
+            drop = torch.rand(world * len(y), device=y.device)[rank * len(y):(rank + 1) * len(y)]
+            cond = cond_of[torch.where(drop < args.p_uncond, len(classes), y)]
+        return ldm_loss(net, z0, cond, sch, rank, world), ""
 
     extra = {"shape": list(shape), "classes": classes,
              "ae": {"args": ae_ckpt["args"], "decoder": ae.decoder.state_dict(), "scale": scale,
@@ -681,7 +737,7 @@ def latent_diffusion_epoch(run, epoch, decoder, scale, shape, sch, cond_of):
 
 
 def train(args):
-    device = pick_device(args.device)
+    rank, world, device = setup_distributed(args.device)
     args.out = args.out or ("runs/ldm_ae" if args.stage == "ae" else "runs/ldm")
     ckpt = None
     if args.resume:
@@ -696,7 +752,10 @@ def train(args):
         args = argparse.Namespace(**{**ckpt["args"], **keep})
     elif args.stage == "ae":
         args.dataset = args.dataset or "fashion-mnist"
-    seed_everything(args.seed)
+    if args.batch_size % world:
+        raise UserError(f"--batch-size {args.batch_size} (the global batch) must divide evenly over "
+                        f"{world} processes")
+    seed_everything(args.seed)  # the same on every rank: see global_randn
     run, dataset = (setup_autoencoder if args.stage == "ae" else setup_latent_diffusion)(args, device, ckpt)
     if len(dataset) < args.batch_size:
         raise UserError(f"{args.dataset} has {len(dataset)} images, fewer than --batch-size {args.batch_size}")
@@ -711,7 +770,12 @@ def train(args):
         torch.set_rng_state(ckpt["rng"]["torch"])
         random.setstate(ckpt["rng"]["python"])
         restore_device_rng(ckpt["rng"])
+        if world > 1 and device.type == "cuda":  # every rank continues rank 0's stream (device 0)
+            torch.cuda.set_rng_state(ckpt["rng"]["cuda"][0], device)
         print(f"resumed from step {step}")
+    run.rank, run.world = rank, world
+    run.ddp = DistributedDataParallel(run.model, device_ids=[device.index] if device.type == "cuda"
+                                      else None) if world > 1 else run.model  # averages gradients
     if Path(args.out).exists() and not Path(args.out).is_dir():
         raise UserError(f"--out {args.out} is a file: give a folder for the run's outputs")
     Path(args.out).mkdir(parents=True, exist_ok=True)
@@ -719,10 +783,13 @@ def train(args):
     handlers = {s: signal.signal(s, lambda *_: run.stop.append(True)) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
         step = run_epochs(run, dataset, step)
+        if rank == 0:
+            save_checkpoint(run.path, run, step)
     finally:
         for s, h in handlers.items():
             signal.signal(s, h)
-    save_checkpoint(run.path, run, step)
+        if world > 1:
+            dist.destroy_process_group()
     print(f"{'interrupted' if run.stop else 'done'} at step {step}; checkpoint {run.path}")
 
 
@@ -733,16 +800,17 @@ def run_epochs(run, dataset, step):
     amp = torch.autocast("cuda", torch.bfloat16, enabled=args.bf16 and device.type == "cuda")
     last_log = last_save = t_log = time.time()
     seen = 0
-    while step < total and not run.stop:
+    while step < total:
         epoch, skip = divmod(step, per_epoch)
-        for x, y in epoch_batches(dataset, args, epoch, skip):
+        for x, y in epoch_batches(dataset, args, epoch, skip, run.rank, run.world):
             for group in run.opt.param_groups:
                 group["lr"] = learning_rate(args, step, total)
             with amp:
-                loss, detail = run.loss(x.to(device, memory_format=CL), y.to(device))
-            if not torch.isfinite(loss):
+                loss, detail = run.loss(run.ddp, x.to(device, memory_format=CL), y.to(device), run.rank, run.world)
+            loss_all = all_sum(loss.detach(), run.world) / run.world  # the same on every rank
+            if not torch.isfinite(loss_all):
                 kept = f"{run.path} holds step {run.saved}" if run.saved else "no checkpoint was written yet"
-                raise UserError(f"the loss became {loss.item()} at step {step + 1}; stopped, {kept}. "
+                raise UserError(f"the loss became {loss_all.item()} at step {step + 1}; stopped, {kept}. "
                                 f"Try a lower --lr.")
             run.opt.zero_grad(set_to_none=True)
             loss.backward()
@@ -752,23 +820,25 @@ def run_epochs(run, dataset, step):
             step += 1
             if run.ema is not None:
                 ema_update(run.ema, run.model, step, args.ema)
-            seen += len(x)
+            seen += args.batch_size
             now = time.time()
             if now - last_log >= args.log_every or step == total:
                 speed = seen / (now - t_log)
-                print(f"step {step}/{total}  epoch {epoch + 1}  loss {loss.item():.4f}  {detail}  "
+                print(f"step {step}/{total}  epoch {epoch + 1}  loss {loss_all.item():.4f}  {detail}  "
                       f"{speed:.0f} img/s  {(total - step) * args.batch_size / speed / 60:.1f} min left",
                       flush=True)
                 last_log, seen, t_log = now, 0, now
-            if now - last_save >= 60 * args.save_every:
+            if now - last_save >= 60 * args.save_every and run.rank == 0:
                 save_checkpoint(run.path, run, step)
                 last_save = now
-            if step == total or run.stop:
+            if step == total or stopped(run):
                 break
-        if step % per_epoch == 0 or step == total:
+        if (step % per_epoch == 0 or step == total) and run.rank == 0:  # the others wait meanwhile
             run.end_of_epoch(run, epoch)  # sets what the checkpoint carries (stage 1: the scale)
             save_checkpoint(run.path, run, step)
             seen, t_log = 0, time.time()  # images/s and time left count training alone
+        if stopped(run):
+            break
     return step
 
 

@@ -64,6 +64,8 @@ import time
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, Subset, TensorDataset
 
 from common import UNet, UserError, load_dataset, pick_device, save_grid, seed_everything
@@ -224,23 +226,28 @@ def rf_loss(v, x0, x1, t):
     return ((x1 - x0) - v(interpolate(x0, x1, t), t)).square().flatten(1).mean(1).mean()
 
 
-def batch_loss(model, batch, args, device):
+def batch_loss(model, batch, args, device, rank=0, world=1):
+    """Eq. 1 on this rank's slice of the global batch. Every rank draws X_0, the label dropout and t
+    for the whole batch and keeps its slice, so that N processes compute what one process would."""
+    b = len(batch[0])
+    mine, B = slice(rank * b, (rank + 1) * b), world * b
     if args.stage_k == 1 and not args.distilled:
         x1, y = batch
         # Algorithm 1, input: the independent coupling, X_0 ~ N(0, I) drawn afresh for each X_1
-        x0 = torch.randn_like(x1)
+        x0 = torch.randn(B, *x1.shape[1:])[mine]
     else:
         # Reflow and distillation: the stored pairs (Z_0^k, Z_1^k), never redrawn
         x0, x1, y = batch
     x0, x1, y = x0.to(device), x1.to(device), y.to(device)
     if args.class_cond:
         # classifier-free guidance: the null label y = K for a fraction p_uncond of the batch
-        y = torch.where(torch.rand(len(y), device=device) < args.p_uncond, model.num_classes, y)
+        null = getattr(model, "module", model).num_classes  # the label K (DistributedDataParallel: .module)
+        y = torch.where(torch.rand(B, device=device)[mine] < args.p_uncond, null, y)
     v = velocity(model, y if args.class_cond else None)
     if args.distilled:
         # Algorithm 1, line 4: T(Z_0) = Z_0 + v(Z_0, 0) ~= Z_1, i.e. Eq. 1 at t = 0 only
         return rf_loss(v, x0, x1, torch.zeros(len(x0), device=device))
-    return rf_loss(v, x0, x1, sample_t(len(x0), args.t_sampling, device))
+    return rf_loss(v, x0, x1, sample_t(B, args.t_sampling, device)[mine])
 
 
 # ----------------------------------------------------------------------------------------------
@@ -346,10 +353,11 @@ def load_ema(ckpt, device, path):
 
 
 @torch.no_grad()
-def reflow_pairs(args, teacher, shape, num_classes, device, stop):
+def reflow_pairs(args, teacher, shape, num_classes, device, stop, ranks):
     """Algorithm 1, line 3: Z_0 ~ N(0, I), Z_1 = Flow_k(Z_0), drawn once with --solver and stored in
     args.pairs_file; training only reads them. Chunk i's noise has its own seed, so an interrupted
-    run continues where it stopped. Returns TensorDataset(Z_0, Z_1, y), or None if interrupted."""
+    run continues where it stopped; under torchrun rank r draws chunk i + r of each round of N and
+    rank 0 joins and stores them. Returns TensorDataset(Z_0, Z_1, y), or None if interrupted."""
     path = Path(args.pairs_file)
     source = {"teacher": args.teacher, "teacher_step": teacher["step"], "seed": PAIR_SEED + args.seed,
               # tells a retrained teacher with the same path and step from the one the pairs came from
@@ -371,32 +379,86 @@ def reflow_pairs(args, teacher, shape, num_classes, device, stop):
     net = load_ema(teacher, device, args.teacher) if len(pairs["z0"]) < args.pairs else None
     start = last = time.time()
     done0 = len(pairs["z0"])
-    while len(pairs["z0"]) < args.pairs and not stop:
-        done = len(pairs["z0"])
+    while len(pairs["z0"]) < args.pairs and not stopped(stop, ranks, device):
+        done = len(pairs["z0"]) + ranks.rank * PAIR_CHUNK  # this rank's chunk of the round
         g = torch.Generator().manual_seed(PAIR_SEED + args.seed * 1000003 + done // PAIR_CHUNK)
-        z0 = torch.randn(min(PAIR_CHUNK, args.pairs - done), *shape, generator=g)
+        z0 = torch.randn(max(0, min(PAIR_CHUNK, args.pairs - done)), *shape, generator=g)
         y = (torch.randint(num_classes, (len(z0),), generator=g) if num_classes
              else torch.full((len(z0),), -1))
         v = velocity(net, y.to(device) if num_classes else None, args.cfg_scale)
-        z1, nfe = solve(v, z0.to(device), args.solver, args.sampling_steps, args.rtol, args.atol)
-        for key, val in (("z0", z0), ("z1", z1.float().cpu()), ("y", y)):
-            pairs[key] = torch.cat([pairs[key], val])
+        z1, nfe = solve(v, z0.to(device), args.solver, args.sampling_steps, args.rtol, args.atol) \
+            if len(z0) else (z0, 0)
+        chunks = [(z0, z1.float().cpu(), y)]
+        if ranks.world > 1:
+            chunks = [None] * ranks.world
+            dist.all_gather_object(chunks, (z0, z1.float().cpu(), y))
+        for chunk in chunks:  # in rank order: the chunks in the order one process draws them
+            for key, val in zip(("z0", "z1", "y"), chunk):
+                pairs[key] = torch.cat([pairs[key], val])
         rate = (len(pairs["z0"]) - done0) / (time.time() - start)
         print(f"pairs {len(pairs['z0'])}/{args.pairs}  {args.solver} NFE {nfe}  "
               f"{(args.pairs - len(pairs['z0'])) / rate / 60:.1f} min left", flush=True)
-        if time.time() - last > 60:
+        if time.time() - last > 60 and ranks.rank == 0:
             atomic_save(pairs, path)
             last = time.time()
-    atomic_save(pairs, path)
-    return None if stop else TensorDataset(*(pairs[k][:args.pairs] for k in ("z0", "z1", "y")))
+    if ranks.rank == 0:
+        atomic_save(pairs, path)
+    return None if stopped(stop, ranks, device) else TensorDataset(*(pairs[k][:args.pairs] for k in ("z0", "z1", "y")))
 
 
-def epoch_batches(dataset, args, epoch, skip):
-    """Epoch `epoch`'s shuffled batches from the `skip`-th on, the same order on every run. The
-    loader gets its own generator: one drawing from the global RNG would break --resume."""
+def epoch_batches(dataset, args, epoch, skip, rank=0, world=1):
+    """Epoch `epoch`'s shuffled batches from the `skip`-th on, the same order on every run; under
+    torchrun, rank r's slice r of each global batch of --batch-size. The loader gets its own
+    generator: one drawing from the global RNG would break --resume."""
     g = torch.Generator().manual_seed(args.seed * 100003 + epoch)
     order = torch.randperm(len(dataset), generator=g)[skip * args.batch_size:]
-    return DataLoader(Subset(dataset, order.tolist()), args.batch_size, drop_last=True, generator=g)
+    b = args.batch_size // world
+    mine = order[:len(order) // args.batch_size * args.batch_size].view(-1, world, b)[:, rank].flatten()
+    return DataLoader(Subset(dataset, mine.tolist()), b, drop_last=True, generator=g)
+
+
+# ----------------------------------------------------------------------------------------------
+# Many GPUs (torchrun): one process per device; without torchrun, one process and none of this
+# ----------------------------------------------------------------------------------------------
+
+def setup_distributed(device_name):
+    """torchrun sets RANK, WORLD_SIZE and LOCAL_RANK; without them this is rank 0 of 1. NCCL on
+    GPUs, gloo on CPUs. Ranks > 0 print nothing. Returns (rank, world, device); the stages of
+    --all share one process group, which main() ends."""
+    if "RANK" not in os.environ:
+        return 0, 1, pick_device(device_name)
+    rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    if rank > 0:
+        sys.stdout = open(os.devnull, "w")
+    if device_name in ("auto", "cuda") and torch.cuda.is_available():
+        device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
+        torch.cuda.set_device(device)
+    else:
+        device = pick_device("cpu" if device_name == "auto" else device_name)
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+        print(f"distributed: {world} processes ({dist.get_backend()})")
+    return rank, world, device
+
+
+def all_sum(x, world):
+    """The sum of a tensor over all ranks (itself for one process)."""
+    if world > 1:
+        x = x.clone()
+        dist.all_reduce(x)
+    return x
+
+
+def stopped(stop, ranks, device):
+    """Whether Ctrl-C or SIGTERM reached any rank: all ranks then stop after the same step."""
+    if ranks.world > 1 and all_sum(torch.tensor(float(len(stop)), device=device), ranks.world).item():
+        stop.append(True)  # every rank's list then says so
+    return bool(stop)
+
+
+# ----------------------------------------------------------------------------------------------
+# Training: one stage, or all three
+# ----------------------------------------------------------------------------------------------
 
 
 def train(args):
@@ -415,7 +477,9 @@ def train(args):
         args.pairs_file = str((out / f"pairs_{teacher['k']}rf.pt").resolve())
     else:
         teacher, args.stage_k, args.distilled = None, 1, False
-    device, name = pick_device(args.device), f"{args.stage_k}rf" + ("_distilled" if args.distilled else "")
+    rank, world, device = setup_distributed(args.device)
+    ranks = argparse.Namespace(rank=rank, world=world)
+    name = f"{args.stage_k}rf" + ("_distilled" if args.distilled else "")
     path = Path(args.ckpt) if args.resume and args.ckpt and teacher is None else out / f"ckpt_{name}.pt"
     ckpt = None
     # a reflow or distillation stopped while drawing pairs has no checkpoint yet: it starts afresh,
@@ -434,9 +498,12 @@ def train(args):
     if args.epochs is None and args.steps is None:  # --resume of a stage not yet begun
         args.epochs = 10
     args.dataset = args.dataset or "fashion-mnist"
+    if args.batch_size % world:
+        raise UserError(f"--batch-size {args.batch_size} (the global batch) must divide evenly over "
+                        f"{world} processes")
     if args.cfg_scale != 1 and not (teacher["num_classes"] if teacher else args.class_cond):
         raise UserError("--cfg-scale needs a class-conditional flow: train the 1-RF with --class-cond")
-    seed_everything(args.seed)
+    seed_everything(args.seed)  # the same on every rank: see batch_loss
     if out.exists() and not out.is_dir():
         raise UserError(f"--out {out} is a file: give a folder for the run's outputs")
     out.mkdir(parents=True, exist_ok=True)
@@ -462,7 +529,7 @@ def train(args):
                     setattr(args, key, teacher["args"][key])
             args.solver = args.solver or "rk45"
             args.sampling_steps = args.sampling_steps or 100
-            dataset = reflow_pairs(args, teacher, shape, num_classes, device, stop)
+            dataset = reflow_pairs(args, teacher, shape, num_classes, device, stop, ranks)
             if dataset is None:
                 print(f"interrupted while drawing pairs; {args.pairs_file} keeps them for the "
                       f"same command (with or without --resume)")
@@ -485,19 +552,26 @@ def train(args):
             torch.set_rng_state(ckpt["rng"]["torch"])
             random.setstate(ckpt["rng"]["python"])
             restore_device_rng(ckpt["rng"])
+            if world > 1 and device.type == "cuda":  # every rank continues rank 0's stream (device 0)
+                torch.cuda.set_rng_state(ckpt["rng"]["cuda"][0], device)
             print(f"resumed {name} from step {step}")
+        ranks.ddp = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda"
+                                            else None) if world > 1 else model  # averages gradients
         path = out / f"ckpt_{name}.pt"
         step = run_epochs(args, model, ema, opt, dataset, device, shape, num_classes, step,
-                          path, name, stop)
+                          path, name, stop, ranks)
     finally:
         for s, h in handlers.items():
             signal.signal(s, h)
-    save_checkpoint(path, model, ema, opt, step, args, shape, num_classes)
+    if rank == 0:
+        save_checkpoint(path, model, ema, opt, step, args, shape, num_classes)
     print(f"{'interrupted' if stop else 'done'} at step {step}; checkpoint {path}")
     return None if stop else path
 
 
-def run_epochs(args, model, ema, opt, dataset, device, shape, num_classes, step, path, name, stop):
+def run_epochs(args, model, ema, opt, dataset, device, shape, num_classes, step, path, name, stop, ranks):
+    """The training loop. ranks: the model to call (DistributedDataParallel under torchrun), this
+    process's rank and the world size; rank 0 alone logs, saves and draws the pictures."""
     per_epoch = len(dataset) // args.batch_size
     total = args.steps or args.epochs * per_epoch
     warmup = max(1, min(args.warmup, total // 10))
@@ -505,16 +579,17 @@ def run_epochs(args, model, ema, opt, dataset, device, shape, num_classes, step,
     last_log = last_save = t_log = time.time()
     seen, noted = 0, False
     saved = step or None  # the step `path` holds from this run (a resumed run: where it resumed)
-    while step < total and not stop:
+    while step < total:
         epoch, skip = divmod(step, per_epoch)
-        for batch in epoch_batches(dataset, args, epoch, skip):
+        for batch in epoch_batches(dataset, args, epoch, skip, ranks.rank, ranks.world):
             for group in opt.param_groups:
                 group["lr"] = learning_rate(args, step, total, warmup)
             with amp:
-                loss = batch_loss(model, batch, args, device)
-            if not torch.isfinite(loss):
+                loss = batch_loss(ranks.ddp, batch, args, device, ranks.rank, ranks.world)
+            loss_all = all_sum(loss.detach(), ranks.world) / ranks.world  # the same on every rank
+            if not torch.isfinite(loss_all):
                 kept = f"{path} holds step {saved}" if saved else "this stage has written no checkpoint yet"
-                raise UserError(f"the loss became {loss.item()} at step {step + 1}; stopped without "
+                raise UserError(f"the loss became {loss_all.item()} at step {step + 1}; stopped without "
                                 f"saving ({kept}). Try a lower --lr.")
             opt.zero_grad(set_to_none=True)
             loss.backward()
@@ -531,18 +606,20 @@ def run_epochs(args, model, ema, opt, dataset, device, shape, num_classes, step,
                     print(f"note: this stage needs about {left / 3600:.1f} h on this CPU; README.md's "
                           f"CPU recipe shows real results in about 15 minutes a stage")
                 noted = True
-                print(f"{name} step {step}/{total}  epoch {epoch + 1}  loss {loss.item():.4f}  {speed:.0f} img/s  "
+                print(f"{name} step {step}/{total}  epoch {epoch + 1}  loss {loss_all.item():.4f}  {speed:.0f} img/s  "
                       + (f"{left / 3600:.1f} h left" if left >= 5400 else f"{left / 60:.1f} min left"), flush=True)
                 last_log, seen, t_log = now, 0, now
-            if now - last_save >= 60 * args.save_every:
+            if now - last_save >= 60 * args.save_every and ranks.rank == 0:
                 save_checkpoint(path, model, ema, opt, step, args, shape, num_classes)
                 last_save, saved = now, step
-            if step == total or stop:
+            if step == total or stopped(stop, ranks, device):
                 break
-        if step % per_epoch == 0 or step == total:
+        if (step % per_epoch == 0 or step == total) and ranks.rank == 0:  # the others wait meanwhile
             save_checkpoint(path, model, ema, opt, step, args, shape, num_classes)
             saved = step
             pictures(ema, args, shape, device, name, f"epoch{epoch + 1:03d}")
+        if stopped(stop, ranks, device):
+            break
     return step
 
 
@@ -711,6 +788,9 @@ def main(argv=None):
             train(args)
     except UserError as e:
         sys.exit(f"error: {e}")
+    finally:
+        if dist.is_initialized():  # torchrun's processes
+            dist.destroy_process_group()
 
 
 if __name__ == "__main__":

@@ -62,8 +62,10 @@ import time
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, Subset, TensorDataset
 
 from common import UserError, load_dataset, pick_device, save_grid, seed_everything
@@ -131,6 +133,10 @@ class VAE(nn.Module):
             # Appendix C.2: log p(x|z) = log N(x; mu, sigma^2 I), with x in [-1, 1]
             ll = log_normal(x, out, self.log_sigma2)
         return ll.flatten(1).sum(1)
+
+    def forward(self, x, eps):
+        """The SGVB terms of Eq. 10 (see sgvb) in one call, as DistributedDataParallel wants."""
+        return sgvb(self, x, eps)
 
     def mean(self, z):
         """E[x|z] in [-1, 1]: what the image grids show (the decoder's mean, not a sample)."""
@@ -330,13 +336,16 @@ def load_checkpoint(path):
     return ckpt
 
 
-def epoch_batches(dataset, args, epoch, skip):
-    """Epoch `epoch`'s shuffled batches from the `skip`-th on, the same order on every run."""
+def epoch_batches(dataset, args, epoch, skip, rank=0, world=1):
+    """Epoch `epoch`'s shuffled batches from the `skip`-th on, the same order on every run; under
+    torchrun, rank r's slice r of each global batch of --batch-size."""
     g = torch.Generator().manual_seed(args.seed * 100003 + epoch)
     order = torch.randperm(len(dataset), generator=g)[skip * args.batch_size:]
+    b = args.batch_size // world
+    mine = order[:len(order) // args.batch_size * args.batch_size].view(-1, world, b)[:, rank].flatten()
     # A DataLoader draws a seed from the generator it is given, else from the global RNG, which
     # would then differ between a run resumed mid-epoch and one never stopped.
-    return DataLoader(Subset(dataset, order.tolist()), args.batch_size, drop_last=True, generator=g)
+    return DataLoader(Subset(dataset, mine.tolist()), b, drop_last=True, generator=g)
 
 
 def check_likelihood(args, info):
@@ -350,10 +359,12 @@ def check_likelihood(args, info):
         raise UserError("--binarize makes binary images for a Bernoulli decoder: use --likelihood bernoulli")
 
 
-def binarize(x, generator=None):
+def binarize(x, generator=None, rank=0, world=1):
     """Stochastic binarisation (as Burda et al. 2016 and most published MNIST likelihoods): each pixel
-    is 1 with probability its grey value, so the Bernoulli decoder is a true likelihood."""
-    return torch.bernoulli((x + 1) / 2, generator=generator) * 2 - 1
+    is 1 with probability its grey value, so the Bernoulli decoder is a true likelihood. Under
+    torchrun each rank draws the whole global batch's coins and keeps its slice (see sgvb_batch)."""
+    coins = torch.rand(world * len(x), *x.shape[1:], generator=generator, device=x.device)
+    return (coins[rank * len(x):(rank + 1) * len(x)] < (x + 1) / 2).float() * 2 - 1
 
 
 def binarized(dataset, seed=0):
@@ -363,8 +374,50 @@ def binarized(dataset, seed=0):
     return TensorDataset(binarize(x, torch.Generator().manual_seed(seed)), y)
 
 
+# ----------------------------------------------------------------------------------------------
+# Many GPUs (torchrun): one process per device; without torchrun, one process and none of this
+# ----------------------------------------------------------------------------------------------
+
+def setup_distributed(device_name):
+    """torchrun sets RANK, WORLD_SIZE and LOCAL_RANK; without them this is rank 0 of 1. NCCL on
+    GPUs, gloo on CPUs. Ranks > 0 print nothing. Returns (rank, world, device)."""
+    if "RANK" not in os.environ:
+        return 0, 1, pick_device(device_name)
+    rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    if rank > 0:
+        sys.stdout = open(os.devnull, "w")
+    if device_name in ("auto", "cuda") and torch.cuda.is_available():
+        device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
+        torch.cuda.set_device(device)
+    else:
+        device = pick_device("cpu" if device_name == "auto" else device_name)
+    if not dist.is_initialized():  # (a caller may have set the group up already)
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    print(f"distributed: {world} processes ({dist.get_backend()})")
+    return rank, world, device
+
+
+def all_sum(x, world):
+    """The sum of a tensor over all ranks (itself for one process)."""
+    if world > 1:
+        x = x.clone()
+        dist.all_reduce(x)
+    return x
+
+
+def stopped(stop, ranks, device):
+    """Whether Ctrl-C or SIGTERM reached any rank: all ranks then stop after the same step."""
+    if ranks.world > 1 and all_sum(torch.tensor(float(len(stop)), device=device), ranks.world).item():
+        stop.append(True)  # every rank's list then says so
+    return bool(stop)
+
+
+# ----------------------------------------------------------------------------------------------
+# Training loop
+# ----------------------------------------------------------------------------------------------
+
 def train(args):
-    device = pick_device(args.device)
+    rank, world, device = setup_distributed(args.device)
     ckpt = None
     if args.resume:
         ckpt = load_checkpoint(args.ckpt or Path(args.out) / "ckpt.pt")
@@ -379,7 +432,10 @@ def train(args):
         if keep["epochs"] is None and keep["steps"] is None:
             keep["epochs"], keep["steps"] = ckpt["args"]["epochs"], ckpt["args"]["steps"]
         args = argparse.Namespace(**{"binarize": False, **ckpt["args"], **keep})  # older runs: grey values
-    seed_everything(args.seed)
+    if args.batch_size % world:
+        raise UserError(f"--batch-size {args.batch_size} (the global batch) must divide evenly over "
+                        f"{world} processes")
+    seed_everything(args.seed)  # the same on every rank: every rank draws the global batch's eps
     dataset, info = load_dataset(args.dataset, args.data_dir, True, args.image_size)
     test_set, _ = load_dataset(args.dataset, args.data_dir, False, args.image_size)
     shape = (info.channels, info.size, info.size)
@@ -423,7 +479,11 @@ def train(args):
         torch.set_rng_state(ckpt["rng"]["torch"])
         random.setstate(ckpt["rng"]["python"])
         restore_device_rng(ckpt["rng"])
+        if world > 1 and device.type == "cuda":  # every rank continues rank 0's stream (device 0)
+            torch.cuda.set_rng_state(ckpt["rng"]["cuda"][0], device)
         print(f"resumed from step {step}")
+    ddp = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None) \
+        if world > 1 else model  # averages the gradients over the ranks in backward()
     out = Path(args.out)
     if out.exists() and not out.is_dir():
         raise UserError(f"--out {out} is a file: give a folder for the run's outputs")
@@ -432,42 +492,50 @@ def train(args):
 
     stop = []  # Ctrl-C or SIGTERM (kill, timeout, a cluster's scheduler) finishes the step, saves, exits
     handlers = {s: signal.signal(s, lambda *_: stop.append(True)) for s in (signal.SIGINT, signal.SIGTERM)}
+    ranks = argparse.Namespace(ddp=ddp, rank=rank, world=world)
     try:
         step = run_epochs(args, model, opt, dataset, test_set, device, shape, step, total,
-                          per_epoch, ckpt_path, stop)
+                          per_epoch, ckpt_path, stop, ranks)
+        if rank == 0:  # Algorithm 1, line 8: return theta, phi
+            save_checkpoint(ckpt_path, model, opt, step, args, shape)
     finally:
         for s, h in handlers.items():
             signal.signal(s, h)
-    # Algorithm 1, line 8: return theta, phi
-    save_checkpoint(ckpt_path, model, opt, step, args, shape)
+        if world > 1:
+            dist.destroy_process_group()
     print(f"{'interrupted' if stop else 'done'} at step {step}; checkpoint {ckpt_path}")
-    if not stop:
+    if not stop and rank == 0:
         evaluate(args, model, test_set, device, out)
 
 
 def run_epochs(args, model, opt, dataset, test_set, device, shape, step, total, per_epoch,
-               ckpt_path, stop):
+               ckpt_path, stop, ranks):
+    """The training loop. ranks: the model to call (DistributedDataParallel under torchrun), this
+    process's rank and the world size; rank 0 alone logs, saves and evaluates."""
     last_log = last_save = time.time()
     seen, t_log = 0, time.time()
     saved = step or None  # the step ckpt_path holds from this run (a resumed run: where it resumed)
     # Algorithm 1, lines 2 and 7: repeat ... until convergence (here: a fixed number of steps)
-    while step < total and not stop:
+    while step < total:
         epoch, skip = divmod(step, per_epoch)
         t_epoch, elbo_sum, count = time.time(), 0.0, 0
         model.train()
         # Algorithm 1, line 3: X^M <- random minibatch of M datapoints
-        for x, _ in epoch_batches(dataset, args, epoch, skip):
+        for x, _ in epoch_batches(dataset, args, epoch, skip, ranks.rank, ranks.world):
             x = x.to(device)
             if args.binarize:  # a fresh binarisation every time an image is seen
-                x = binarize(x)
-            # Algorithm 1, line 4: eps <- random samples from p(eps) = N(0, I)
-            eps = torch.randn(x.shape[0], args.latent_dim, device=device)
-            rec, kl = sgvb(model, x, eps)
+                x = binarize(x, None, ranks.rank, ranks.world)
+            # Algorithm 1, line 4: eps <- random samples from p(eps) = N(0, I) (under torchrun:
+            # drawn for the whole global batch, this rank's slice kept, as binarize's coins)
+            mine = slice(ranks.rank * len(x), (ranks.rank + 1) * len(x))
+            eps = torch.randn(ranks.world * len(x), args.latent_dim, device=device)[mine]
+            rec, kl = ranks.ddp(x, eps)  # sgvb(model, x, eps)
             # Eq. 8 over N, and beta-VAE (Higgins et al. 2017) weighs the KL by beta (1: the ELBO)
             loss = -(rec - args.beta * kl).mean()
-            if not torch.isfinite(loss):
+            loss_all = all_sum(loss.detach(), ranks.world) / ranks.world  # the same on every rank
+            if not torch.isfinite(loss_all):
                 kept = f"{ckpt_path} holds step {saved}" if saved else "this run has written no checkpoint yet"
-                raise UserError(f"the loss became {loss.item()} at step {step + 1}; stopped without "
+                raise UserError(f"the loss became {loss_all.item()} at step {step + 1}; stopped without "
                                 f"saving ({kept}). Try a lower --lr.")
             opt.zero_grad(set_to_none=True)
             # Algorithm 1, line 5: g <- grad_{theta,phi} L~^M(theta, phi; X^M, eps)
@@ -477,23 +545,25 @@ def run_epochs(args, model, opt, dataset, test_set, device, shape, step, total, 
             step += 1
             elbo_sum += (rec - kl).detach().sum().item()
             count += x.shape[0]
-            seen += x.shape[0]
+            seen += args.batch_size
             now = time.time()
             if now - last_log >= args.log_every or step == total:
                 speed = seen / (now - t_log)
                 left = (total - step) * args.batch_size / speed
-                print(f"step {step}/{total}  epoch {epoch + 1}  loss {loss.item():.2f}  "
+                print(f"step {step}/{total}  epoch {epoch + 1}  loss {loss_all.item():.2f}  "
                       f"{speed:.0f} img/s  {left / 60:.1f} min left", flush=True)
                 last_log, seen, t_log = now, 0, now
-            if now - last_save >= 60 * args.save_every:
+            if now - last_save >= 60 * args.save_every and ranks.rank == 0:
                 save_checkpoint(ckpt_path, model, opt, step, args, shape)
                 last_save, saved = now, step
-            if step == total or stop:
+            if step == total or stopped(stop, ranks, device):
                 break
-        if step % per_epoch == 0 or step == total:
+        if (step % per_epoch == 0 or step == total) and ranks.rank == 0:  # the others wait meanwhile
             save_checkpoint(ckpt_path, model, opt, step, args, shape)
             saved = step
             end_of_epoch(args, model, test_set, device, epoch, time.time() - t_epoch, elbo_sum / count)
+        if stopped(stop, ranks, device):
+            break
     return step
 
 
