@@ -34,6 +34,7 @@ Run:
     python consistency.py --stage cd --teacher runs/cm_teacher/ckpt.pt  # runs/cm_cd/ckpt.pt
     python consistency.py --stage ct --epochs 10 [--ict]                # runs/cm_ct/ckpt.pt
     python consistency.py --sample --ckpt runs/cm_cd/ckpt.pt --sampling-steps 2 --save x.png
+    torchrun --standalone --nproc_per_node 8 consistency.py --stage cd --teacher ...      # 8 GPUs
     CPU recipe (about 15 minutes a stage on 2 cores; see README.md): README.md's "consistency.py".
 
 Outputs in --out: ckpt.pt and samples_epochNNN.png per epoch, from fixed noise: the teacher's

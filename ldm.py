@@ -28,6 +28,7 @@ Run:
     python ldm.py --stage ldm --ae runs/ldm_ae/ckpt.pt --epochs 10    # stage 2: runs/ldm/ckpt.pt
     python ldm.py --sample --ckpt runs/ldm/ckpt.pt --cfg-scale 2 --save samples.png
     python ldm.py --encode --ae runs/ldm_ae/ckpt.pt --save latents.pt  # a data set for any file
+    torchrun --standalone --nproc_per_node 8 ldm.py --stage ldm --ae runs/ldm_ae/ckpt.pt ...  # 8 GPUs
     python dit.py --dataset latents.pt --model S/1 ...                  # e.g. a latent DiT
     python ldm.py --decode --ae runs/ldm_ae/ckpt.pt --ckpt sampled_latents.pt --save images.png
     CPU recipe (about 15 minutes for both stages on 2 cores; see README.md):

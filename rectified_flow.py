@@ -31,6 +31,7 @@ Run (each stage resumes with the same command plus --resume):
     python rectified_flow.py --reflow --ckpt runs/rectified_flow/ckpt_1rf.pt --epochs 10  # 2-RF
     python rectified_flow.py --distill --ckpt runs/rectified_flow/ckpt_2rf.pt --epochs 10  # 1 step
     python rectified_flow.py --all --epochs 10                        # the three stages in a row
+    torchrun --standalone --nproc_per_node 8 rectified_flow.py --all --dataset cifar10 --epochs 200
     python rectified_flow.py --sample --ckpt runs/rectified_flow/ckpt_2rf.pt --solver euler \
                              --sampling-steps 2 --n 64 --save samples.png
     CPU recipe (2 cores, Fashion-MNIST; 15 minutes for the 1-RF, 17 for each later stage, of

@@ -34,6 +34,7 @@ Run:
     python vae.py --latent-dim 2 --out runs/vae2d    # the learned manifold of Figure 4
     python vae.py --anomaly-class 8 --out runs/vae-bags   # no bags in training; AUC of -ELBO
     python vae.py --retrieval 10                     # 10 nearest test neighbours in mu-space
+    torchrun --standalone --nproc_per_node 8 vae.py --dataset cifar10 --arch conv   # 8 GPUs
     python vae.py --dataset cifar10 --arch conv      # Gaussian decoder
     python vae.py --sample --ckpt runs/vae/ckpt.pt --n 64 --save samples.png
 The default run takes about 7 s per epoch on 2 CPU cores (under 2 minutes in all): test ELBO
