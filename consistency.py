@@ -228,23 +228,6 @@ def cd_loss(f, f_minus, D_phi, x, t, solver, metric, rank=0, world=1):
     return consistency_loss(f, f_minus, x_next, t_next, x_hat, t_n, metric, 1.0), n
 
 
-def ct_loss(f, f_minus, x, t, metric, ict, rank=0, world=1):
-    """Algorithm 3, lines 3-5, on the discretisation t of N(k) points."""
-    N = len(t) - 1
-    if ict:  # iCT (Song & Dhariwal 2023, Sec. 3.5): n drawn from a discretised log-normal
-        n = mine(lambda B: torch.multinomial(ict_n_weights(t), B, replacement=True), x, rank, world) + 1
-    else:  # Algorithm 3: n ~ U[1, N(k) - 1]
-        n = mine(lambda B: torch.randint(1, N, (B,)), x, rank, world)
-    t_n, t_next = t[n].to(x.device, x.dtype), t[n + 1].to(x.device, x.dtype)
-    # Algorithm 3: z ~ N(0, I)
-    z = mine(lambda B: torch.randn(B, *x.shape[1:], device=x.device), x, rank, world)
-    # iCT, Sec. 3.4: lambda(t_n) = 1 / (t_{n+1} - t_n); Algorithm 3 as the paper ran it: lambda = 1
-    lam = 1 / (t_next - t_n) if ict else 1.0
-    # Algorithm 3: L <- lambda(t_n) d(f_theta(x + t_{n+1} z, t_{n+1}), f_theta^-(x + t_n z, t_n))
-    return consistency_loss(f, f_minus, x + view(t_next, x) * z, t_next, x + view(t_n, x) * z, t_n,
-                            metric, lam), n
-
-
 def ct_N(k, K, s0=2, s1=150):
     """Appendix C: N(k) = ceil(sqrt(k / K ((s1 + 1)^2 - s0^2) + s0^2) - 1) + 1, from s0 to s1 + 1."""
     return math.ceil(math.sqrt(k / K * ((s1 + 1) ** 2 - s0 ** 2) + s0 ** 2) - 1) + 1
@@ -267,6 +250,23 @@ def ict_n_weights(t, P_mean=-1.1, P_std=2.0):
     - erf((ln t_n - P_mean) / (sqrt 2 P_std)), n = 1..N - 1: a log-normal over the intervals."""
     cdf = torch.erf((t[1:].log() - P_mean) / (math.sqrt(2) * P_std))
     return (cdf[1:] - cdf[:-1]).float()
+
+
+def ct_loss(f, f_minus, x, t, metric, ict, rank=0, world=1):
+    """Algorithm 3, lines 3-5, on the discretisation t of N(k) points."""
+    N = len(t) - 1
+    if ict:  # iCT (Song & Dhariwal 2023, Sec. 3.5): n drawn from a discretised log-normal
+        n = mine(lambda B: torch.multinomial(ict_n_weights(t), B, replacement=True), x, rank, world) + 1
+    else:  # Algorithm 3: n ~ U[1, N(k) - 1]
+        n = mine(lambda B: torch.randint(1, N, (B,)), x, rank, world)
+    t_n, t_next = t[n].to(x.device, x.dtype), t[n + 1].to(x.device, x.dtype)
+    # Algorithm 3: z ~ N(0, I)
+    z = mine(lambda B: torch.randn(B, *x.shape[1:], device=x.device), x, rank, world)
+    # iCT, Sec. 3.4: lambda(t_n) = 1 / (t_{n+1} - t_n); Algorithm 3 as the paper ran it: lambda = 1
+    lam = 1 / (t_next - t_n) if ict else 1.0
+    # Algorithm 3: L <- lambda(t_n) d(f_theta(x + t_{n+1} z, t_{n+1}), f_theta^-(x + t_n z, t_n))
+    return consistency_loss(f, f_minus, x + view(t_next, x) * z, t_next, x + view(t_n, x) * z, t_n,
+                            metric, lam), n
 
 
 @torch.no_grad()
@@ -629,6 +629,20 @@ def run_epochs(run, dataset, step):
     return step
 
 
+def fixed_noise(n, shape, device, seed=0):
+    return torch.randn(n, *shape, generator=torch.Generator().manual_seed(seed)).to(device)
+
+
+def comparison_rows(f, D_phi, n, shape, device, clip):
+    """n samples per row, from the same noise z: the teacher's Heun (if any), then f at 1, 2, 4 steps."""
+    z = fixed_noise(n, shape, device)
+    rows = [sample_heun(D_phi, z).clamp(-1, 1)] if D_phi is not None else []
+    for steps in (1, 2, 4):
+        g = torch.Generator(device).manual_seed(1)
+        rows.append(sample_multistep(f, z, DEFAULT_TAUS[steps], clip, g))
+    return torch.cat(rows)
+
+
 def save_epoch_grid(run, epoch, n=10):
     """The teacher: 64 Heun samples. A consistency model: from the same noise in every column, the
     teacher at 35 evaluations (if there is one) above the consistency model at 1, 2 and 4 steps."""
@@ -640,19 +654,6 @@ def save_epoch_grid(run, epoch, n=10):
                                   run.args.clip_x0), path, nrow=n)
     run.ema.train()
     print(f"epoch {epoch + 1}: samples in {path}")
-
-
-def fixed_noise(n, shape, device, seed=0):
-    return torch.randn(n, *shape, generator=torch.Generator().manual_seed(seed)).to(device)
-
-
-def comparison_rows(f, D_phi, n, shape, device, clip):
-    z = fixed_noise(n, shape, device)
-    rows = [sample_heun(D_phi, z).clamp(-1, 1)] if D_phi is not None else []
-    for steps in (1, 2, 4):
-        g = torch.Generator(device).manual_seed(1)
-        rows.append(sample_multistep(f, z, DEFAULT_TAUS[steps], clip, g))
-    return torch.cat(rows)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -168,8 +168,8 @@ def test_ict_schedule_doubles_n_and_samples_n_log_normally():
 
 def test_the_target_gets_no_gradient_and_follows_the_ema():
     f = cm.Preconditioned(unet(), boundary=True)
-    f_minus = cm.Preconditioned(unet(), boundary=True)  # other weights, so that the EMA shows
-    f_minus.requires_grad_(False)
+    # other weights, so that the EMA shows; left requiring gradients: the loss must not give them any
+    f_minus = cm.Preconditioned(unet(), boundary=True)
     x = torch.rand(4, 1, 8, 8) * 2 - 1
     losses, _ = cm.ct_loss(f, f_minus, x, cm.karras_times(10), "l2", ict=False)
     losses.mean().backward()
