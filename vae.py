@@ -600,7 +600,9 @@ def sample(args):
         raise UserError(f"{args.ckpt} holds non-finite weights (its run diverged): retrain with a lower --lr")
     g = torch.Generator().manual_seed(args.seed)
     z = torch.randn(args.n, model.latent_dim, generator=g).to(device)
+    start = time.time()
     x = torch.cat([model.mean(zz) for zz in z.split(1024)]).cpu()
+    print(f"{args.n} samples in {time.time() - start:.1f} s")
     if not torch.isfinite(x).all():
         raise UserError(f"the samples of {args.ckpt} came out non-finite: the checkpoint is broken, retrain it")
     Path(args.save).parent.mkdir(parents=True, exist_ok=True)
