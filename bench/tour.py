@@ -235,11 +235,13 @@ def sample(setting, ckpt, args, out):
     path = out / "samples" / f"{name}.pt"
     path.parent.mkdir(parents=True, exist_ok=True)
     n = min(setting.n, args.n)
+    log = out / "logs" / f"sample_{name}.log"
     stdout, _ = run([script, "--sample", "--ckpt", ckpt, "--n", str(n), "--seed", str(SEED), "--save", str(path),
-                     "--device", args.device, *setting.flags], out / "logs" / f"sample_{name}.log")
-    seconds = float(re.search(r"samples in ([\d.]+) s", stdout).group(1))
-    nfe = setting.nfe or int(re.search(r"NFE (\d+)", stdout).group(1))
-    return torch.load(path, weights_only=True), seconds, nfe
+                     "--device", args.device, *setting.flags], log)
+    seconds, nfe = re.search(r"samples in ([\d.]+) s", stdout), re.search(r"NFE (\d+)", stdout)
+    if not seconds or not (setting.nfe or nfe):
+        raise StageFailed(f"{script} --sample printed no sampling time or evaluation count (log: {log})")
+    return torch.load(path, weights_only=True), float(seconds.group(1)), setting.nfe or int(nfe.group(1))
 
 
 def scored(samples, args, score):
@@ -287,7 +289,7 @@ def tour_method(method, args, out, results, score):
             failed[stage.key] = str(e)
             done.pop(stage.key, None)
             print(f"[{method}] {stage.key} failed: {e}", flush=True)
-    rows = {k: r for k, r in old.items()}
+    rows = dict(old)
     for s in todo:
         row = {"method": s.method, "model": s.model, "sampler": s.sampler}
         try:
@@ -297,8 +299,10 @@ def tour_method(method, args, out, results, score):
             x, seconds, nfe = sample(s, record["ckpt"], args, out)
             row.update(nfe=nfe, n=len(x), sample_ms=1000 * seconds / len(x), train_minutes=record["chain_minutes"],
                        params=parameters(record["ckpt"]), **scored(x, args, score))
-        except (StageFailed, UserError, KeyError, AttributeError, ValueError) as e:
-            row["error"] = str(e) or type(e).__name__
+        except StageFailed as e:
+            row["error"] = str(e)
+        except Exception as e:            # whatever went wrong is reported in the row; the tour goes on
+            row["error"] = f"{type(e).__name__}: {e}"
         rows[row_key(row)] = row
         print(f"[{method}] {format_row(row)}", flush=True)
     order = [(s.method, s.model, s.sampler) for s in settings]
@@ -314,7 +318,10 @@ COLUMNS = ("method", "model", "sampler", "evaluations", "ms/img", "train min", "
            "precision", "recall", "class entropy", "nearest train")
 
 
-def format_row(r):
+def format_row(r, n=N_SAMPLES):
+    """One Markdown table row; a row scored on other than n samples says so (FD depends on N)."""
+    if r.get("n") not in (None, n):
+        r = {**r, "sampler": f"{r['sampler']} ({r['n']} samples)"}
     if "error" in r:
         return f"| {r['method']} | {r['model']} | {r['sampler']} | failed: {r['error']} |" + " |" * (len(COLUMNS) - 4)
 
@@ -329,26 +336,29 @@ def format_row(r):
 
 def table(results):
     lines = ["| " + " | ".join(COLUMNS) + " |", "|" + " --- |" * len(COLUMNS)]
-    lines += [format_row(r) for r in results["rows"]]
+    n = results.get("n", N_SAMPLES)
+    lines += [format_row(r, n) for r in results["rows"]]
     if results.get("real"):
-        lines.append(format_row({**results["real"], "nfe": None}))
+        lines.append(format_row({**results["real"], "nfe": None}, n))
     return "\n".join(lines) + "\n"
 
 
 def plot(results, path):
-    """FD against evaluations per image, log-log, one line per model, real images as a floor."""
+    """FD against evaluations per image, log-log, one line per model, real images as a floor.
+    Returns the lines drawn, {label: (evaluations, FDs)}."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(7.5, 4.8), dpi=120)
-    models = {}
+    models, drawn = {}, {}
     for r in results["rows"]:
         if "error" not in r and r.get("fd") and r.get("nfe"):
             models.setdefault(f"{r['method']}: {r['model']}", []).append(r)
     for label, rows in models.items():
         rows = sorted(rows, key=lambda r: r["nfe"])
-        ax.plot([r["nfe"] for r in rows], [r["fd"] for r in rows], "o-", label=label)
+        drawn[label] = ([r["nfe"] for r in rows], [r["fd"] for r in rows])
+        ax.plot(*drawn[label], "o-", label=label)
     if (results.get("real") or {}).get("fd"):
         ax.axhline(results["real"]["fd"], color="grey", linestyle="--",
                    label=f"held-out real images ({results['real']['n']})")
@@ -361,6 +371,7 @@ def plot(results, path):
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path)
     plt.close(fig)
+    return drawn
 
 
 # ----------------------------------------------------------------------------------------------
@@ -382,6 +393,7 @@ def parse_args(argv=None):
     p.add_argument("--results", default=str(ROOT / "bench" / "results" / "tour.json"))
     p.add_argument("--plot", default=str(ROOT / "assets" / "tour.png"))
     p.add_argument("--no-real", action="store_true", help="do not score held-out real images")
+    p.add_argument("--report", action="store_true", help="only rewrite the table and plot from --results")
     args = p.parse_args(argv)
     only = args.only.split(",") if args.only else list(METHODS)
     unknown = [m for m in only if m not in METHODS]
@@ -407,7 +419,9 @@ def load_results(path, resume):
 
 
 def machine():
-    cpu = platform.processor() or platform.machine()
+    cpuinfo = Path("/proc/cpuinfo")
+    names = re.findall(r"model name\s*:\s*(.+)", cpuinfo.read_text()) if cpuinfo.exists() else []
+    cpu = names[0].strip() if names else platform.processor() or platform.machine()
     if torch.cuda.is_available():
         return f"{torch.cuda.get_device_name()}, torch {torch.__version__}"
     return f"{cpu}, {torch.get_num_threads()} CPU threads, torch {torch.__version__}"
@@ -417,8 +431,11 @@ def main(argv=None, score=quality.score):
     args = parse_args(argv)
     out = Path(args.out).resolve()
     (out / "logs").mkdir(parents=True, exist_ok=True)
-    results = load_results(args.results, args.resume)
-    results["stages"] = {k: v for k, v in results.get("stages", {}).items()}
+    results = load_results(args.results, args.resume or args.report)
+    if args.report:
+        if not results["rows"]:
+            raise UserError(f"{args.results} holds no rows: run the tour first (without --report)")
+        return report(results, args)
     for method in args.only:
         try:
             tour_method(method, args, out, results, score)
@@ -428,9 +445,13 @@ def main(argv=None, score=quality.score):
         results["real"] = real_row(args)
     length = (f"--budget-minutes {args.budget_minutes:g}" if args.budget_minutes else
               f"--steps {args.steps}" if args.steps else "each recipe's own length")
-    results.update(date=datetime.date.today().isoformat(), machine=machine(), length=length,
+    results.update(date=datetime.date.today().isoformat(), machine=machine(), length=length, n=args.n,
                    title=f"{args.dataset}, {length}, {args.n} samples per point")
     save(results, args)
+    report(results, args)
+
+
+def report(results, args):
     print(table(results))
     try:
         plot(results, args.plot)
