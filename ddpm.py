@@ -588,7 +588,7 @@ def sample(args):
     if not torch.isfinite(x).all():
         raise UserError(f"the samples of {args.ckpt} came out non-finite: the checkpoint is broken, retrain it")
     x = x.clamp(-1, 1)
-    print(f"{args.n} samples in {time.time() - start:.1f} s")
+    print(f"{args.n} samples in {time.time() - start:.2f} s")
     Path(args.save).parent.mkdir(parents=True, exist_ok=True)
     if args.save.endswith(".pt"):
         torch.save(x, args.save)

@@ -920,7 +920,7 @@ def sample(args):
         raise UserError(f"the samples of {args.ckpt} came out non-finite: the checkpoint is broken, "
                         f"retrain it")
     x = x.clamp(-1, 1) if train_args.clip_x0 else x
-    print(f"{args.n} samples in {time.time() - start:.1f} s")
+    print(f"{args.n} samples in {time.time() - start:.2f} s")
     Path(args.save).parent.mkdir(parents=True, exist_ok=True)
     if args.save.endswith(".pt"):
         torch.save(x, args.save)

@@ -902,7 +902,7 @@ def sample(args):
     x = torch.cat(xs)
     if not torch.isfinite(x).all():
         raise UserError(f"the samples of {args.ckpt} came out non-finite: the checkpoint is broken, retrain it")
-    print(f"{args.n} samples in {time.time() - start:.1f} s (guidance {args.cfg_scale})")
+    print(f"{args.n} samples in {time.time() - start:.2f} s (guidance {args.cfg_scale})")
     write(x, args.save, nrow=min(len(classes), 10) if classes else None)
 
 

@@ -672,7 +672,7 @@ def sample(args):
         raise UserError(f"the samples of {args.ckpt} came out non-finite: the checkpoint is broken, retrain it")
     x = x.clamp(-1, 1)
     # one Euler step is a straight line whatever the model: S is 0 and says nothing
-    print(f"{args.n} samples in {time.time() - start:.1f} s with {solver} ("
+    print(f"{args.n} samples in {time.time() - start:.2f} s with {solver} ("
           + (f"N = {steps}, " if solver != "rk45" else "") + f"NFE {nfe})"
           + (f"; straightness S = {s / args.n:.4f} on these paths" if solver == "euler" and steps > 1 else ""))
     Path(args.save).parent.mkdir(parents=True, exist_ok=True)

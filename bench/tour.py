@@ -20,9 +20,15 @@ by the factor its parent's steps did. Training minutes count whole stage command
 per-epoch grids included, the probe not), summed along the chain: a 2-RF row counts the 1-RF and
 the pairs; a CD row counts its teacher.
 
---resume skips rows already in tour.json and stages whose checkpoint it recorded; --only runs some
-methods and keeps the other methods' rows. A failed stage or sampler is reported in its rows and
-the tour goes on. Run it alone: two torch processes on the same cores slow each other several times.
+Parameters count the network that draws the samples (a VAE's decoder; an LDM's U-Net and decoder).
+RK45's evaluations are the most any chunk of images took. CT trains without the README's --teacher,
+which only draws its grid's teacher row: consistency training needs no teacher, and its minutes
+count CT alone.
+
+--resume skips rows already in tour.json and stages whose checkpoint it recorded (it refuses a
+tour.json measured with another length, --n or data set); --only runs some methods and keeps the
+other methods' rows. A failed stage or sampler is reported in its rows and the tour goes on. Run
+it alone: two torch processes on the same cores slow each other several times.
 """
 import argparse
 import datetime
@@ -197,6 +203,21 @@ def probe_steps(stage, args, out):
     return max(1, round(60 * args.budget_minutes * float(speeds[-1]) / batch))
 
 
+def training_command(stage, args, out, steps, factor):
+    """The recipe's command line with the tour's paths, data, device and length (None: the
+    recipe's own `length` flags)."""
+    length = ["--steps", str(steps)] if steps else stage.length
+    if stage.pairs:
+        length += ["--pairs", str(max(64, round(stage.pairs * factor)))]
+    return [stage.script, *in_out(stage.flags, out), *common_flags(args), *length]
+
+
+def sampling_command(setting, ckpt, args, n, path):
+    script = recipes()[setting.method][0][0].script
+    return [script, "--sample", "--ckpt", str(ckpt), "--n", str(n), "--seed", str(SEED), "--save", str(path),
+            "--device", args.device, *setting.flags]
+
+
 def train(stage, args, out, done):
     """Run one stage; `done` holds the stages already trained ({key: record}). Returns its record."""
     if args.steps:                                    # a smoke run: every stage the same few steps
@@ -208,21 +229,19 @@ def train(stage, args, out, done):
     else:
         steps = stage.steps
     factor = steps / stage.steps if stage.steps else 1.0
-    length = ["--steps", str(steps)] if steps else stage.length
-    if stage.pairs:
-        length += ["--pairs", str(max(64, round(stage.pairs * factor)))]
-    stdout, seconds = run([stage.script, *in_out(stage.flags, out), *common_flags(args), *length],
-                          out / "logs" / f"{stage.key}.log")
+    cmd = training_command(stage, args, out, steps, factor)
+    stdout, seconds = run(cmd, out / "logs" / f"{stage.key}.log")
     chain = done[stage.after]["chain_minutes"] if stage.after else 0.0
-    return {"command": " ".join(["python", stage.script, *stage.flags, *length]), "steps": steps,
+    return {"command": "python " + " ".join(cmd), "steps": steps,
             "factor": factor, "minutes": seconds / 60, "chain_minutes": chain + seconds / 60,
             "ckpt": str(out / stage.ckpt)}
 
 
 def parameters(ckpt_path):
-    """Parameters of the network the samples come from (ldm: the U-Net and the decoder)."""
+    """Parameters of the network the samples come from: no encoder (vae), the decoder added (ldm)."""
     ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=True)
-    count = sum(t.numel() for t in (ckpt.get("ema") or ckpt["model"]).values())
+    weights = ckpt.get("ema") or ckpt["model"]
+    count = sum(t.numel() for k, t in weights.items() if not k.startswith("encoder."))
     if isinstance(ckpt.get("ae"), dict):
         count += sum(t.numel() for t in ckpt["ae"]["decoder"].values())
     return count
@@ -230,17 +249,15 @@ def parameters(ckpt_path):
 
 def sample(setting, ckpt, args, out):
     """(samples, seconds of sampling as the method file prints it, network evaluations per image)."""
-    script = recipes()[setting.method][0][0].script
     name = re.sub(r"\W+", "_", f"{setting.model}_{setting.sampler}").strip("_").lower()
     path = out / "samples" / f"{name}.pt"
     path.parent.mkdir(parents=True, exist_ok=True)
     n = min(setting.n, args.n)
     log = out / "logs" / f"sample_{name}.log"
-    stdout, _ = run([script, "--sample", "--ckpt", ckpt, "--n", str(n), "--seed", str(SEED), "--save", str(path),
-                     "--device", args.device, *setting.flags], log)
+    stdout, _ = run(sampling_command(setting, ckpt, args, n, path), log)
     seconds, nfe = re.search(r"samples in ([\d.]+) s", stdout), re.search(r"NFE (\d+)", stdout)
     if not seconds or not (setting.nfe or nfe):
-        raise StageFailed(f"{script} --sample printed no sampling time or evaluation count (log: {log})")
+        raise StageFailed(f"{setting.method} --sample printed no sampling time or evaluation count (log: {log})")
     return torch.load(path, weights_only=True), float(seconds.group(1)), setting.nfe or int(nfe.group(1))
 
 
@@ -268,14 +285,15 @@ def tour_method(method, args, out, results, score):
     old = {row_key(r): r for r in results["rows"] if r["method"] == method}
     todo = [s for s in settings
             if not (args.resume and "error" not in old.get((s.method, s.model, s.sampler), {"error": 1}))]
-    done, failed = results["stages"], {}
+    done, failed, trained = results["stages"], {}, set()
     needed = {s.stage for s in todo}
     for stage in reversed(stages):            # and the stages they read, back along the chain
         if stage.key in needed and stage.after:
             needed.add(stage.after)
     for stage in stages:
         recorded = done.get(stage.key)
-        if stage.key not in needed or (args.resume and recorded and Path(recorded["ckpt"]).exists()):
+        fresh = args.resume and recorded and Path(recorded["ckpt"]).exists() and stage.after not in trained
+        if stage.key not in needed or fresh:
             continue
         if stage.after in failed:
             failed[stage.key] = f"needs {stage.after}, which failed"
@@ -283,10 +301,11 @@ def tour_method(method, args, out, results, score):
         print(f"[{method}] training {stage.key}", flush=True)
         try:
             done[stage.key] = train(stage, args, out, done)
+            trained.add(stage.key)
             print(f"[{method}] {stage.key}: {done[stage.key]['steps']} steps in "
                   f"{done[stage.key]['minutes']:.1f} min", flush=True)
-        except StageFailed as e:
-            failed[stage.key] = str(e)
+        except Exception as e:            # reported in the stage's rows; the tour goes on
+            failed[stage.key] = str(e) if isinstance(e, StageFailed) else f"{type(e).__name__}: {e}"
             done.pop(stage.key, None)
             print(f"[{method}] {stage.key} failed: {e}", flush=True)
     rows = dict(old)
@@ -323,7 +342,8 @@ def format_row(r, n=N_SAMPLES):
     if r.get("n") not in (None, n):
         r = {**r, "sampler": f"{r['sampler']} ({r['n']} samples)"}
     if "error" in r:
-        return f"| {r['method']} | {r['model']} | {r['sampler']} | failed: {r['error']} |" + " |" * (len(COLUMNS) - 4)
+        error = (r["error"].strip().splitlines() or ["?"])[-1].replace("|", "\\|")
+        return f"| {r['method']} | {r['model']} | {r['sampler']} | failed: {error} |" + " |" * (len(COLUMNS) - 4)
 
     def f(key, fmt):
         return format(r[key], fmt) if r.get(key) is not None else "-"
@@ -358,7 +378,12 @@ def plot(results, path):
     for label, rows in models.items():
         rows = sorted(rows, key=lambda r: r["nfe"])
         drawn[label] = ([r["nfe"] for r in rows], [r["fd"] for r in rows])
-        ax.plot(*drawn[label], "o-", label=label)
+        line, = ax.plot(*drawn[label], "o-", label=label)
+        for r in rows:                    # FD is biased up on fewer samples: such a point says so
+            if r.get("n") not in (None, results.get("n", N_SAMPLES)):
+                ax.plot(r["nfe"], r["fd"], "o", mfc="white", color=line.get_color())
+                ax.annotate(f"{r['n']} samples", (r["nfe"], r["fd"]), xytext=(-8, 6),
+                            textcoords="offset points", ha="right", fontsize=7)
     if (results.get("real") or {}).get("fd"):
         ax.axhline(results["real"]["fd"], color="grey", linestyle="--",
                    label=f"held-out real images ({results['real']['n']})")
@@ -409,13 +434,23 @@ def parse_args(argv=None):
     return args
 
 
-def load_results(path, resume):
-    if resume and Path(path).exists():
-        return json.loads(Path(path).read_text())
-    if Path(path).exists():                 # keep the methods this run does not touch
-        old = json.loads(Path(path).read_text())
-        return {"rows": old.get("rows", []), "stages": old.get("stages", {}), "real": old.get("real")}
-    return {"rows": [], "stages": {}, "real": None}
+def load_results(path, setting, resume):
+    """The results so far. Rows of other methods are kept when they were measured the same way
+    (training length, samples, data set); --resume refuses to mix two ways."""
+    fresh = {"rows": [], "stages": {}, "real": None, "setting": setting}
+    if not Path(path).exists():
+        return fresh
+    old = json.loads(Path(path).read_text())
+    if old.get("setting") != setting:
+        if resume:
+            raise UserError(f"{path} was measured with {old.get('setting')}, this run asks for {setting}: "
+                            f"give the same --budget-minutes/--steps, --n and --dataset, or drop --resume "
+                            f"(which starts the table afresh)")
+        print(f"{path} holds rows measured with {old.get('setting')}: starting afresh", flush=True)
+        return fresh
+    if resume:
+        return old
+    return {**fresh, "rows": old.get("rows", []), "stages": old.get("stages", {}), "real": old.get("real")}
 
 
 def machine():
@@ -431,11 +466,13 @@ def main(argv=None, score=quality.score):
     args = parse_args(argv)
     out = Path(args.out).resolve()
     (out / "logs").mkdir(parents=True, exist_ok=True)
-    results = load_results(args.results, args.resume or args.report)
+    length = (f"--budget-minutes {args.budget_minutes:g}" if args.budget_minutes else
+              f"--steps {args.steps}" if args.steps else "each recipe's own length")
     if args.report:
-        if not results["rows"]:
-            raise UserError(f"{args.results} holds no rows: run the tour first (without --report)")
-        return report(results, args)
+        if not Path(args.results).exists():
+            raise UserError(f"no {args.results}: run the tour first (without --report)")
+        return report(json.loads(Path(args.results).read_text()), args)
+    results = load_results(args.results, {"length": length, "n": args.n, "dataset": args.dataset}, args.resume)
     for method in args.only:
         try:
             tour_method(method, args, out, results, score)
@@ -443,9 +480,7 @@ def main(argv=None, score=quality.score):
             save(results, args)
     if not args.no_real and not (args.resume and results.get("real")):
         results["real"] = real_row(args)
-    length = (f"--budget-minutes {args.budget_minutes:g}" if args.budget_minutes else
-              f"--steps {args.steps}" if args.steps else "each recipe's own length")
-    results.update(date=datetime.date.today().isoformat(), machine=machine(), length=length, n=args.n,
+    results.update(date=datetime.date.today().isoformat(), machine=machine(), n=args.n,
                    title=f"{args.dataset}, {length}, {args.n} samples per point")
     save(results, args)
     report(results, args)

@@ -1,5 +1,6 @@
 """bench/tour.py: the table and plot writer, which stages and rows a run redoes, the budget's
 step counts, and one method run end to end on tiny made-up data (the full tour is a benchmark)."""
+import importlib
 import json
 import sys
 from pathlib import Path
@@ -46,15 +47,52 @@ def test_plot_draws_one_line_per_model_sorted_by_evaluations(tmp_path):
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
-def test_arguments_are_checked():
+def test_arguments_are_checked(capsys):
     for argv, words in ((["--only", "ddpm,gan"], "unknown method gan"),
                         (["--budget-minutes", "0"], "must be > 0"),
                         (["--budget-minutes", "2", "--steps", "3"], "give one"),
                         (["--n", "5"], "at least 10")):
         with pytest.raises(SystemExit):
             tour.parse_args(argv)
+        assert words in capsys.readouterr().err
     assert tour.parse_args(["--only", "vae,ldm"]).only == ["vae", "ldm"]
     assert tour.parse_args([]).only == list(tour.METHODS)
+
+
+@pytest.mark.parametrize("method", tour.METHODS)
+def test_every_command_is_one_the_method_file_accepts(method, tmp_path):
+    """Each training and sampling command parses in its method file's own argparse, with the
+    sampler the row's label names (the whole tour is a benchmark: this is what a test can check)."""
+    stages, settings = tour.recipes()[method]
+    module = importlib.import_module(stages[0].script[:-3])
+    args = tour.parse_args(["--steps", "5"])
+    for stage in stages:
+        cmd = tour.training_command(stage, args, tmp_path, 5, 0.5)
+        parsed = module.parse_args(cmd[1:])
+        assert parsed.steps == 5 and parsed.out == str(tmp_path / stage.ckpt).rsplit("/", 1)[0]
+        if stage.pairs:
+            assert parsed.pairs == stage.pairs // 2
+    for setting in settings:
+        parsed = module.parse_args(tour.sampling_command(setting, "c.pt", args, 1000, "x.pt")[1:])
+        assert parsed.sample and parsed.seed == tour.SEED
+        label = setting.sampler.lower()
+        if "guidance" in label:
+            assert parsed.cfg_scale == float(label.split("guidance ")[1])
+        for name in ("ddim", "ddpm", "euler", "rk45"):
+            if name in label.split(",")[0].split():
+                assert name in (getattr(parsed, "sampler", None), getattr(parsed, "solver", None))
+        steps = [int(w) for w in label.split(",")[0].split() if w.isdigit()]
+        if steps and method != "ddpm" and "heun" not in label:
+            assert parsed.sampling_steps == steps[0]
+
+
+def test_parameters_count_the_sampling_network(tmp_path):
+    path = tmp_path / "c.pt"
+    torch.save({"model": {"encoder.w": torch.zeros(5), "decoder.w": torch.zeros(3)}}, path)
+    assert tour.parameters(path) == 3                   # a VAE samples with its decoder alone
+    torch.save({"model": {"w": torch.zeros(9)}, "ema": {"w": torch.zeros(7)},
+                "ae": {"decoder": {"v": torch.zeros(2)}}}, path)
+    assert tour.parameters(path) == 7 + 2               # LDM: the EMA U-Net and the decoder
 
 
 @pytest.fixture
@@ -174,3 +212,15 @@ def test_one_method_on_tiny_data_end_to_end(tmp_path):
     assert scored[0].shape == (12, 1, 28, 28) and scored[0].abs().max() <= 1
     assert (tmp_path / "runs" / "vae" / "ckpt.pt").is_file()
     assert "| vae | VAE | prior sample | 1 |" in results.with_suffix(".md").read_text()
+
+
+def test_results_of_another_length_are_never_mixed_in(tmp_path):
+    path = tmp_path / "tour.json"
+    short = {"length": "--budget-minutes 4", "n": 1000, "dataset": "fashion-mnist"}
+    path.write_text(json.dumps({**made_up_results(), "setting": short}))
+    assert len(tour.load_results(path, short, resume=False)["rows"]) == 4      # --only keeps the others
+    assert len(tour.load_results(path, short, resume=True)["rows"]) == 4
+    longer = {**short, "length": "each recipe's own length"}
+    assert tour.load_results(path, longer, resume=False)["rows"] == []          # a new table
+    with pytest.raises(tour.UserError, match="--budget-minutes 4"):
+        tour.load_results(path, longer, resume=True)
