@@ -32,10 +32,10 @@ Run:
     python dit.py --dataset latents.pt --model S/1 ...                  # e.g. a latent DiT
     python ldm.py --decode --ae runs/ldm_ae/ckpt.pt --ckpt sampled_latents.pt --save images.png
     CPU recipe (about 15 minutes for both stages on 2 cores; see README.md):
-    python ldm.py --stage ae --f 2 --latent-channels 4 --ae-width 32 --ae-res-blocks 1 \\
+    python ldm.py --stage ae --f 2 --latent-channels 2 --ae-width 32 --ae-res-blocks 1 \\
                   --batch-size 64 --lr 1e-3 --steps 600
     python ldm.py --stage ldm --ae runs/ldm_ae/ckpt.pt --width 32 --res-blocks 1 \\
-                  --batch-size 64 --lr 2e-3 --warmup 100 --lr-decay cosine --steps 1000 --ema 0.999
+                  --batch-size 64 --lr 2e-3 --warmup 100 --lr-decay cosine --steps 2000
 
 Outputs: stage 1 in runs/ldm_ae: reconstructions_epochNNN.png (test images above, their
 reconstructions below), the test PSNR each epoch, ckpt.pt with the scale factor. Stage 2 in
