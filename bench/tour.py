@@ -348,7 +348,7 @@ def format_row(r, n=N_SAMPLES):
     def f(key, fmt):
         return format(r[key], fmt) if r.get(key) is not None else "-"
     params = f"{r['params'] / 1e6:.2f}M" if r.get("params") else "-"
-    return (f"| {r['method']} | {r['model']} | {r['sampler']} | {f('nfe', 'd')} | {f('sample_ms', '.1f')} | "
+    return (f"| {r['method']} | {r['model']} | {r['sampler']} | {f('nfe', 'd')} | {f('sample_ms', '.2f' if (r.get('sample_ms') or 1) < 1 else '.1f')} | "
             f"{f('train_minutes', '.1f')} | {params} | {f('fd', '.2f')} | "
             f"{format(1e3 * r['kid'], '.2f') if r.get('kid') is not None else '-'} | {f('precision', '.2f')} | "
             f"{f('recall', '.2f')} | {f('class_entropy', '.3f')} | {f('nearest_ratio', '.2f')} |")
