@@ -15,8 +15,9 @@ the cheapest way to buy Gflops is more tokens (a smaller p).
     2: t ~ Uniform({1, ..., T}), eps ~ N(0, I)         2: for t = T, ..., 1 (respaced) do
     3: eps_theta, v = DiT(sqrt(alpha_bar_t) x_0        3:   eps = eps_theta(x_t, null)
          + sqrt(1 - alpha_bar_t) eps, t, y)                   + s (eps_theta(x_t, y) - eps_theta(x_t, null))
-    4: Sigma_theta = exp(v log beta_t                  4:   x_{t-1} = mu_theta(x_t, eps)
-         + (1 - v) log beta_tilde_t)                               + Sigma_theta^(1/2) z
+    4: Sigma_theta = exp(f log beta_t                  4:   x_{t-1} = mu_theta(x_t, eps)
+         + (1 - f) log beta_tilde_t),                              + Sigma_theta^(1/2) z
+         f = (v + 1) / 2 (the official mapping)
     5: L_hybrid = ||eps - eps_theta||^2                5: end for
          + lambda L_vlb(stopgrad(mu_theta), Sigma)
 
@@ -51,6 +52,12 @@ Differences from the paper:
 - A small T config (6 blocks, width 192) for CPUs; the EMA decay warms up as in ddpm.py; an
   optional learning-rate warm-up and cosine decay (the paper: constant 1e-4, no warm-up).
 - Gradients are clipped at norm 1 by default (--grad-clip 0 turns it off, as the paper).
+- With --dataset FILE.pt of float latents, L_vlb's t = 1 term (the decoder NLL, DDPM Eq. 13) still
+  bins every value as an 8-bit pixel of [-1, 1] (bins 2/255 wide), as the official DiT does on its
+  latents, so its bits per dimension are no likelihood of the latents.
+
+Ctrl-C or SIGTERM ends a training run after the current step with a checkpoint; the run then
+exits with status 130 (SIGINT) or 143 (SIGTERM), a finished one with 0.
 """
 import argparse
 import copy
@@ -78,6 +85,7 @@ MODELS = {"S": (12, 384, 6), "B": (12, 768, 12), "L": (24, 1024, 16), "XL": (28,
 BLOCKS = ("adaln-zero", "adaln", "in-context", "cross-attn")  # Fig. 3
 GUIDANCE_ROWS = (1.0, 1.5, 2.0, 4.0)  # the rows of every class-conditional grid
 FREQ_DIM = 256  # the sinusoidal time embedding's width before the MLP, as the official code
+EULER_MAX = 1000  # MM-DiT's most Euler steps, DiT's T: Euler's error, about 1 / steps, is long invisible
 
 # ----------------------------------------------------------------------------------------------
 # Diffusion (DDPM, with Nichol & Dhariwal's learned variance): no network needed
@@ -555,9 +563,10 @@ def guided(model, cond, scale):
 
 
 @torch.no_grad()
-def sample_ddpm(f, x, sch, steps, learn_sigma, clip_x0, generator=None):
+def sample_ddpm(f, x, sch, steps, learn_sigma, clip_x0, generator=None, on_step=None):
     """DDPM's Algorithm 2 on the respaced chain: the network sees the original times tau_i; the
-    mean and the (learned) variance use the respaced beta_i and beta_tilde_i (Nichol & Dhariwal)."""
+    mean and the (learned) variance use the respaced beta_i and beta_tilde_i (Nichol & Dhariwal).
+    on_step(x, done, total), if given, is called after every step."""
     sch_s, taus = respace(sch, steps)
     for i in range(len(taus), 0, -1):
         t = torch.full((len(x),), taus[i - 1], device=x.device)
@@ -567,14 +576,16 @@ def sample_ddpm(f, x, sch, steps, learn_sigma, clip_x0, generator=None):
             x = mean + (0.5 * log_var).exp() * torch.randn(x.shape, device=x.device, generator=generator)
         else:
             x = mean
+        if on_step:
+            on_step(x, len(taus) - i + 1, len(taus))
     return x
 
 
 @torch.no_grad()
-def sample_ddim(f, x, sch, steps, clip_x0):
+def sample_ddim(f, x, sch, steps, clip_x0, on_step=None):
     """DDIM (Song et al. 2021, Eq. 12 with eta = 0) from the noise channels alone."""
     _, taus = respace(sch, steps)
-    for t, t_prev in zip(reversed(taus), list(reversed(taus))[1:] + [0]):
+    for done, (t, t_prev) in enumerate(zip(reversed(taus), list(reversed(taus))[1:] + [0]), 1):
         tt = torch.full((len(x),), t, device=x.device)
         eps = f(x, tt)[:, :x.shape[1]]
         x0 = predict_x0(x, tt, eps, sch)
@@ -582,14 +593,18 @@ def sample_ddim(f, x, sch, steps, clip_x0):
             x0 = x0.clamp(-1, 1)
             eps = (x - sch.alpha_bar[t].sqrt().item() * x0) / (1 - sch.alpha_bar[t]).sqrt().item()
         x = sch.alpha_bar[t_prev].sqrt().item() * x0 + (1 - sch.alpha_bar[t_prev]).sqrt().item() * eps
+        if on_step:
+            on_step(x, done, len(taus))
     return x
 
 
 @torch.no_grad()
-def sample_euler(f, x, steps):
+def sample_euler(f, x, steps, on_step=None):
     """Euler on dx/dt = v(x, t) from t = 0 (noise) to t = 1 (data)."""
     for i in range(steps):
         x = x + f(x, torch.full((len(x),), i / steps, device=x.device)) / steps
+        if on_step:
+            on_step(x, i + 1, steps)
     return x
 
 
@@ -600,16 +615,25 @@ def sampling_steps(args):
     return args.sampling_steps or min(250 if args.sampler == "ddpm" else 50, args.T)
 
 
-def draw(net, cond, n, shape, sch, args, device, seed, scale):
+def check_sampling_steps(args):
+    """A clear error before any work: DiT's chain has at most T steps, Euler at most EULER_MAX."""
+    if args.arch == "dit":
+        respace(linear_schedule(args.T), sampling_steps(args))
+    elif sampling_steps(args) > EULER_MAX:
+        raise UserError(f"--sampling-steps for MM-DiT's Euler sampler must be between 1 and {EULER_MAX}, "
+                        f"got {args.sampling_steps}")
+
+
+def draw(net, cond, n, shape, sch, args, device, seed, scale, on_step=None):
     """n samples from fixed noise (seed) with the sampler of args, guided at `scale`."""
     g = torch.Generator(device).manual_seed(seed)
     x = torch.randn(n, *shape, device=device, generator=g)
     f, steps = guided(net, cond, scale), sampling_steps(args)
     if args.arch == "mmdit":
-        return sample_euler(f, x, steps)
+        return sample_euler(f, x, steps, on_step)
     if args.sampler == "ddim":
-        return sample_ddim(f, x, sch, steps, args.clip_x0)
-    return sample_ddpm(f, x, sch, steps, args.learn_sigma, args.clip_x0, g)
+        return sample_ddim(f, x, sch, steps, args.clip_x0, on_step)
+    return sample_ddpm(f, x, sch, steps, args.learn_sigma, args.clip_x0, g, on_step)
 
 
 def class_tokens_of(classes, args):
@@ -648,12 +672,11 @@ def setup_distributed(device_name):
     return rank, world, device
 
 
-def all_mean(x, world):
-    """The mean of a tensor over all ranks (itself for one process)."""
+def all_sum(x, world):
+    """The sum of a tensor over all ranks (itself for one process)."""
     if world > 1:
         x = x.clone()
         dist.all_reduce(x)
-        x /= world
     return x
 
 
@@ -673,16 +696,26 @@ def learning_rate(args, step, total):
     return lr
 
 
-def save_checkpoint(path, model, ema, opt, step, args, shape, classes, device):
+def save_checkpoint(path, model, ema, opt, step, args, shape, classes):
     state = {"method": "dit", "args": vars(args), "shape": list(shape), "classes": classes,
              "step": step, "model": model.state_dict(), "ema": ema.state_dict(),
              "optimizer": opt.state_dict(),
              # every rank's RNGs are in the same state (see batch_loss): rank 0's serve them all
              "rng": {"torch": torch.get_rng_state(), "python": random.getstate(),
-                     "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None}}
+                     "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+                     "mps": torch.mps.get_rng_state() if torch.backends.mps.is_available() else None}}
     tmp = Path(str(path) + ".tmp")
     torch.save(state, tmp)
     os.replace(tmp, path)  # atomic: a crash mid-write never leaves a broken ckpt.pt
+
+
+def restore_device_rng(rng):
+    """The CUDA generators of the devices this machine has (a checkpoint from a machine with more
+    GPUs restores the first ones), and MPS's."""
+    for i, state in enumerate(rng["cuda"][:torch.cuda.device_count()]):
+        torch.cuda.set_rng_state(state, i)
+    if rng.get("mps") is not None and torch.backends.mps.is_available():
+        torch.mps.set_rng_state(rng["mps"])
 
 
 def load_checkpoint(path):
@@ -691,11 +724,15 @@ def load_checkpoint(path):
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
-        raise UserError(f"cannot read checkpoint {path} ({type(e).__name__}): "
-                        f"is it a dit.py checkpoint?") from None
+        raise UserError(f"cannot read checkpoint {path} ({type(e).__name__}): it is damaged or "
+                        f"incomplete (a copy cut short?), or not a checkpoint at all") from None
     if not isinstance(ckpt, dict) or ckpt.get("method") != "dit":
         method = ckpt.get("method", "unknown") if isinstance(ckpt, dict) else "unknown"
         raise UserError(f"{path} is a checkpoint of {method}, not of dit.py")
+    missing = [k for k in ("args", "shape", "classes", "step", "model", "ema", "optimizer", "rng")
+               if k not in ckpt]
+    if missing:
+        raise UserError(f"{path} is an incomplete dit.py checkpoint: no {', '.join(missing)}")
     return ckpt
 
 
@@ -717,6 +754,10 @@ def train(args):
     ckpt = None
     if args.resume:
         ckpt = load_checkpoint(args.ckpt or Path(args.out) / "ckpt.pt")
+        for flag, given in (("dataset", args.dataset), ("arch", args.arch)):
+            if given is not None and given != ckpt["args"][flag]:
+                raise UserError(f"the run was trained with --{flag} {ckpt['args'][flag]}; --resume keeps it "
+                                f"(leave out --{flag}, or start a new run with another --out)")
         keep = {k: getattr(args, k) for k in ("device", "out", "resume", "ckpt", "data_dir", "dataset",
                                               "image_size")
                 if getattr(args, k) is not None}
@@ -726,6 +767,9 @@ def train(args):
     if args.batch_size % world:
         raise UserError(f"--batch-size {args.batch_size} (the global batch) must divide evenly over "
                         f"{world} processes")
+    out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--out {out} is a file: give a folder for the run's outputs")
     seed_everything(args.seed)  # the same on every rank: see batch_loss
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
@@ -765,15 +809,15 @@ def train(args):
         step = ckpt["step"]
         torch.set_rng_state(ckpt["rng"]["torch"])
         random.setstate(ckpt["rng"]["python"])
-        if ckpt["rng"]["cuda"] is not None and device.type == "cuda":
-            torch.cuda.set_rng_state(ckpt["rng"]["cuda"], device)
+        restore_device_rng(ckpt["rng"])
+        if world > 1 and device.type == "cuda":  # every rank continues rank 0's stream (device 0)
+            torch.cuda.set_rng_state(ckpt["rng"]["cuda"][0], device)
         print(f"resumed from step {step}")
     ddp = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None) \
         if world > 1 else model
-    out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    stop = []  # Ctrl-C or SIGTERM finishes the current step, saves, and exits
-    handlers = {s: signal.signal(s, lambda *_: stop.append(True))
+    stop = []  # the signal: Ctrl-C or SIGTERM finishes the current step, saves, and exits 128 + it
+    handlers = {s: signal.signal(s, lambda signum, _: stop.append(signum))
                 for s in (signal.SIGINT, signal.SIGTERM)}
     run = argparse.Namespace(args=args, model=model, ddp=ddp, ema=ema, opt=opt, sch=sch, shape=shape,
                              classes=classes, class_tokens=class_tokens, device=device, rank=rank,
@@ -781,27 +825,45 @@ def train(args):
     try:
         step = run_epochs(run, dataset, step)
         if rank == 0:
-            save_checkpoint(run.path, model, ema, opt, step, args, shape, classes, device)
+            save(run, step)
+        if world > 1:  # no rank exits (and has torchrun stop the others) before the checkpoint is written
+            dist.barrier()
     finally:
         for s, h in handlers.items():
             signal.signal(s, h)
         if world > 1:
             dist.destroy_process_group()
-    print(f"{'interrupted' if stop else 'done'} at step {step}; checkpoint {run.path}")
+    if stop:
+        print(f"interrupted at step {step}; checkpoint {run.path}")
+        sys.exit(128 + stop[0])
+    print(f"done at step {step}; checkpoint {run.path}")
 
 
 def stopped(run):
-    """Whether any rank was told to stop (all ranks stop at the same step)."""
-    if run.world == 1:
-        return bool(run.stop)
-    flag = torch.tensor(float(len(run.stop)), device=run.device)
-    return all_mean(flag, run.world).item() > 0
+    """Whether Ctrl-C or SIGTERM reached any rank: all ranks then stop after the same step, and a
+    rank that was told only by another exits as if sent SIGTERM."""
+    if run.world > 1 and all_sum(torch.tensor(float(len(run.stop)), device=run.device), run.world).item():
+        if not run.stop:
+            run.stop.append(signal.SIGTERM)
+    return bool(run.stop)
 
 
 def save(run, step):
-    save_checkpoint(run.path, run.model, run.ema, run.opt, step, run.args, run.shape, run.classes,
-                    run.device)
+    save_checkpoint(run.path, run.model, run.ema, run.opt, step, run.args, run.shape, run.classes)
     run.saved = step
+
+
+def diverged(run, x, loss, first, step):
+    """Why the run must stop at this step: the batch (NaN or inf in the data set, which no learning
+    rate cures) or the loss, non-finite or over 1000 times max(its first value, 1) (a divergence)."""
+    kept = f"{run.path} holds step {run.saved}" if run.saved else "this run has written no checkpoint yet"
+    bad = torch.tensor(float(not torch.isfinite(x).all()), device=run.device)
+    if all_sum(bad, run.world).item():
+        return (f"the batch at step {step + 1} holds non-finite values: the data set has NaN or inf in it; "
+                f"stopped without saving ({kept})")
+    how = "" if not math.isfinite(loss) else f", over 1000 times max(its first value {first:.4g}, 1)"
+    return (f"the loss became {loss:.4g} at step {step + 1}{how}; stopped without saving ({kept}). "
+            f"Try a lower --lr.")
 
 
 def run_epochs(run, dataset, step):
@@ -810,7 +872,7 @@ def run_epochs(run, dataset, step):
     total = args.steps or args.epochs * per_epoch
     amp = torch.autocast("cuda", torch.bfloat16, enabled=args.bf16 and device.type == "cuda")
     last_log = last_save = t_log = time.time()
-    seen = 0
+    seen, first = 0, None  # first: the loss of this process's first step, the divergence's yardstick
     while step < total:
         epoch, skip = divmod(step, per_epoch)
         for x, y in epoch_batches(dataset, args, epoch, skip, run.rank, run.world):
@@ -820,11 +882,10 @@ def run_epochs(run, dataset, step):
                 group["lr"] = learning_rate(args, step, total)
             with amp:
                 loss = batch_loss(run.ddp, x, y, args, run.sch, run.class_tokens, run.rank, run.world)
-            loss_all = all_mean(loss.detach(), run.world)  # every rank sees the same number
-            if not torch.isfinite(loss_all):
-                kept = f"{run.path} holds step {run.saved}" if run.saved else "no checkpoint was written yet"
-                raise UserError(f"the loss became {loss_all.item()} at step {step + 1}; stopped, "
-                                f"{kept}. Try a lower --lr.")
+            loss_all = all_sum(loss.detach(), run.world).item() / run.world  # the same on every rank
+            first = loss_all if first is None else first
+            if not loss_all <= 1000 * max(first, 1.0):  # also NaN
+                raise UserError(diverged(run, x, loss_all, first, step))
             run.opt.zero_grad(set_to_none=True)
             loss.backward()  # DistributedDataParallel averages the gradients over the ranks
             if args.grad_clip:
@@ -836,7 +897,7 @@ def run_epochs(run, dataset, step):
             now = time.time()
             if now - last_log >= args.log_every or step == total:
                 speed = seen / (now - t_log)
-                print(f"step {step}/{total}  epoch {epoch + 1}  loss {loss_all.item():.4f}  "
+                print(f"step {step}/{total}  epoch {epoch + 1}  loss {loss_all:.4f}  "
                       f"{speed:.0f} img/s  {(total - step) * args.batch_size / speed / 60:.1f} min left",
                       flush=True)
                 last_log, seen, t_log = now, 0, now
@@ -852,22 +913,51 @@ def run_epochs(run, dataset, step):
     return step
 
 
+class SamplingStopped(Exception):
+    pass
+
+
+class Progress:
+    """Called after every sampling step: says how far sampling is every few seconds, and ends the
+    sampling at the next step once `stop` is set."""
+
+    def __init__(self, what, stop=(), every=5.0):
+        self.what, self.stop, self.every = what, stop, every
+        self.start = self.last = time.time()
+
+    def __call__(self, x, done, total):
+        if self.stop:
+            raise SamplingStopped
+        now = time.time()
+        if now - self.last >= self.every:
+            left = (now - self.start) / done * (total - done)
+            print(f"{self.what}: step {done}/{total}, {left:.0f} s left", flush=True)
+            self.last = now
+
+
 def end_of_epoch(run, step, epoch):
-    """Checkpoint and sample grid (rank 0): one column per class (the first 10) and one row per
+    """Checkpoint, then the sample grid (rank 0): one column per class (the first 10) and one row per
     guidance scale. The other ranks wait at their next collective call meanwhile."""
     if run.rank > 0:
         return
     save(run, step)
+    if run.stop:  # told to stop before the grid began
+        return
     run.ema.eval()
-    if run.classes:
-        K = min(len(run.classes), 10)
-        ids = torch.arange(K, device=run.device)
-        cond = conditions(ids, run.class_tokens, run.args)
-        x = torch.cat([draw(run.ema, cond, K, run.shape, run.sch, run.args, run.device, 0, s)
-                       for s in GUIDANCE_ROWS])
-        nrow, note = K, f" (rows: guidance {', '.join(map(str, GUIDANCE_ROWS))})"
-    else:
-        x, nrow, note = draw(run.ema, None, 64, run.shape, run.sch, run.args, run.device, 0, 1), 8, ""
+    progress = Progress(f"epoch {epoch + 1} grid", run.stop)
+    try:
+        if run.classes:
+            K = min(len(run.classes), 10)
+            cond = conditions(torch.arange(K, device=run.device), run.class_tokens, run.args)
+            x = torch.cat([draw(run.ema, cond, K, run.shape, run.sch, run.args, run.device, 0, s, progress)
+                           for s in GUIDANCE_ROWS])
+            nrow, note = K, f" (rows: guidance {', '.join(map(str, GUIDANCE_ROWS))})"
+        else:
+            x = draw(run.ema, None, 64, run.shape, run.sch, run.args, run.device, 0, 1, progress)
+            nrow, note = 8, ""
+    except SamplingStopped:
+        print(f"stopped while drawing the grid; {run.path} holds step {step}")
+        return
     path = Path(run.args.out) / f"samples_epoch{epoch + 1:03d}.png"
     save_grid(x[:, :3], path, nrow=nrow)
     print(f"epoch {epoch + 1}: samples in {path}{note}")
@@ -882,12 +972,13 @@ def sample(args):
         raise UserError("--sample needs --ckpt PATH (e.g. runs/dit/ckpt.pt)")
     if not args.save or Path(args.save).suffix not in (".png", ".pt"):
         raise UserError("--sample needs --save FILE.png (a grid) or FILE.pt (a tensor)")
+    if Path(args.save).is_dir():
+        raise UserError(f"--save {args.save} is a folder: give a file name (FILE.png or FILE.pt)")
     ckpt = load_checkpoint(args.ckpt)
     train_args = argparse.Namespace(**{**ckpt["args"], "sampler": args.sampler, "cfg_scale": args.cfg_scale,
                                        "sampling_steps": args.sampling_steps})
     classes, shape = ckpt["classes"], tuple(ckpt["shape"])
-    if train_args.arch == "dit":
-        respace(linear_schedule(train_args.T), sampling_steps(train_args))  # a clear error before any work
+    check_sampling_steps(train_args)
     class_tokens = class_tokens_of(classes, train_args)
     fixed = None  # the class (DiT) or prompt (MM-DiT) of every sample; None: the classes in turn
     if args.prompt is not None:
@@ -908,20 +999,26 @@ def sample(args):
     ema.to(device).eval()
     if not all(torch.isfinite(p).all() for p in ema.parameters()):
         raise UserError(f"{args.ckpt} holds non-finite weights (its run diverged): retrain with a lower --lr")
+    try:
+        Path(args.save).parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise UserError(f"cannot write --save {args.save} ({e.strerror}): give a file in a folder") from None
     sch, start, xs = linear_schedule(train_args.T), time.time(), []
     for i in range(0, args.n, 256):
-        ids = torch.arange(i, min(i + 256, args.n), device=device)
-        ids = ids % len(classes) if fixed is None else torch.full_like(ids, fixed)
-        cond = conditions(ids, class_tokens, train_args) if classes else None
+        cond = None  # an unconditional model
+        if classes:
+            ids = torch.arange(i, min(i + 256, args.n), device=device)
+            ids = ids % len(classes) if fixed is None else torch.full_like(ids, fixed)
+            cond = conditions(ids, class_tokens, train_args)
+        progress = Progress(f"images {i + 1}-{min(i + 256, args.n)} of {args.n}")
         xs.append(draw(ema, cond, min(256, args.n - i), shape, sch, train_args, device, args.seed + i,
-                       args.cfg_scale).float().cpu())
+                       args.cfg_scale, progress).float().cpu())
     x = torch.cat(xs)
     if not torch.isfinite(x).all():
         raise UserError(f"the samples of {args.ckpt} came out non-finite: the checkpoint is broken, "
                         f"retrain it")
     x = x.clamp(-1, 1) if train_args.clip_x0 else x
     print(f"{args.n} samples in {time.time() - start:.2f} s")
-    Path(args.save).parent.mkdir(parents=True, exist_ok=True)
     if args.save.endswith(".pt"):
         torch.save(x, args.save)
     else:
@@ -970,7 +1067,7 @@ def parse_args(argv=None):
     p.add_argument("--save")
     p.add_argument("--prompt", help="with --sample: a class name (DiT) or any text (MM-DiT)")
     # DiT and MM-DiT
-    p.add_argument("--arch", choices=["dit", "mmdit"], default="dit")
+    p.add_argument("--arch", choices=["dit", "mmdit"], help="dit (default) | mmdit")
     p.add_argument("--model", type=model_name, default=("S", 2), help="S/2, S/4, B/2, L/4, XL/2, T/4, ...")
     p.add_argument("--patch", type=positive_int, help="patch size p (overrides the model name's)")
     p.add_argument("--depth", type=positive_int, help="blocks N (overrides the model's)")
@@ -984,7 +1081,8 @@ def parse_args(argv=None):
     p.add_argument("--T", type=positive_int, default=1000)
     p.add_argument("--sampler", choices=["ddpm", "ddim"], default="ddpm", help="DiT (MM-DiT: Euler)")
     p.add_argument("--sampling-steps", type=positive_int,
-                   help="default: 250 (ddpm, as the paper), 50 (ddim and Euler)")
+                   help=f"default: 250 (ddpm, as the paper), 50 (ddim and Euler); at most T (DiT), "
+                        f"{EULER_MAX} (Euler)")
     p.add_argument("--cfg-scale", type=float, default=1.5, help="guidance s (1: none; paper's FID: 1.5)")
     p.add_argument("--p-uncond", type=float, default=0.1, help="label dropout for guidance")
     p.add_argument("--warmup", type=int, default=0, help="learning-rate warm-up steps")
@@ -999,14 +1097,20 @@ def parse_args(argv=None):
     args.model = f"{args.size}/{args.patch}"
     depth, width, heads = MODELS[args.size]
     args.depth, args.width, args.heads = args.depth or depth, args.width or width, args.heads or heads
-    args.out = args.out or f"runs/{args.arch}"
+    args.out = args.out or f"runs/{args.arch or 'dit'}"
     args.text_len = 16
-    if args.arch == "dit" and args.sampling_steps is not None and args.sampling_steps > args.T:
-        p.error(f"--sampling-steps must be between 1 and --T ({args.T}), got {args.sampling_steps}")
+    if not args.resume:  # a resumed run takes its architecture from the checkpoint
+        args.arch = args.arch or "dit"
+    if not args.resume and not args.sample:  # --sample checks against the checkpoint's T
+        try:
+            check_sampling_steps(args)
+        except UserError as e:
+            p.error(str(e))
     if not args.lr > 0:
         p.error(f"--lr must be positive, got {args.lr}")
-    for flag, value in (("--lambda-vlb", args.lambda_vlb), ("--grad-clip", args.grad_clip),
-                        ("--warmup", args.warmup)):
+    if args.grad_clip < 0:
+        p.error(f"--grad-clip must be 0 (off) or positive, got {args.grad_clip}")
+    for flag, value in (("--lambda-vlb", args.lambda_vlb), ("--warmup", args.warmup)):
         if value < 0:
             p.error(f"{flag} must be >= 0, got {value}")
     if not 0 <= args.p_uncond < 1:
@@ -1030,6 +1134,9 @@ def main(argv=None):
         sample(args) if args.sample else train(args)
     except UserError as e:
         sys.exit(f"error: {e}")
+    except KeyboardInterrupt:  # Ctrl-C while sampling, or before training set up its handlers
+        print("interrupted: nothing saved", file=sys.stderr)
+        sys.exit(130)
 
 
 if __name__ == "__main__":

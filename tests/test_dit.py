@@ -364,7 +364,9 @@ def test_resume_after_a_signal_is_bit_for_bit(data, trained, tmp_path, monkeypat
             os.kill(os.getpid(), sig)
 
     monkeypatch.setattr(dit, "ema_update", ema_update_then_signal)
-    dit.main(argv(data, out))
+    with pytest.raises(SystemExit) as e:
+        dit.main(argv(data, out))
+    assert e.value.code == 128 + sig  # saved, then the exit status of an interrupted run
     assert load(out / "ckpt.pt")["step"] == 3
     monkeypatch.setattr(dit, "ema_update", real)
     dit.main(argv(data, out, "--resume"))
@@ -412,7 +414,7 @@ def test_two_processes_train_as_one_process_on_the_joined_batch(data, trained, t
 
 @pytest.mark.parametrize("extra, words", [
     (["--patch", "3"], ["--patch 3", "8x8", "[1, 2, 4]"]),
-    (["--grad-clip", "-1"], ["--grad-clip must be >= 0"]),
+    (["--grad-clip", "-1"], ["--grad-clip must be 0 (off) or positive, got -1"]),
     (["--lr", "0"], ["--lr must be positive"]),
     (["--arch", "mmdit", "--prompt", "x"], ["--prompt is for --sample"]),
 ])
