@@ -433,7 +433,8 @@ def train(args):
         save_forward_strip(dataset[0][0], sch, out / "forward.png")
 
     stop = []  # Ctrl-C or SIGTERM (kill, timeout, a cluster's scheduler) finishes the step, saves, exits
-    handlers = {s: signal.signal(s, lambda *_: stop.append(True)) for s in (signal.SIGINT, signal.SIGTERM)}
+    handlers = {s: signal.signal(s, lambda signum, _: stop.append(signum))
+                for s in (signal.SIGINT, signal.SIGTERM)}
     ranks = argparse.Namespace(ddp=ddp, rank=rank, world=world)
     try:
         step = run_epochs(args, model, ema, opt, sch, dataset, device, shape, step, total, warmup,
@@ -446,6 +447,8 @@ def train(args):
         if world > 1:
             dist.destroy_process_group()
     print(f"{'interrupted' if stop else 'done'} at step {step}; checkpoint {ckpt_path}")
+    if stop:  # 130 after Ctrl-C, 143 after SIGTERM: a script or a scheduler tells it from "done"
+        sys.exit(128 + stop[0])
 
 
 def run_epochs(args, model, ema, opt, sch, dataset, device, shape, step, total, warmup, per_epoch,
@@ -457,6 +460,7 @@ def run_epochs(args, model, ema, opt, sch, dataset, device, shape, step, total, 
     seen, t_log = 0, time.time()
     saved = step or None  # the step ckpt_path holds from this run (a resumed run: where it resumed)
     grid_s, noted = None, False  # seconds one epoch's grid takes (measured once one is drawn)
+    first = None  # the loss of this process's first step, the scale of the divergence rule
     while step < total:
         epoch, skip = divmod(step, per_epoch)
         bins = torch.zeros(2, 10, device=device)  # loss sum and count per tenth of 1..T
@@ -469,13 +473,14 @@ def run_epochs(args, model, ema, opt, sch, dataset, device, shape, step, total, 
                 losses, t = loss_per_example(ranks.ddp, x0, sch, ranks.rank, ranks.world)
             loss = losses.mean()
             loss_all = all_sum(loss.detach(), ranks.world) / ranks.world  # the same on every rank
-            if not torch.isfinite(loss_all):
+            first = loss_all.item() if first is None else first
+            if diverged(loss_all.item(), first):
                 kept = f"{ckpt_path} holds step {saved}" if saved else "this run has written no checkpoint yet"
-                raise UserError(f"the loss became {loss_all.item()} at step {step + 1}; stopped without "
-                                f"saving ({kept}). Try a lower --lr.")
+                raise divergence_error(loss_all.item(), first, (x0,), step + 1, kept, ranks, device)
             opt.zero_grad(set_to_none=True)
             loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
+            if args.grad_clip:  # 0: no clipping (clip_grad_norm_ to 0 would zero every gradient)
+                torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
             opt.step()  # Algorithm 1, line 5: a gradient descent step (Adam)
             step += 1
             ema_update(ema, model, step, args.ema)
@@ -516,8 +521,26 @@ def run_epochs(args, model, ema, opt, sch, dataset, device, shape, step, total, 
 def stopped(stop, ranks, device):
     """Whether Ctrl-C or SIGTERM reached any rank: all ranks then stop after the same step."""
     if ranks.world > 1 and all_sum(torch.tensor(float(len(stop)), device=device), ranks.world).item():
-        stop.append(True)  # every rank's list then says so
+        stop.append(signal.SIGTERM)  # every rank's list then says so; a rank not signalled exits 143
     return bool(stop)
+
+
+def diverged(loss, first):
+    """The loss is non-finite, or finite but absurd: over 1000 x the first step's (at least 1). A run
+    at 1e22 stays finite, trains nothing and would sample noise."""
+    return not math.isfinite(loss) or loss > 1000 * max(first, 1.0)
+
+
+def divergence_error(loss, first, batch, step, kept, ranks, device, data="the data set has NaN or inf in it"):
+    """What a diverged loss means: a batch holding NaN or inf on any rank (a lower --lr cannot help
+    that), or else training that blew up."""
+    bad = sum(float(not torch.isfinite(x).all()) for x in batch if x.is_floating_point())
+    if all_sum(torch.tensor(bad, device=device), ranks.world).item():
+        return UserError(f"the batch at step {step} holds non-finite values: {data}; stopped without "
+                         f"saving ({kept})")
+    scale = f" (over 1000 x the first step's {first:.4g})" if math.isfinite(loss) else ""
+    return UserError(f"the loss became {loss:.4g}{scale} at step {step}; stopped without saving ({kept}). "
+                     f"Try a lower --lr.")
 
 
 def time_left(args, sch, step, total, per_epoch, speed, grid_s):
@@ -670,6 +693,8 @@ def parse_args(argv=None):
     # --sampling-steps left out: 50, or T if smaller (the T of the checkpoint when sampling)
     if not args.lr > 0:
         p.error(f"--lr must be positive, got {args.lr}")
+    if not args.grad_clip >= 0:
+        p.error(f"--grad-clip must be 0 (off) or positive, got {args.grad_clip}")
     if not 0 <= args.eta <= 1:
         p.error(f"--eta must be between 0 (DDIM) and 1 (DDPM's beta_tilde), got {args.eta}")
     if not args.resume:
@@ -685,6 +710,9 @@ def main(argv=None):
         sample(args) if args.sample else train(args)
     except UserError as e:
         sys.exit(f"error: {e}")
+    except KeyboardInterrupt:  # Ctrl-C where no checkpoint is at stake: sampling, or before training
+        print("interrupted: nothing saved", file=sys.stderr)
+        sys.exit(130)
 
 
 if __name__ == "__main__":

@@ -1,4 +1,5 @@
 """Tests for ddpm.py: the paper's math checked numerically, a small learning check, the command line."""
+import argparse
 import math
 import os
 import re
@@ -471,9 +472,11 @@ def test_resume_after_ctrl_c_or_sigterm_is_bit_for_bit(folder, trained, tmp_path
     monkeypatch.setattr(ddpm, "ema_update", ema_update_then_ctrl_c)
     previous = signal.signal(sig, not_caught)  # the default action would stop pytest itself
     try:
-        ddpm.main(train_argv(folder, out))
+        with pytest.raises(SystemExit) as e:
+            ddpm.main(train_argv(folder, out))
     finally:
         signal.signal(sig, previous)
+    assert e.value.code == 128 + sig  # 130 after Ctrl-C, 143 after SIGTERM: not a finished run's 0
     assert load(out / "ckpt.pt")["step"] == 3
     monkeypatch.setattr(ddpm, "ema_update", real_ema_update)
 
@@ -683,7 +686,9 @@ def test_ctrl_c_while_drawing_the_grid_stops_within_a_step(folder, tmp_path, mon
         return real(*a)
 
     monkeypatch.setattr(ddpm, "p_mean", p_mean_then_ctrl_c)
-    ddpm.main(train_argv(folder, tmp_path / "run", "--sampler", "ddpm"))  # T = 20 sampling steps
+    with pytest.raises(SystemExit) as e:
+        ddpm.main(train_argv(folder, tmp_path / "run", "--sampler", "ddpm"))  # T = 20 sampling steps
+    assert e.value.code == 130
     assert len(calls) == 3, "sampling went on after Ctrl-C"
     assert "stopped while drawing the grid" in capsys.readouterr().out
     assert load(tmp_path / "run" / "ckpt.pt")["step"] == 4
@@ -701,3 +706,77 @@ def test_progress_and_time_left_count_the_grids(capsys):
     assert left == pytest.approx(training + 2 * 1000 * 64 / 300)
     assert ddpm.time_left(args, sch, 0, 100, 50, 100.0, grid_s=7.0) == pytest.approx(training + 14)
     assert ddpm.duration(3 * 3600) == "3.0 h" and ddpm.duration(600) == "10.0 min" and ddpm.duration(42) == "42 s"
+
+
+def test_grad_clip_0_is_off_and_a_negative_one_is_refused(folder, tmp_path, monkeypatch, capsys):
+    real, initial = ddpm.make_model, {}
+
+    def make_model_kept(*a):
+        model = real(*a)
+        initial.update({k: v.clone() for k, v in model.state_dict().items()})
+        return model
+
+    monkeypatch.setattr(ddpm, "make_model", make_model_kept)
+    ddpm.main(train_argv(folder, tmp_path / "run", "--grad-clip", "0", steps="1"))
+    after = load(tmp_path / "run" / "ckpt.pt")["model"]
+    # (at step 1 only the zero-initialised output layer has gradients: the rest waits on it)
+    moved = [k for k, v in after.items() if not torch.equal(v, initial[k])]
+    assert "out.2.weight" in moved, "--grad-clip 0 left the weights where they were: gradients zeroed"
+    with pytest.raises(SystemExit) as e:
+        ddpm.main(train_argv(folder, tmp_path / "o", "--grad-clip", "-1"))
+    assert e.value.code == 2 and "--grad-clip must be 0 (off) or positive, got -1" in capsys.readouterr().err
+
+
+def test_a_rank_stopped_by_another_ranks_signal_exits_as_after_sigterm(monkeypatch):
+    monkeypatch.setattr(ddpm, "all_sum", lambda x, world: x + 1)  # the other rank was interrupted
+    stop = []
+    assert ddpm.stopped(stop, argparse.Namespace(world=2), "cpu") and 128 + stop[0] == 143
+
+
+def test_the_divergence_rule():
+    assert ddpm.diverged(float("nan"), 1.0) and ddpm.diverged(float("inf"), 1.0)
+    assert ddpm.diverged(1001.0, 0.5) and not ddpm.diverged(999.0, 0.5)  # the scale is at least 1
+    assert ddpm.diverged(2.1e4, 20.0) and not ddpm.diverged(1.9e4, 20.0)  # else the first step's loss
+    assert not ddpm.diverged(0.03, 0.03)
+
+
+def test_a_finite_but_absurd_loss_is_divergence(folder, tmp_path, monkeypatch):
+    real, calls = ddpm.loss_per_example, []
+
+    def loss_blows_up_at_step_3(*a):
+        losses, t = real(*a)
+        calls.append(1)
+        return (losses * 1e9 if len(calls) >= 3 else losses), t  # finite: about 1e9, not inf
+
+    monkeypatch.setattr(ddpm, "loss_per_example", loss_blows_up_at_step_3)
+    msg = exit_message(train_argv(folder, tmp_path / "run"))
+    assert msg and "at step 3" in msg and "over 1000 x the first step's" in msg and "lower --lr" in msg, msg
+    assert not (tmp_path / "run" / "ckpt.pt").exists()
+
+
+def test_a_batch_holding_nan_is_named_not_the_learning_rate(tmp_path):
+    x = torch.rand(16, 1, 8, 8) * 2 - 1
+    x[:, 0, 0, 0] = float("nan")  # a data set of float images (latents, say) with one NaN pixel each
+    torch.save(x, tmp_path / "nan.pt")
+    argv = train_argv(tmp_path / "nan.pt", tmp_path / "run")
+    del argv[argv.index("--image-size"):argv.index("--image-size") + 2]  # a tensor file keeps its size
+    msg = exit_message(argv)
+    assert msg and "the batch at step 1 holds non-finite values" in msg and "NaN or inf" in msg, msg
+    assert "lower --lr" not in msg
+
+
+def test_ctrl_c_while_sampling_prints_one_line_and_exits_130(trained, tmp_path, monkeypatch, capsys):
+    def draw_then_ctrl_c(*a, **k):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(ddpm, "draw", draw_then_ctrl_c)
+    try:
+        ddpm.main(["--sample", "--ckpt", str(trained / "ckpt.pt"), "--save", str(tmp_path / "x.png"),
+                   "--device", "cpu"])
+    except KeyboardInterrupt:
+        pytest.fail("Ctrl-C while sampling reached the caller: a traceback")
+    except SystemExit as e:
+        assert e.code == 130
+    else:
+        pytest.fail("Ctrl-C while sampling exited 0")
+    assert capsys.readouterr().err == "interrupted: nothing saved\n" and not (tmp_path / "x.png").exists()
