@@ -409,8 +409,26 @@ def all_sum(x, world):
 def stopped(stop, ranks, device):
     """Whether Ctrl-C or SIGTERM reached any rank: all ranks then stop after the same step."""
     if ranks.world > 1 and all_sum(torch.tensor(float(len(stop)), device=device), ranks.world).item():
-        stop.append(True)  # every rank's list then says so
+        stop.append(signal.SIGTERM)  # every rank's list then says so; a rank not signalled exits 143
     return bool(stop)
+
+
+def diverged(loss, first):
+    """The loss is non-finite, or finite but absurd: over 1000 x the first step's (at least 1). A run
+    at 1e22 stays finite, trains nothing and would sample noise."""
+    return not math.isfinite(loss) or loss > 1000 * max(first, 1.0)
+
+
+def divergence_error(loss, first, batch, step, kept, ranks, device, data="the data set has NaN or inf in it"):
+    """What a diverged loss means: a batch holding NaN or inf on any rank (a lower --lr cannot help
+    that), or else training that blew up."""
+    bad = sum(float(not torch.isfinite(x).all()) for x in batch if x.is_floating_point())
+    if all_sum(torch.tensor(bad, device=device), ranks.world).item():
+        return UserError(f"the batch at step {step} holds non-finite values: {data}; stopped without "
+                         f"saving ({kept})")
+    scale = f" (over 1000 x the first step's {first:.4g})" if math.isfinite(loss) else ""
+    return UserError(f"the loss became {loss:.4g}{scale} at step {step}; stopped without saving ({kept}). "
+                     f"Try a lower --lr.")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -492,7 +510,8 @@ def train(args):
     ckpt_path = out / "ckpt.pt"
 
     stop = []  # Ctrl-C or SIGTERM (kill, timeout, a cluster's scheduler) finishes the step, saves, exits
-    handlers = {s: signal.signal(s, lambda *_: stop.append(True)) for s in (signal.SIGINT, signal.SIGTERM)}
+    handlers = {s: signal.signal(s, lambda signum, _: stop.append(signum))
+                for s in (signal.SIGINT, signal.SIGTERM)}
     ranks = argparse.Namespace(ddp=ddp, rank=rank, world=world)
     try:
         step = run_epochs(args, model, opt, dataset, test_set, device, shape, step, total,
@@ -505,8 +524,14 @@ def train(args):
         if world > 1:
             dist.destroy_process_group()
     print(f"{'interrupted' if stop else 'done'} at step {step}; checkpoint {ckpt_path}")
-    if not stop and rank == 0:
-        evaluate(args, model, test_set, device, out)
+    if stop:  # 130 after Ctrl-C, 143 after SIGTERM: a script or a scheduler tells it from "done"
+        sys.exit(128 + stop[0])
+    if rank == 0:
+        try:
+            evaluate(args, model, test_set, device, out)
+        except KeyboardInterrupt:
+            print(f"interrupted during the evaluation; {ckpt_path} holds step {step}", file=sys.stderr)
+            sys.exit(130)
 
 
 def run_epochs(args, model, opt, dataset, test_set, device, shape, step, total, per_epoch,
@@ -516,6 +541,7 @@ def run_epochs(args, model, opt, dataset, test_set, device, shape, step, total, 
     last_log = last_save = time.time()
     seen, t_log = 0, time.time()
     saved = step or None  # the step ckpt_path holds from this run (a resumed run: where it resumed)
+    first = None  # the loss of this process's first step, the scale of the divergence rule
     # Algorithm 1, lines 2 and 7: repeat ... until convergence (here: a fixed number of steps)
     while step < total:
         epoch, skip = divmod(step, per_epoch)
@@ -534,10 +560,10 @@ def run_epochs(args, model, opt, dataset, test_set, device, shape, step, total, 
             # Eq. 8 over N, and beta-VAE (Higgins et al. 2017) weighs the KL by beta (1: the ELBO)
             loss = -(rec - args.beta * kl).mean()
             loss_all = all_sum(loss.detach(), ranks.world) / ranks.world  # the same on every rank
-            if not torch.isfinite(loss_all):
+            first = loss_all.item() if first is None else first
+            if diverged(loss_all.item(), first):  # a -ELBO of hundreds of nats at the start sets the scale
                 kept = f"{ckpt_path} holds step {saved}" if saved else "this run has written no checkpoint yet"
-                raise UserError(f"the loss became {loss_all.item()} at step {step + 1}; stopped without "
-                                f"saving ({kept}). Try a lower --lr.")
+                raise divergence_error(loss_all.item(), first, (x,), step + 1, kept, ranks, device)
             opt.zero_grad(set_to_none=True)
             # Algorithm 1, line 5: g <- grad_{theta,phi} L~^M(theta, phi; X^M, eps)
             loss.backward()
@@ -677,6 +703,9 @@ def main(argv=None):
         sample(args) if args.sample else train(args)
     except UserError as e:
         sys.exit(f"error: {e}")
+    except KeyboardInterrupt:  # Ctrl-C where no checkpoint is at stake: sampling, or before training
+        print("interrupted: nothing saved", file=sys.stderr)
+        sys.exit(130)
 
 
 if __name__ == "__main__":

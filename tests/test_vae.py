@@ -1,6 +1,7 @@
 """Tests for vae.py: the reparameterisation and the KL of Appendix B, the ELBO and the
 importance-weighted bound on probabilistic PCA (where log p(x) is exact), learning on small
 images, and the command line."""
+import argparse
 import math
 import os
 import signal
@@ -372,8 +373,10 @@ def test_sigterm_saves_and_resume_keeps_the_runs_evaluation_flags(folder, tmp_pa
         return real(*a)
 
     monkeypatch.setattr(vae, "sgvb", sgvb_then_sigterm)
-    out = run([*base, "--steps", 6, "--iw-samples", 7, "--iw-images", 5], capsys)
-    assert "interrupted at step 2" in out
+    with pytest.raises(SystemExit) as e:
+        run([*base, "--steps", 6, "--iw-samples", 7, "--iw-images", 5], capsys)
+    assert e.value.code == 143  # 128 + SIGTERM, after saving: not a finished run's 0
+    assert "interrupted at step 2" in capsys.readouterr().out
     monkeypatch.setattr(vae, "sgvb", real)
     out = run(["--resume", "--out", tmp_path / "a"], capsys)  # no evaluation flags given again
     assert "resumed from step 2" in out and "K = 7" in out
@@ -443,3 +446,65 @@ def test_binarize_trains_and_evaluates_on_binary_images(folder, tmp_path, capsys
     assert ((vae.binarize(grey) + 1) / 2).mean().item() == pytest.approx(0.75, abs=0.01)
     assert "--likelihood bernoulli" in error_of(["--dataset", folder, *TINY, "--likelihood", "gaussian",
                                                  "--binarize", "--out", tmp_path / "b"], capsys)
+
+
+def test_a_rank_stopped_by_another_ranks_signal_exits_as_after_sigterm(monkeypatch):
+    monkeypatch.setattr(vae, "all_sum", lambda x, world: x + 1)  # the other rank was interrupted
+    stop = []
+    assert vae.stopped(stop, argparse.Namespace(world=2), "cpu") and 128 + stop[0] == 143
+
+
+def test_the_divergence_rule_fits_a_loss_of_hundreds_of_nats():
+    assert vae.diverged(float("nan"), 550.0) and vae.diverged(float("inf"), 550.0)
+    # -ELBO starts near 550 nats (28x28 Bernoulli): falling to 250, or a bump to 5,000, is training
+    assert not vae.diverged(250.0, 550.0) and not vae.diverged(5000.0, 550.0)
+    assert vae.diverged(5.6e5, 550.0) and not vae.diverged(5.4e5, 550.0)
+    # a Gaussian decoder's -ELBO goes negative; the scale is then at least 1
+    assert not vae.diverged(-3000.0, -2500.0) and vae.diverged(1001.0, -2500.0)
+
+
+def test_a_finite_but_absurd_loss_is_divergence(folder, tmp_path, capsys, monkeypatch):
+    real, calls = vae.sgvb, []
+
+    def sgvb_blows_up_at_step_3(model, x, eps):
+        rec, kl = real(model, x, eps)
+        calls.append(1)
+        return (rec * 1e9 if len(calls) >= 3 else rec), kl  # finite: about -1e11 nats, not -inf
+
+    monkeypatch.setattr(vae, "sgvb", sgvb_blows_up_at_step_3)
+    err = error_of(["--dataset", folder, *TINY, "--steps", 6, "--out", tmp_path / "a"], capsys)
+    assert "at step 3" in err and "over 1000 x the first step's" in err and "lower --lr" in err, err
+    assert not (tmp_path / "a" / "ckpt.pt").exists()
+
+
+def test_a_batch_holding_nan_is_named_not_the_learning_rate(tmp_path, capsys):
+    x = torch.rand(16, 1, 8, 8) * 2 - 1
+    x[:, 0, 0, 0] = float("nan")  # float images with one NaN pixel each
+    torch.save(x, tmp_path / "nan.pt")
+    err = error_of(["--dataset", tmp_path / "nan.pt", "--batch-size", 8, "--hidden", 16, "--likelihood",
+                    "gaussian", "--steps", 2, "--out", tmp_path / "a"], capsys)
+    assert "the batch at step 1 holds non-finite values" in err and "NaN or inf" in err, err
+    assert "lower --lr" not in err
+
+
+def test_ctrl_c_while_sampling_or_evaluating_is_one_line_and_exits_130(folder, tmp_path, capsys, monkeypatch):
+    def ctrl_c(*a, **k):
+        raise KeyboardInterrupt
+
+    def code_of(argv):
+        try:
+            vae.main([str(a) for a in argv])
+        except KeyboardInterrupt:
+            pytest.fail("Ctrl-C reached the caller: a traceback")
+        except SystemExit as e:
+            return e.code
+        pytest.fail("Ctrl-C exited 0")
+
+    run(["--dataset", folder, *TINY, "--steps", 1, "--out", tmp_path / "a"], capsys)
+    monkeypatch.setattr(vae.VAE, "mean", ctrl_c)
+    assert code_of(["--sample", "--ckpt", tmp_path / "a" / "ckpt.pt", "--save", tmp_path / "x.png"]) == 130
+    assert capsys.readouterr().err == "interrupted: nothing saved\n" and not (tmp_path / "x.png").exists()
+    monkeypatch.undo()
+    monkeypatch.setattr(vae, "evaluate", ctrl_c)  # the checkpoint is saved: it says so
+    assert code_of(["--dataset", folder, *TINY, "--steps", 1, "--out", tmp_path / "b"]) == 130
+    assert f"interrupted during the evaluation; {tmp_path / 'b' / 'ckpt.pt'} holds step 1" in capsys.readouterr().err
