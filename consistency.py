@@ -51,6 +51,10 @@ Differences from the paper:
   far shorter than 800k steps; the EMA decay of the evaluated weights warms up as in ddpm.py.
 - mu(k) is Appendix C's exp(s_0 log mu_0 / N(k)); the official code divides by N(k) - 1.
 - CD's student (and its target) start from the teacher's weights, as the official code does.
+- Gradients are clipped at norm 1 (--grad-clip), and the learning rate warms up linearly over 1,000
+  steps, capped at a tenth of the run (--warmup); the official code uses RAdam with neither, and EDM
+  (the teacher) ramps its rate up over 10M images without clipping. --grad-clip 0 and --warmup 0
+  turn each off.
 """
 import argparse
 import copy
@@ -165,24 +169,27 @@ def make_model(args, channels, size, boundary):
 # The teacher: EDM's loss and Heun sampler
 # ----------------------------------------------------------------------------------------------
 
-def edm_loss(D, x, sigma_data, P_mean=-1.2, P_std=1.2, rank=0, world=1):
-    """EDM's training loss (Sec. 5, Table 1): ln t ~ N(P_mean, P_std^2), weighted by
+def edm_loss(D, x, u, z, sigma_data, P_mean=-1.2, P_std=1.2):
+    """EDM's training loss (Sec. 5, Table 1), per example, from the caller's draws u ~ N(0, 1) (B,)
+    and z ~ N(0, I) like x: ln t ~ N(P_mean, P_std^2), weighted by
     lambda(t) = (t^2 + sigma_data^2) / (t sigma_data)^2 so every t contributes about equally."""
-    t = (P_mean + P_std * mine(lambda B: torch.randn(B, device=x.device), x, rank, world)).exp()
-    n = mine(lambda B: torch.randn(B, *x.shape[1:], device=x.device), x, rank, world) * view(t, x)
+    t = (P_mean + P_std * u).exp()
     lam = (t ** 2 + sigma_data ** 2) / (t * sigma_data) ** 2
-    return lam * (D(x + n, t) - x).square().flatten(1).mean(1)  # Note: the mean over pixels
+    return lam * (D(x + view(t, x) * z, t) - x).square().flatten(1).mean(1)  # Note: the mean over pixels
 
 
 @torch.no_grad()
-def sample_heun(D, z, steps=18):
+def sample_heun(D, z, steps=18, on_step=None):
     """EDM's Algorithm 1 (deterministic): t_0 = T > ... > t_{N-1} = eps (the Karras times, reversed),
-    t_N = 0; Heun steps, the last one Euler. 2 N - 1 network evaluations (35 for N = 18)."""
+    t_N = 0; Heun steps, the last one Euler. 2 N - 1 network evaluations (35 for N = 18).
+    on_step(done, steps), if given, is called after each step (progress lines, a stop)."""
     t = karras_times(steps).flip(0)  # t_0 = T, ..., t_{N-1} = eps, t_N = 0
     x = z * t[0]  # line 1: x_0 ~ N(0, t_0^2 I)
     for i in range(steps):
         t_i, t_next = (torch.full((len(x),), v.item(), device=x.device) for v in t[i:i + 2])
         x = ode_step(D, x, t_i, t_next, "heun" if t[i + 1] > 0 else "euler")  # lines 4-8
+        if on_step is not None:
+            on_step(i + 1, steps)
     return x
 
 
@@ -211,21 +218,19 @@ def consistency_loss(f, f_minus, x_next, t_next, x_hat, t_n, metric, lam):
     return lam * distance(student, target.float(), metric)
 
 
-def cd_loss(f, f_minus, D_phi, x, t, solver, metric, rank=0, world=1):
-    """Algorithm 2, lines 3-6, on the N-point discretisation t (t[i] = t_i)."""
-    N = len(t) - 1
-    # Algorithm 2: n ~ U[1, N - 1]
-    n = mine(lambda B: torch.randint(1, N, (B,)), x, rank, world)
+def cd_loss(f, f_minus, D_phi, x, t, n, z, solver, metric):
+    """Algorithm 2, lines 3-6, on the N-point discretisation t (t[i] = t_i), from the caller's draws
+    n ~ U[1, N - 1] (draw_n) and z ~ N(0, I). Returns the losses and x^_{t_n}, the teacher's step."""
     t_n, t_next = t[n].to(x.device, x.dtype), t[n + 1].to(x.device, x.dtype)
     # Algorithm 2: x_{t_{n+1}} ~ N(x; t_{n+1}^2 I)
-    x_next = x + view(t_next, x) * mine(lambda B: torch.randn(B, *x.shape[1:], device=x.device), x, rank, world)
+    x_next = x + view(t_next, x) * z
     # Algorithm 2: x^_{t_n} <- x_{t_{n+1}} + (t_n - t_{n+1}) Phi(x_{t_{n+1}}, t_{n+1}; phi), one
     # step of the teacher's ODE solver
     with torch.no_grad():
         x_hat = ode_step(D_phi, x_next, t_next, t_n, solver)
     # Algorithm 2: L <- lambda(t_n) d(f_theta(x_{t_{n+1}}, t_{n+1}), f_theta^-(x^_{t_n}, t_n)),
     # lambda = 1 (the paper's choice)
-    return consistency_loss(f, f_minus, x_next, t_next, x_hat, t_n, metric, 1.0), n
+    return consistency_loss(f, f_minus, x_next, t_next, x_hat, t_n, metric, 1.0), x_hat
 
 
 def ct_N(k, K, s0=2, s1=150):
@@ -252,21 +257,22 @@ def ict_n_weights(t, P_mean=-1.1, P_std=2.0):
     return (cdf[1:] - cdf[:-1]).float()
 
 
-def ct_loss(f, f_minus, x, t, metric, ict, rank=0, world=1):
-    """Algorithm 3, lines 3-5, on the discretisation t of N(k) points."""
-    N = len(t) - 1
+def draw_n(t, B, ict):
+    """B draws of n in 1..N - 1 for the discretisation t of N points."""
     if ict:  # iCT (Song & Dhariwal 2023, Sec. 3.5): n drawn from a discretised log-normal
-        n = mine(lambda B: torch.multinomial(ict_n_weights(t), B, replacement=True), x, rank, world) + 1
-    else:  # Algorithm 3: n ~ U[1, N(k) - 1]
-        n = mine(lambda B: torch.randint(1, N, (B,)), x, rank, world)
+        return torch.multinomial(ict_n_weights(t), B, replacement=True) + 1
+    return torch.randint(1, len(t) - 1, (B,))  # Algorithms 2 and 3: n ~ U[1, N - 1]
+
+
+def ct_loss(f, f_minus, x, t, n, z, metric, ict):
+    """Algorithm 3, lines 3-5, on the discretisation t of N(k) points, from the caller's draws
+    n (draw_n) and z ~ N(0, I) like x."""
     t_n, t_next = t[n].to(x.device, x.dtype), t[n + 1].to(x.device, x.dtype)
-    # Algorithm 3: z ~ N(0, I)
-    z = mine(lambda B: torch.randn(B, *x.shape[1:], device=x.device), x, rank, world)
     # iCT, Sec. 3.4: lambda(t_n) = 1 / (t_{n+1} - t_n); Algorithm 3 as the paper ran it: lambda = 1
     lam = 1 / (t_next - t_n) if ict else 1.0
     # Algorithm 3: L <- lambda(t_n) d(f_theta(x + t_{n+1} z, t_{n+1}), f_theta^-(x + t_n z, t_n))
     return consistency_loss(f, f_minus, x + view(t_next, x) * z, t_next, x + view(t_n, x) * z, t_n,
-                            metric, lam), n
+                            metric, lam)
 
 
 @torch.no_grad()
@@ -299,6 +305,8 @@ def sample_multistep(f, z, taus=(), clip=True, generator=None):
     return x
 
 
+MAX_HEUN_STEPS = 1000  # --sampling-steps of the teacher: a bound, so that a typo is no day's work
+
 # tau_1 > ... > tau_{k-1} for k steps, when --taus is not given. The paper searched its taus on FID
 # (Sec. 6); tau_1 = 1.5 scored best of 0.3, 0.8, 1.5 and 3 for two steps on Fashion-MNIST (README.md)
 DEFAULT_TAUS = {1: (), 2: (1.5,), 3: (3.0, 0.8), 4: (5.0, 1.5, 0.4)}
@@ -319,11 +327,11 @@ def check_taus(taus, steps):
     return tuple(taus)
 
 
-def draw(model, z, steps, taus, clip, generator):
+def draw(model, z, steps, taus, clip, generator, on_step=None):
     """Samples from noise z: a consistency model with Algorithm 1, a teacher with Heun."""
     if model.boundary:
         return sample_multistep(model, z, taus, clip, generator)
-    return sample_heun(model, z, steps)
+    return sample_heun(model, z, steps, on_step)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -333,6 +341,9 @@ def draw(model, z, steps, taus, clip, generator):
 METHODS = {"teacher": "consistency-teacher", "cd": "consistency-cd", "ct": "consistency-ct"}
 WHAT = {"consistency-teacher": "consistency.py --stage teacher", "consistency-cd": "consistency.py "
         "--stage cd", "consistency-ct": "consistency.py --stage ct"}
+NETWORK = ("width", "mults", "res_blocks", "attn", "dropout", "sigma_data")  # the args make_model reads
+# what each checkpoint holds besides args, shape, step, model, ema, optimizer and rng
+PARTS = {"consistency-teacher": (), "consistency-cd": ("teacher", "target"), "consistency-ct": ("target",)}
 
 
 def save_checkpoint(path, run, step):
@@ -371,16 +382,30 @@ def load_checkpoint(path, methods, flag="--ckpt"):
     if found not in methods:
         raise UserError(f"{flag} {path} is a checkpoint of {WHAT.get(found, found)}, not of "
                         f"{' or '.join(WHAT[m] for m in methods)}")
-    missing = [k for k in ("args", "shape", "step", "model", "ema", "optimizer", "rng") if k not in ckpt]
+    missing = [k for k in ("args", "shape", "step", "model", "ema", "optimizer", "rng", *PARTS[found])
+               if ckpt.get(k) is None]
+    if isinstance(ckpt.get("args"), dict):
+        missing += [f"args['{k}']" for k in NETWORK if k not in ckpt["args"]]
+    if isinstance(ckpt.get("teacher"), dict):
+        missing += [f"teacher['{k}']" for k in ("args", "shape", "ema") if k not in ckpt["teacher"]]
     if missing:
         raise UserError(f"{path} is an incomplete consistency.py checkpoint: no {', '.join(missing)}")
     return ckpt
 
 
-def teacher_from_state(state, device):
+def load_weights(module, state, path, part):
+    """module.load_state_dict(state), or a clear error for a checkpoint whose weights do not fit."""
+    try:
+        module.load_state_dict(state)
+    except (RuntimeError, ValueError, KeyError, TypeError, AttributeError):
+        raise UserError(f"{path}: its {part} state does not fit the network its args describe "
+                        f"(a damaged checkpoint)") from None
+
+
+def teacher_from_state(state, device, source):
     """The teacher's D_phi (its EMA weights), frozen, from its checkpoint or a CD checkpoint's copy."""
     D_phi = make_model(argparse.Namespace(**state["args"]), *state["shape"][:2], boundary=False)
-    D_phi.load_state_dict(state["ema"])
+    load_weights(D_phi, state["ema"], source, "teacher")
     return D_phi.to(device, memory_format=torch.channels_last).eval().requires_grad_(False)
 
 
@@ -405,7 +430,8 @@ def ema_update(ema, model, n, max_decay):
 
 
 def learning_rate(args, step, total):
-    """Linear warm-up over min(--warmup, a tenth of the run), then constant or cosine decay to 0."""
+    """Linear warm-up over min(--warmup, a tenth of the run) steps (0: none), then constant or
+    cosine decay to 0."""
     lr = args.lr * min(1.0, (step + 1) / max(1, min(args.warmup, total // 10)))
     if args.lr_decay == "cosine":
         lr *= 0.5 * (1 + math.cos(math.pi * step / total))
@@ -445,8 +471,10 @@ def all_sum(x, world):
 
 def stopped(run):
     """Whether Ctrl-C or SIGTERM reached any rank: all ranks then stop after the same step."""
-    if run.world > 1 and all_sum(torch.tensor(float(len(run.stop)), device=run.device), run.world).item():
-        run.stop.append(True)  # every rank's list then says so
+    anyone = run.world > 1 and all_sum(torch.tensor(float(len(run.stop)), device=run.device),
+                                       run.world).item()
+    if anyone and not run.stop:  # stopped by another rank's signal: exits 143, as after SIGTERM
+        run.stop.append(signal.SIGTERM)
     return bool(run.stop)
 
 
@@ -454,18 +482,27 @@ def stopped(run):
 # Training: the three stages share one loop
 # ----------------------------------------------------------------------------------------------
 
+def normal(run, x, *shape):
+    """This rank's rows of N(0, I) draws of shape (B, *shape) for the global batch (see mine())."""
+    return mine(lambda B: torch.randn(B, *shape, device=x.device), x, run.rank, run.world)
+
+
 def setup_teacher(run, ckpt):
     run.model = make_model(run.args, *run.shape[:2], boundary=False)
     run.target, run.teacher, run.teacher_state = None, None, None
-    run.loss = lambda x, k, total: (edm_loss(run.ddp, x, run.args.sigma_data, rank=run.rank,
-                                             world=run.world).mean(), "")
+
+    def loss(x, k, total):
+        # EDM: ln t ~ N(P_mean, P_std^2) from u ~ N(0, 1), and the noise z ~ N(0, I)
+        u, z = normal(run, x), normal(run, x, *x.shape[1:])
+        return edm_loss(run.ddp, x, u, z, run.args.sigma_data).mean(), ""
+    run.loss = loss
 
 
 def setup_consistency(run, ckpt):
     args = run.args
     if args.stage == "cd":
         if ckpt is not None:
-            run.teacher_state = ckpt["teacher"]
+            run.teacher_state, source = ckpt["teacher"], f"the copy in {run.ckpt_path}"
         elif not args.teacher:
             raise UserError("--stage cd needs --teacher CKPT: train one first with "
                             "python consistency.py --stage teacher (runs/cm_teacher/ckpt.pt)")
@@ -474,15 +511,20 @@ def setup_consistency(run, ckpt):
             if tuple(t_ckpt["shape"]) != run.shape:
                 raise UserError(f"--teacher {args.teacher} was trained on {tuple(t_ckpt['shape'])} images, "
                                 f"{args.dataset} has {run.shape}: distil on the teacher's data set")
-            run.teacher_state = {"args": t_ckpt["args"], "shape": t_ckpt["shape"], "ema": t_ckpt["ema"]}
-        for k in ("width", "mults", "res_blocks", "attn", "dropout", "sigma_data"):
+            run.teacher_state, source = {k: t_ckpt[k] for k in ("args", "shape", "ema")}, args.teacher
+            refuse_other_network(run.given, t_ckpt["args"], "--stage cd's student is the teacher's network",
+                                 "the teacher has")
+        for k in NETWORK:
             setattr(args, k, run.teacher_state["args"][k])  # the student is the teacher's network
     elif args.teacher:  # CT learns without one; a teacher given here only draws the grid's first row
-        run.teacher_state = {k: v for k, v in load_checkpoint(args.teacher, ["consistency-teacher"],
-                                                              "--teacher").items() if k in ("args", "shape", "ema")}
+        t_ckpt, source = load_checkpoint(args.teacher, ["consistency-teacher"], "--teacher"), args.teacher
+        run.teacher_state = {k: t_ckpt[k] for k in ("args", "shape", "ema")}
     else:
         run.teacher_state = None
-    run.teacher = teacher_from_state(run.teacher_state, run.device) if run.teacher_state else None
+    run.teacher = teacher_from_state(run.teacher_state, run.device, source) if run.teacher_state else None
+    if run.teacher is not None and not all(torch.isfinite(p).all() for p in run.teacher.parameters()):
+        raise UserError(f"the teacher ({source}) holds non-finite weights (its run diverged): "
+                        f"retrain the teacher with a lower --lr")
     run.model = make_model(args, *run.shape[:2], boundary=True)
     if args.stage == "cd" and ckpt is None:
         # as the official code: the student starts from the teacher's weights (F_theta of both)
@@ -492,27 +534,52 @@ def setup_consistency(run, ckpt):
 
     def loss(x, k, total):
         if args.stage == "cd":
-            losses, _ = cd_loss(run.ddp, run.target, run.teacher, x, t_fixed, args.ode_solver, args.metric,
-                                run.rank, run.world)
-            run.mu, N = args.mu, args.N
+            t, run.mu = t_fixed, args.mu
         else:
-            N = ict_N(k, total) if args.ict else ct_N(k, total, args.s0, args.s1)
+            t = karras_times(ict_N(k, total) if args.ict else ct_N(k, total, args.s0, args.s1))
             run.mu = 0.0 if args.ict else ct_mu(k, total, args.s0, args.s1, args.mu0)
-            losses, _ = ct_loss(run.ddp, run.target, x, karras_times(N), args.metric, args.ict, run.rank, run.world)
-        return losses.mean(), f"N {N}  mu {run.mu:.4f}"
+        # Algorithms 2 and 3: n ~ U[1, N - 1] (iCT: its log-normal), then z ~ N(0, I)
+        n = mine(lambda B: draw_n(t, B, args.ict), x, run.rank, run.world)
+        z = normal(run, x, *x.shape[1:])
+        if args.stage == "cd":
+            losses, x_hat = cd_loss(run.ddp, run.target, run.teacher, x, t, n, z, args.ode_solver,
+                                    args.metric)
+            run.teacher_finite = torch.isfinite(x_hat).all()
+        else:
+            losses = ct_loss(run.ddp, run.target, x, t, n, z, args.metric, args.ict)
+        return losses.mean(), f"N {len(t) - 1}  mu {run.mu:.4f}"
     run.loss = loss
 
 
+def refuse_other_network(given, saved, why, where):
+    """A network flag given on the command line that `saved` (a checkpoint's args) overrides is an
+    error rather than silently ignored."""
+    for k, v in given.items():
+        if tuple_if_list(v) != tuple_if_list(saved[k]):
+            flag, was = "--" + k.replace("_", "-"), saved[k]
+            was = ",".join(map(str, was)) if isinstance(was, (list, tuple)) else was
+            raise UserError(f"{why}: {where} {flag} {was}; leave out {flag}")
+
+
+def tuple_if_list(v):
+    return tuple(v) if isinstance(v, list) else v
+
+
 def train(args):
+    """Trains the stage of args; returns the exit status: 0 when done, 128 + the signal's number
+    when interrupted (the checkpoint saved)."""
     rank, world, device = setup_distributed(args.device)
     args.out = args.out or f"runs/cm_{args.stage}"
-    ckpt = None
+    given = {k: getattr(args, k) for k in NETWORK if getattr(args, k) is not None}
+    ckpt, ckpt_path = None, None
     if args.resume:
-        ckpt = load_checkpoint(args.ckpt or Path(args.out) / "ckpt.pt", [METHODS[args.stage]])
+        ckpt_path = args.ckpt or Path(args.out) / "ckpt.pt"
+        ckpt = load_checkpoint(ckpt_path, [METHODS[args.stage]])
         for k in ("dataset", "image_size", "teacher"):
-            if getattr(args, k) is not None and getattr(args, k) != ckpt["args"][k]:
-                raise UserError(f"the run was started with --{k.replace('_', '-')} {ckpt['args'][k]}; "
+            if getattr(args, k) is not None and getattr(args, k) != ckpt["args"].get(k):
+                raise UserError(f"the run was started with --{k.replace('_', '-')} {ckpt['args'].get(k)}; "
                                 f"--resume continues it as it was (leave out --{k.replace('_', '-')})")
+        refuse_other_network(given, ckpt["args"], "--resume continues the run's network", "it has")
         keep = {k: getattr(args, k) for k in ("device", "out", "resume", "ckpt", "data_dir")}
         if args.epochs is not None or args.steps is not None:  # a new length for the run
             keep["epochs"], keep["steps"] = args.epochs, args.steps
@@ -523,11 +590,14 @@ def train(args):
     if args.batch_size % world:
         raise UserError(f"--batch-size {args.batch_size} (the global batch) must divide evenly over "
                         f"{world} processes")
+    if Path(args.out).exists() and not Path(args.out).is_dir():
+        raise UserError(f"--out {args.out} is a file: give a folder for the run's outputs")
     seed_everything(args.seed)  # the same on every rank: see mine()
     dataset, info = load_dataset(args.dataset, args.data_dir, True, args.image_size,
                                  flip=args.dataset == "cifar10")
     run = argparse.Namespace(args=args, device=device, shape=(info.channels, info.size, info.size),
-                             saved=None, mu=None, rank=rank, world=world)
+                             saved=None, mu=None, rank=rank, world=world, given=given, ckpt_path=ckpt_path,
+                             teacher_finite=torch.tensor(True))
     if ckpt is not None and tuple(ckpt["shape"]) != run.shape:
         raise UserError(f"the checkpoint was trained on {tuple(ckpt['shape'])} images, {args.dataset} "
                         f"has {run.shape}: use the same --dataset and --image-size")
@@ -548,11 +618,10 @@ def train(args):
           + (f", teacher {args.teacher}" if run.teacher is not None else ""))
     step = 0
     if ckpt is not None:
-        run.model.load_state_dict(ckpt["model"])
-        run.ema.load_state_dict(ckpt["ema"])
-        if run.target is not None:
-            run.target.load_state_dict(ckpt["target"])
-        run.opt.load_state_dict(ckpt["optimizer"])
+        for part, module in (("model", run.model), ("ema", run.ema), ("target", run.target),
+                             ("optimizer", run.opt)):
+            if module is not None:
+                load_weights(module, ckpt[part], ckpt_path, part)
         step = run.saved = ckpt["step"]
         torch.set_rng_state(ckpt["rng"]["torch"])
         random.setstate(ckpt["rng"]["python"])
@@ -562,12 +631,11 @@ def train(args):
         print(f"resumed from step {step}")
     run.ddp = DistributedDataParallel(run.model, device_ids=[device.index] if device.type == "cuda"
                                       else None) if world > 1 else run.model  # averages gradients
-    if Path(args.out).exists() and not Path(args.out).is_dir():
-        raise UserError(f"--out {args.out} is a file: give a folder for the run's outputs")
     Path(args.out).mkdir(parents=True, exist_ok=True)
     run.path = Path(args.out) / "ckpt.pt"
-    run.stop = []  # Ctrl-C or SIGTERM finishes the current step, saves, and exits
-    handlers = {s: signal.signal(s, lambda *_: run.stop.append(True)) for s in (signal.SIGINT, signal.SIGTERM)}
+    run.stop = []  # the number of the signal (Ctrl-C, SIGTERM) that finishes the step, saves, exits
+    handlers = {s: signal.signal(s, lambda signum, _: run.stop.append(signum))
+                for s in (signal.SIGINT, signal.SIGTERM)}
     try:
         step = run_epochs(run, dataset, step)
         if rank == 0:
@@ -578,6 +646,7 @@ def train(args):
         if world > 1:
             dist.destroy_process_group()
     print(f"{'interrupted' if run.stop else 'done'} at step {step}; checkpoint {run.path}")
+    return 128 + run.stop[0] if run.stop else 0
 
 
 def run_epochs(run, dataset, step):
@@ -586,22 +655,23 @@ def run_epochs(run, dataset, step):
     total = args.steps or args.epochs * per_epoch
     amp = torch.autocast("cuda", torch.bfloat16, enabled=args.bf16 and device.type == "cuda")
     last_log = last_save = t_log = time.time()
-    seen = 0
+    seen, first = 0, None  # first: the loss of this process's first step, divergence's yardstick
     while step < total:
         epoch, skip = divmod(step, per_epoch)
         for x, _ in epoch_batches(dataset, args, epoch, skip, run.rank, run.world):
+            x = x.to(device, memory_format=torch.channels_last)
             for group in run.opt.param_groups:
                 group["lr"] = learning_rate(args, step, total)
             with amp:
-                loss, detail = run.loss(x.to(device, memory_format=torch.channels_last), step, total)
-            loss_all = all_sum(loss.detach(), run.world) / run.world  # the same on every rank
-            if not torch.isfinite(loss_all):
-                kept = f"{run.path} holds step {run.saved}" if run.saved else "no checkpoint was written yet"
-                raise UserError(f"the loss became {loss_all.item()} at step {step + 1}; stopped, {kept}. "
-                                f"Try a lower --lr.")
+                loss, detail = run.loss(x, step, total)
+            value = (all_sum(loss.detach(), run.world) / run.world).item()  # the same on every rank
+            first = value if first is None else first
+            if not math.isfinite(value) or value > 1000 * max(first, 1.0):
+                raise UserError(divergence(run, x, value, first, step + 1))
             run.opt.zero_grad(set_to_none=True)
             loss.backward()
-            torch.nn.utils.clip_grad_norm_(run.model.parameters(), args.grad_clip)
+            if args.grad_clip > 0:
+                torch.nn.utils.clip_grad_norm_(run.model.parameters(), args.grad_clip)
             run.opt.step()
             step += 1
             if run.target is not None:  # Algorithm 2/3: theta^- <- stopgrad(mu theta^- + (1 - mu) theta)
@@ -611,7 +681,7 @@ def run_epochs(run, dataset, step):
             now = time.time()
             if now - last_log >= args.log_every or step == total:
                 speed = seen / (now - t_log)
-                print(f"step {step}/{total}  epoch {epoch + 1}  loss {loss_all.item():.4f}  {detail}  "
+                print(f"step {step}/{total}  epoch {epoch + 1}  loss {value:.4f}  {detail}  "
                       f"{speed:.0f} img/s  {(total - step) * args.batch_size / speed / 60:.1f} min left",
                       flush=True)
                 last_log, seen, t_log = now, 0, now
@@ -622,21 +692,63 @@ def run_epochs(run, dataset, step):
                 break
         if (step % per_epoch == 0 or step == total) and run.rank == 0:  # the others wait meanwhile
             save_checkpoint(run.path, run, step)
-            save_epoch_grid(run, epoch)
+            try:
+                save_epoch_grid(run, epoch)
+            except SamplingStopped:
+                print(f"stopped while drawing the grid; {run.path} holds step {step}", flush=True)
             seen, t_log = 0, time.time()  # images/s and time left count training alone
         if stopped(run):
             break
     return step
 
 
+def divergence(run, x, value, first, step):
+    """Why the run stops at `step`: the non-finite input (the batch, the teacher's ODE step) where
+    there is one, since a lower --lr cannot help then; else the loss, non-finite or absurd."""
+    kept = f"{run.path} holds step {run.saved}" if run.saved else "no checkpoint was written yet"
+    bad = torch.stack([~torch.isfinite(x).all(), ~run.teacher_finite.to(device=x.device)]).float()
+    bad_batch, bad_teacher = all_sum(bad, run.world).tolist()  # on any rank
+    if bad_batch:
+        return (f"the batch at step {step} holds non-finite values: the data set {run.args.dataset} has NaN "
+                f"or inf in it; stopped without saving, {kept}")
+    if bad_teacher:
+        return (f"the teacher's ODE step at step {step} gave non-finite values: the teacher "
+                f"({run.args.teacher}) is broken, retrain it; stopped without saving, {kept}")
+    how = f"over 1000 times the first step's {first:.4g}" if math.isfinite(value) else "not finite"
+    return (f"the loss became {value:.4g} at step {step} ({how}); stopped without saving, {kept}. "
+            f"Try a lower --lr.")
+
+
+class SamplingStopped(Exception):
+    """Ctrl-C or SIGTERM arrived while training drew its grid (the checkpoint was saved before)."""
+
+
+class Progress:
+    """A sampler's on_step(done, total): a line every few seconds, and the end of the sampling at
+    the next step once `stop` is set."""
+
+    def __init__(self, what, stop=(), every=5.0):
+        self.what, self.stop, self.every = what, stop, every
+        self.start = self.last = time.time()
+
+    def __call__(self, done, total):
+        if self.stop:
+            raise SamplingStopped
+        now = time.time()
+        if now - self.last >= self.every:
+            left = (now - self.start) / done * (total - done)
+            print(f"{self.what}: step {done}/{total}, {left:.0f} s left", flush=True)
+            self.last = now
+
+
 def fixed_noise(n, shape, device, seed=0):
     return torch.randn(n, *shape, generator=torch.Generator().manual_seed(seed)).to(device)
 
 
-def comparison_rows(f, D_phi, n, shape, device, clip):
+def comparison_rows(f, D_phi, n, shape, device, clip, on_step=None):
     """n samples per row, from the same noise z: the teacher's Heun (if any), then f at 1, 2, 4 steps."""
     z = fixed_noise(n, shape, device)
-    rows = [sample_heun(D_phi, z).clamp(-1, 1)] if D_phi is not None else []
+    rows = [sample_heun(D_phi, z, on_step=on_step).clamp(-1, 1)] if D_phi is not None else []
     for steps in (1, 2, 4):
         g = torch.Generator(device).manual_seed(1)
         rows.append(sample_multistep(f, z, DEFAULT_TAUS[steps], clip, g))
@@ -645,14 +757,19 @@ def comparison_rows(f, D_phi, n, shape, device, clip):
 
 def save_epoch_grid(run, epoch, n=10):
     """The teacher: 64 Heun samples. A consistency model: from the same noise in every column, the
-    teacher at 35 evaluations (if there is one) above the consistency model at 1, 2 and 4 steps."""
+    teacher at 35 evaluations (if there is one) above the consistency model at 1, 2 and 4 steps.
+    A signal ends the teacher's sampling at its next step (SamplingStopped)."""
     path = Path(run.args.out) / f"samples_epoch{epoch + 1:03d}.png"
-    if run.args.stage == "teacher":
-        save_grid(sample_heun(run.ema.eval(), fixed_noise(64, run.shape, run.device)), path)
-    else:
-        save_grid(comparison_rows(run.ema.eval(), run.teacher, n, run.shape, run.device,
-                                  run.args.clip_x0), path, nrow=n)
-    run.ema.train()
+    progress = Progress(f"epoch {epoch + 1} grid", run.stop)
+    try:
+        if run.args.stage == "teacher":
+            x = sample_heun(run.ema.eval(), fixed_noise(64, run.shape, run.device), on_step=progress)
+            save_grid(x, path)
+        else:
+            save_grid(comparison_rows(run.ema.eval(), run.teacher, n, run.shape, run.device,
+                                      run.args.clip_x0, progress), path, nrow=n)
+    finally:
+        run.ema.train()
     print(f"epoch {epoch + 1}: samples in {path}")
 
 
@@ -663,14 +780,22 @@ def save_epoch_grid(run, epoch, n=10):
 def sample(args):
     if not args.ckpt:
         raise UserError("--sample needs --ckpt PATH (e.g. runs/cm_cd/ckpt.pt)")
+    if args.save and Path(args.save).is_dir():
+        raise UserError(f"--save {args.save} is a folder: give a file name, such as "
+                        f"{Path(args.save) / 'samples.png'}")
     if not args.save or Path(args.save).suffix not in (".png", ".pt"):
         raise UserError("--sample needs --save FILE.png (a grid) or FILE.pt (a tensor)")
+    if any(d.exists() and not d.is_dir() for d in Path(args.save).parents):
+        raise UserError(f"--save {args.save} lies inside a file: give a path in a folder")
     ckpt = load_checkpoint(args.ckpt, list(WHAT))
     train_args = argparse.Namespace(**ckpt["args"])
     teacher = ckpt["method"] == "consistency-teacher"
     steps = args.sampling_steps or (18 if teacher else 1)
     if teacher:
         karras_times(steps)  # a clear error before any work
+        if steps > MAX_HEUN_STEPS:
+            raise UserError(f"--sampling-steps {steps}: the teacher's Heun sampler takes at most "
+                            f"{MAX_HEUN_STEPS} steps (EDM uses 18 on CIFAR-10, the default)")
         taus, what = (), f"Heun, {steps} steps = {2 * steps - 1} evaluations"
     else:
         taus = check_taus(args.taus, steps)
@@ -678,7 +803,7 @@ def sample(args):
     device = pick_device(args.device)
     shape = tuple(ckpt["shape"])
     model = make_model(train_args, *shape[:2], boundary=not teacher)
-    model.load_state_dict(ckpt["ema"])
+    load_weights(model, ckpt["ema"], args.ckpt, "EMA")
     model.to(device, memory_format=torch.channels_last).eval()
     if not all(torch.isfinite(p).all() for p in model.parameters()):
         raise UserError(f"{args.ckpt} holds non-finite weights (its run diverged): retrain with a lower --lr")
@@ -686,8 +811,9 @@ def sample(args):
     for i in range(0, args.n, 256):
         g = torch.Generator(device).manual_seed(args.seed + i)
         z = torch.randn(min(256, args.n - i), *shape, device=device, generator=g)
-        xs.append(draw(model, z, steps, taus, train_args.clip_x0, g).cpu())
-        print(f"images {i + 1}-{i + len(xs[-1])} of {args.n} ({what})", flush=True)
+        batch = f"images {i + 1}-{i + len(z)} of {args.n}"
+        xs.append(draw(model, z, steps, taus, train_args.clip_x0, g, Progress(batch)).cpu())
+        print(f"{batch} ({what})", flush=True)
     x = torch.cat(xs)
     if not torch.isfinite(x).all():
         raise UserError(f"the samples of {args.ckpt} came out non-finite: the checkpoint is broken, retrain it")
@@ -714,8 +840,16 @@ def positive_int(s):
 
 def int_list(s):
     v = tuple(int(x) for x in s.split(",") if x.strip())
-    if not v:
-        raise argparse.ArgumentTypeError(f"must be comma-separated integers such as 1,2,2, got {s!r}")
+    if not v or min(v) <= 0:
+        raise argparse.ArgumentTypeError(f"must be comma-separated positive integers such as 1,2,2, "
+                                         f"got {s!r}")
+    return v
+
+
+def non_negative_int(s):
+    v = int(s)
+    if v < 0:
+        raise argparse.ArgumentTypeError(f"must be 0 (off) or a positive integer, got {s}")
     return v
 
 
@@ -730,6 +864,8 @@ def fill_model_defaults(args, info):
     args.mults = args.mults or ((1, 2, 2, 2) if big else (1, 2, 2))
     args.attn = args.attn or ((16,) if big else (info.size // 4,))
     args.dropout = args.dropout if args.dropout is not None else (0.1 if args.dataset == "cifar10" else 0.0)
+    args.res_blocks = args.res_blocks or 2
+    args.sigma_data = args.sigma_data or 0.5
 
 
 def parse_args(argv=None):
@@ -766,19 +902,20 @@ def parse_args(argv=None):
     p.add_argument("--s1", type=positive_int, default=150, help="ct: ... to s1 + 1")
     p.add_argument("--mu0", type=float, default=0.9, help="ct: mu(0)")
     p.add_argument("--ict", action="store_true", help="ct: Song & Dhariwal 2023's improvements")
-    p.add_argument("--sigma-data", type=float, default=0.5, help="the data's std (EDM: 0.5 for pixels)")
+    p.add_argument("--sigma-data", type=float, help="the data's std (default 0.5, EDM's for pixels)")
     p.add_argument("--clip-x0", action=argparse.BooleanOptionalAction,
                    help="clamp samples to [-1, 1] (default: yes for images, no for float latents)")
     # network and optimisation
     p.add_argument("--width", type=positive_int, help="U-Net base channels")
     p.add_argument("--mults", type=int_list, help="channel multipliers per level, e.g. 1,2,2")
-    p.add_argument("--res-blocks", type=positive_int, default=2)
+    p.add_argument("--res-blocks", type=positive_int, help="residual blocks per level (default 2)")
     p.add_argument("--attn", type=int_list, help="resolutions with self-attention, e.g. 7")
     p.add_argument("--dropout", type=float)
-    p.add_argument("--warmup", type=positive_int, default=1000)
+    p.add_argument("--warmup", type=non_negative_int, default=1000,
+                   help="learning-rate warm-up steps (0: off)")
     p.add_argument("--lr-decay", choices=["none", "cosine"], default="none")
     p.add_argument("--ema", type=float, default=0.9999, help="EMA decay of the evaluated weights")
-    p.add_argument("--grad-clip", type=float, default=1.0)
+    p.add_argument("--grad-clip", type=float, default=1.0, help="gradient norm clip (0: off)")
     p.add_argument("--bf16", action="store_true", help="bfloat16 autocast on CUDA")
     p.add_argument("--log-every", type=float, default=5.0, help="seconds")
     p.add_argument("--save-every", type=float, default=5.0, help="minutes between checkpoints")
@@ -793,8 +930,14 @@ def parse_args(argv=None):
         p.error(f"--mu and --mu0 must lie in [0, 1), got {args.mu} and {args.mu0}")
     if args.s1 < args.s0:
         p.error(f"--s1 must be at least --s0, got {args.s1} < {args.s0}")
-    if not args.sigma_data > 0:
+    if args.sigma_data is not None and not args.sigma_data > 0:
         p.error(f"--sigma-data must be positive, got {args.sigma_data}")
+    if args.dropout is not None and not 0 <= args.dropout < 1:
+        p.error(f"--dropout must lie in [0, 1), got {args.dropout}")
+    if not 0 <= args.ema < 1:
+        p.error(f"--ema must lie in [0, 1), got {args.ema}")
+    if not args.grad_clip >= 0:
+        p.error(f"--grad-clip must be 0 (off) or positive, got {args.grad_clip}")
     if args.ict and args.stage != "ct":
         p.error("--ict improves consistency training: use it with --stage ct")
     args.metric = args.metric or ("huber" if args.ict else "l2")
@@ -804,9 +947,14 @@ def parse_args(argv=None):
 def main(argv=None):
     args = parse_args(argv)
     try:
-        sample(args) if args.sample else train(args)
+        status = sample(args) if args.sample else train(args)
     except UserError as e:
         sys.exit(f"error: {e}")
+    except KeyboardInterrupt:  # Ctrl-C while sampling, or before training's handlers are set
+        print("interrupted: nothing saved", file=sys.stderr)
+        sys.exit(130)
+    if status:  # 128 + the signal's number: an interrupted run, its checkpoint saved
+        sys.exit(status)
 
 
 if __name__ == "__main__":

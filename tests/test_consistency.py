@@ -1,6 +1,7 @@
 """Tests for consistency.py: the parameterisation and its boundary condition, the discretisation,
 the ODE step and the exact consistency function of a Gaussian, the CT schedules, the target
 network, Algorithm 1, CD and CT learning a 2-D mixture, and the command line."""
+import argparse
 import math
 import os
 import signal
@@ -134,9 +135,9 @@ def test_cd_loss_of_the_exact_consistency_function_is_near_zero_and_of_a_wrong_o
     torch.manual_seed(0)
     x = M + S * torch.randn(512, 1, 4, 4)
     t = cm.karras_times(18)
-    exact, _ = cm.cd_loss(Exact(), Exact(), gaussian_denoiser, x, t, "heun", "l2")
-    torch.manual_seed(0)
-    wrong, _ = cm.cd_loss(Denoiser(), Denoiser(), gaussian_denoiser, x, t, "heun", "l2")
+    n, z = cm.draw_n(t, 512, ict=False), torch.randn(x.shape)
+    exact, _ = cm.cd_loss(Exact(), Exact(), gaussian_denoiser, x, t, n, z, "heun", "l2")
+    wrong, _ = cm.cd_loss(Denoiser(), Denoiser(), gaussian_denoiser, x, t, n, z, "heun", "l2")
     assert exact.mean() < wrong.mean() / 100 and wrong.mean() > 1e-3, (exact.mean(), wrong.mean())
 
 
@@ -171,7 +172,8 @@ def test_the_target_gets_no_gradient_and_follows_the_ema():
     # other weights, so that the EMA shows; left requiring gradients: the loss must not give them any
     f_minus = cm.Preconditioned(unet(), boundary=True)
     x = torch.rand(4, 1, 8, 8) * 2 - 1
-    losses, _ = cm.ct_loss(f, f_minus, x, cm.karras_times(10), "l2", ict=False)
+    t = cm.karras_times(10)
+    losses = cm.ct_loss(f, f_minus, x, t, cm.draw_n(t, 4, False), torch.randn(x.shape), "l2", ict=False)
     losses.mean().backward()
     assert all(p.grad is None for p in f_minus.parameters())
     assert all(p.grad is not None for p in f.parameters() if p.requires_grad)
@@ -197,6 +199,89 @@ def test_pseudo_huber_is_l2_near_zero_and_l1_far_away():
     small, large = a + 1e-4, a + 1.0
     assert cm.distance(a, small, "huber").item() == pytest.approx(784 * 1e-8 / (2 * c), rel=1e-2)
     assert cm.distance(a, large, "huber").item() == pytest.approx(28 - c, rel=1e-4)
+
+
+# ----------------------------------------------------------------------------------------------
+# The losses' weights and draws: EDM's lambda(t) and log-normal t, iCT's lambda and log-normal n
+# ----------------------------------------------------------------------------------------------
+
+class Recorder(nn.Module):
+    """A network that outputs `out(x)` and keeps what it was called with."""
+    boundary = True
+
+    def __init__(self, out):
+        super().__init__()
+        self.out, self.calls = out, []
+
+    def forward(self, x, t):
+        self.calls.append((x, t))
+        return self.out(x)
+
+
+def test_edm_lambda_by_value_and_the_noisy_input():
+    """lambda(t) = (t^2 + sigma_d^2) / (t sigma_d)^2: 8 at t = 0.5 and 5 at t = 1 for sigma_d = 0.5,
+    so a denoiser off by 0.1 everywhere has losses 8 * 0.01 and 5 * 0.01."""
+    x, z = torch.rand(2, 1, 4, 4) * 2 - 1, torch.randn(2, 1, 4, 4)
+    u = (torch.tensor([0.5, 1.0]).log() + 1.2) / 1.2  # ln t = -1.2 + 1.2 u
+    D = Recorder(lambda x_t: x + 0.1)
+    losses = cm.edm_loss(D, x, u, z, 0.5)
+    (x_t, t), = D.calls
+    assert torch.allclose(t, torch.tensor([0.5, 1.0]))
+    assert torch.allclose(x_t, x + t.view(-1, 1, 1, 1) * z)  # x + n, n ~ N(0, t^2 I)
+    assert torch.allclose(losses, torch.tensor([0.08, 0.05]))
+
+
+def test_the_teacher_draws_ln_t_from_n_of_minus_1_2_and_1_2_squared():
+    args = argparse.Namespace(width=8, mults=(1, 2), res_blocks=1, attn=(4,), dropout=0.0, sigma_data=0.5)
+    run = argparse.Namespace(args=args, shape=(1, 8, 8), rank=0, world=1)
+    cm.setup_teacher(run, None)
+    run.ddp = D = Recorder(lambda x_t: torch.zeros_like(x_t))
+    torch.manual_seed(0)
+    run.loss(torch.zeros(40000, 1, 1, 1), 0, 1)
+    ln_t = D.calls[0][1].log()
+    assert ln_t.mean().item() == pytest.approx(-1.2, abs=0.02)
+    assert ln_t.std().item() == pytest.approx(1.2, abs=0.02)
+    assert (((ln_t + 1.2) / 1.2) ** 4).mean().item() == pytest.approx(3, abs=0.2)  # a normal's kurtosis
+
+
+def test_ict_lambda_is_one_over_the_interval_and_the_loss_lambda_times_d():
+    t = torch.tensor([0.0, 0.002, 0.5, 1.0, 3.0], dtype=torch.float64)  # t_0 = 0, t_1..t_4
+    n = torch.tensor([1, 2, 3])  # lambda = 1 / (t_{n+1} - t_n) = 1 / 0.498, 1 / 0.5, 1 / 2
+    x, z = torch.rand(3, 1, 4, 4) * 2 - 1, torch.randn(3, 1, 4, 4)
+    c = 0.00054 * 4  # pseudo-Huber's c for 16 pixels
+    for metric, d in (("l2", 0.09), ("huber", math.sqrt(16 * 0.09 + c ** 2) - c)):
+        f, f_minus = Recorder(lambda x: torch.full_like(x, 0.3)), Recorder(torch.zeros_like)
+        losses = cm.ct_loss(f, f_minus, x, t, n, z, metric, ict=True)
+        assert torch.allclose(losses, d * torch.tensor([1 / 0.498, 2.0, 0.5])), metric
+        assert torch.allclose(cm.ct_loss(f, f_minus, x, t, n, z, metric, ict=False), torch.full((3,), d))
+    # Algorithm 3: the student sees x + t_{n+1} z at t_{n+1}, the target x + t_n z at t_n
+    (x_next, t_next), (x_n, t_n) = f.calls[0], f_minus.calls[0]
+    assert torch.allclose(t_next, torch.tensor([0.5, 1.0, 3.0])) and torch.allclose(t_n, torch.tensor([0.002, 0.5, 1.0]))
+    assert torch.allclose(x_next, x + t_next.view(-1, 1, 1, 1) * z) and torch.allclose(x_n, x + t_n.view(-1, 1, 1, 1) * z)
+
+
+def test_ict_draws_n_from_the_papers_erf_differences_which_bin_a_log_normal():
+    """iCT, Sec. 3.5: p(n) proportional to erf((ln t_{n+1} - P_mean) / (sqrt 2 P_std)) - erf((ln t_n -
+    P_mean) / (sqrt 2 P_std)) with P_mean = -1.1, P_std = 2: the share of a log-normal sigma,
+    ln sigma ~ N(-1.1, 2^2), that falls in [t_n, t_{n+1})."""
+    t = cm.karras_times(11)
+    def cdf(s):
+        return math.erf((math.log(s) + 1.1) / (math.sqrt(2) * 2.0))
+    p = torch.tensor([cdf(t[n + 1]) - cdf(t[n]) for n in range(1, 11)], dtype=torch.float64)
+    p /= p.sum()
+    g = torch.Generator().manual_seed(0)
+    sigma = (-1.1 + 2.0 * torch.randn(400000, dtype=torch.float64, generator=g)).exp()
+    sigma = sigma[(sigma >= t[1]) & (sigma < t[-1])]
+    binned = torch.bincount(torch.searchsorted(t[1:], sigma, right=True) - 1, minlength=10).double() / len(sigma)
+    assert torch.allclose(binned, p, atol=3e-3)  # the formula is the log-normal binned
+    w = cm.ict_n_weights(t).double()
+    assert torch.allclose(w / w.sum(), p, atol=1e-6)
+    torch.manual_seed(0)
+    n = cm.draw_n(t, 200000, ict=True)
+    assert n.min() >= 1 and n.max() <= 10
+    assert torch.allclose(torch.bincount(n - 1, minlength=10) / len(n), p.float(), atol=4e-3)
+    n = cm.draw_n(t, 100000, ict=False)  # Algorithms 2 and 3: n ~ U[1, N - 1]
+    assert torch.allclose(torch.bincount(n, minlength=11)[1:] / len(n), torch.full((10,), 0.1), atol=4e-3)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -294,13 +379,17 @@ def train_2d(stage, steps=1500):
     for k in range(steps):
         x = mixture(256, g)
         if stage == "cd":
-            losses, _ = cm.cd_loss(f, f_minus, mixture_denoiser, x, cm.karras_times(18), "heun", "l2")
+            t = cm.karras_times(18)
+            n, z = cm.draw_n(t, 256, False), torch.randn(x.shape)
+            losses, _ = cm.cd_loss(f, f_minus, mixture_denoiser, x, t, n, z, "heun", "l2")
             mu = 0.95
         elif stage == "ct":  # Algorithm 3 with Appendix C's schedules (s1 = 20 for a short run)
-            losses, _ = cm.ct_loss(f, f_minus, x, cm.karras_times(cm.ct_N(k, steps, 2, 20)), "l2", False)
+            t = cm.karras_times(cm.ct_N(k, steps, 2, 20))
+            losses = cm.ct_loss(f, f_minus, x, t, cm.draw_n(t, 256, False), torch.randn(x.shape), "l2", False)
             mu = cm.ct_mu(k, steps, 2, 20, 0.9)
         else:  # iCT
-            losses, _ = cm.ct_loss(f, f_minus, x, cm.karras_times(cm.ict_N(k, steps)), "huber", True)
+            t = cm.karras_times(cm.ict_N(k, steps))
+            losses = cm.ct_loss(f, f_minus, x, t, cm.draw_n(t, 256, True), torch.randn(x.shape), "huber", True)
             mu = 0.0
         opt.zero_grad()
         losses.mean().backward()
@@ -419,7 +508,9 @@ def test_resume_after_a_signal_is_bit_for_bit(data, teacher, distilled, tmp_path
 
     extra = ["--teacher", str(teacher)] if stage == "cd" else ["--lr", "2e-3"]
     monkeypatch.setattr(cm, "learning_rate", learning_rate_then_signal)
-    cm.main(argv(stage, data, out, *extra))
+    with pytest.raises(SystemExit) as stop:
+        cm.main(argv(stage, data, out, *extra))
+    assert stop.value.code == 128 + sig  # interrupted, not done: 130 after Ctrl-C, 143 after SIGTERM
     assert load(out / "ckpt.pt")["step"] == 3
     monkeypatch.setattr(cm, "learning_rate", real)
     cm.main(argv(stage, data, out, "--resume"))
@@ -499,3 +590,133 @@ def test_damaged_and_incomplete_checkpoints_and_out_are_named(data, teacher, tmp
     (tmp_path / "file").write_text("")
     msg = exit_message(argv("teacher", data, tmp_path / "file", steps="1"))
     assert msg and "is a file" in msg
+
+
+def parse_error(args, capsys):
+    with pytest.raises(SystemExit) as e:
+        cm.parse_args(args)
+    assert e.value.code == 2
+    return capsys.readouterr().err
+
+
+def test_flags_out_of_range_are_one_line_from_parse_args(capsys):
+    for args, words in [(["--grad-clip", "-1"], "--grad-clip must be 0 (off) or positive, got -1.0"),
+                        (["--ema", "2"], "--ema must lie in [0, 1), got 2.0"),
+                        (["--ema", "-1"], "--ema must lie in [0, 1)"),
+                        (["--dropout", "2"], "--dropout must lie in [0, 1), got 2.0"),
+                        (["--mults", "0,1"], "positive integers such as 1,2,2"),
+                        (["--warmup", "-1"], "must be 0 (off) or a positive integer")]:
+        assert words in parse_error(args, capsys), args
+    args = cm.parse_args(["--warmup", "0", "--grad-clip", "0"])
+    assert [cm.learning_rate(args, k, 1000) for k in (0, 1)] == [args.lr, args.lr]  # no warm-up
+    args.warmup = 1000  # the default: over a tenth of the run at most
+    assert cm.learning_rate(args, 0, 1000) == pytest.approx(args.lr / 100)
+    assert cm.learning_rate(args, 99, 1000) == args.lr
+
+
+def test_grad_clip_0_is_off_and_the_default_clips_at_1(data, tmp_path, monkeypatch):
+    clips = []
+    real = torch.nn.utils.clip_grad_norm_
+    monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", lambda p, g: clips.append(g) or real(p, g))
+    cm.main(argv("ct", data, tmp_path / "off", "--grad-clip", "0", steps="2"))
+    assert clips == []
+    cm.main(argv("ct", data, tmp_path / "on", steps="2"))
+    assert clips == [1.0, 1.0]
+    off, on = load(tmp_path / "off" / "ckpt.pt"), load(tmp_path / "on" / "ckpt.pt")
+    assert any(not torch.equal(a, b) for a, b in zip(off["model"].values(), on["model"].values()))
+
+
+def test_a_diverging_teacher_stops_without_saving(data, tmp_path):
+    """--lr 1e9: the loss stays finite but grows by many orders of magnitude, which is divergence too."""
+    msg = exit_message(argv("teacher", data, tmp_path / "run", "--lr", "1e9", "--grad-clip", "0", steps="3"))
+    assert msg and "over 1000 times the first step's" in msg and "Try a lower --lr" in msg, msg
+    assert "no checkpoint was written yet" in msg and not (tmp_path / "run" / "ckpt.pt").exists()
+
+
+def test_non_finite_data_and_teachers_are_named_not_the_lr(data, teacher, tmp_path):
+    x = torch.rand(16, 1, 8, 8) * 2 - 1
+    x[5, 0, 3, 3] = float("nan")
+    torch.save(x, tmp_path / "nan.pt")
+    msg = exit_message(argv("teacher", tmp_path / "nan.pt", tmp_path / "a", steps="2"))
+    assert msg and "holds non-finite values: the data set" in msg and "--lr" not in msg, msg
+    ckpt = load(teacher)
+    ckpt["ema"] = {k: torch.full_like(v, float("nan")) if v.is_floating_point() else v for k, v in ckpt["ema"].items()}
+    torch.save(ckpt, tmp_path / "nan_teacher.pt")
+    msg = exit_message(argv("cd", data, tmp_path / "b", "--teacher", str(tmp_path / "nan_teacher.pt")))
+    assert msg and "the teacher (" in msg and "holds non-finite weights" in msg, msg
+    ckpt = load(teacher)  # finite weights whose outputs overflow: the last convolution's at 3e38
+    last = [k for k, v in ckpt["ema"].items() if v.dim() == 4][-1]
+    ckpt["ema"][last] = torch.full_like(ckpt["ema"][last], 3e38)
+    torch.save(ckpt, tmp_path / "inf_teacher.pt")
+    msg = exit_message(argv("cd", data, tmp_path / "c", "--teacher", str(tmp_path / "inf_teacher.pt")))
+    assert msg and "the teacher's ODE step at step 1 gave non-finite values" in msg and "--lr" not in msg, msg
+
+
+def test_network_flags_the_teacher_or_the_checkpoint_sets_are_refused(data, teacher, distilled, tmp_path):
+    msg = exit_message(["--stage", "cd", "--resume", "--out", str(distilled), "--width", "16"])
+    assert msg and "--resume continues the run's network: it has --width 8; leave out --width" in msg, msg
+    msg = exit_message(argv("cd", data, tmp_path / "run", "--teacher", str(teacher), "--mults", "1,2,2"))
+    assert msg and "--stage cd's student is the teacher's network: the teacher has --mults 1,2" in msg, msg
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_signal_during_the_teachers_grid_stops_it_at_the_next_step(data, tmp_path, monkeypatch, capsys):
+    real, calls = cm.ode_step, []
+
+    def ode_step_then_signal(*a):  # the teacher trains without ODE steps: these are the grid's
+        calls.append(1)
+        if len(calls) == 1:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return real(*a)
+    monkeypatch.setattr(cm, "ode_step", ode_step_then_signal)
+    out = tmp_path / "run"
+    with pytest.raises(SystemExit) as stop:
+        cm.main(argv("teacher", data, out, "--lr", "2e-3"))
+    assert stop.value.code == 143 and len(calls) == 1
+    assert f"stopped while drawing the grid; {out / 'ckpt.pt'} holds step 4" in capsys.readouterr().out
+    assert load(out / "ckpt.pt")["step"] == 4 and not list(out.glob("samples_*.png"))
+
+
+def test_ctrl_c_while_sampling_is_one_line_and_130(distilled, tmp_path, monkeypatch, capsys):
+    real = cm.sample_multistep
+
+    def interrupted(*a, **k):
+        os.kill(os.getpid(), signal.SIGINT)
+        return real(*a, **k)
+    monkeypatch.setattr(cm, "sample_multistep", interrupted)
+    with pytest.raises(SystemExit) as e:
+        cm.main(["--sample", "--ckpt", str(distilled / "ckpt.pt"), "--n", "2", "--save", str(tmp_path / "x.pt"),
+                 "--device", "cpu"])
+    assert e.value.code == 130 and capsys.readouterr().err.strip() == "interrupted: nothing saved"
+    assert not (tmp_path / "x.pt").exists()
+
+
+def test_sampling_flags_are_checked_before_sampling(teacher, distilled, tmp_path, capsys):
+    for folder in ("grid.png", "runs"):
+        (tmp_path / folder).mkdir()
+        msg = exit_message(["--sample", "--ckpt", str(distilled / "ckpt.pt"), "--save", str(tmp_path / folder),
+                            "--device", "cpu"])
+        assert msg and f"{folder} is a folder" in msg and "images" not in capsys.readouterr().out, msg
+    msg = exit_message(["--sample", "--ckpt", str(teacher), "--save", str(tmp_path / "x.png"),
+                        "--sampling-steps", "1000000", "--device", "cpu"])
+    assert msg and "at most 1000 steps" in msg, msg
+
+
+def test_checkpoints_missing_parts_name_them(teacher, distilled, tmp_path):
+    ckpt = load(distilled / "ckpt.pt")
+    del ckpt["teacher"], ckpt["target"]
+    (tmp_path / "run").mkdir()
+    torch.save(ckpt, tmp_path / "run" / "ckpt.pt")
+    msg = exit_message(["--stage", "cd", "--resume", "--out", str(tmp_path / "run")])
+    assert msg and "incomplete consistency.py checkpoint: no teacher, target" in msg, msg
+    save = ["--save", str(tmp_path / "x.png"), "--device", "cpu"]
+    ckpt = load(teacher)
+    del ckpt["args"]
+    torch.save(ckpt, tmp_path / "no_args.pt")
+    msg = exit_message(["--sample", "--ckpt", str(tmp_path / "no_args.pt"), *save])
+    assert msg and "incomplete consistency.py checkpoint: no args" in msg, msg
+    ckpt = load(teacher)
+    ckpt["args"]["width"] = 16  # weights of another network than its args describe
+    torch.save(ckpt, tmp_path / "other.pt")
+    msg = exit_message(["--sample", "--ckpt", str(tmp_path / "other.pt"), *save])
+    assert msg and "does not fit the network its args describe" in msg, msg
