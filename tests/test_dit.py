@@ -179,6 +179,39 @@ def test_decoder_likelihood_sums_to_one_over_the_256_pixel_values():
         assert (-nll).exp().sum().item() == pytest.approx(1, abs=1e-4)
 
 
+def test_vlb_at_t_1_is_the_decoder_nll_in_bits():
+    torch.manual_seed(0)
+    sch = dit.linear_schedule(1000)
+    x0 = torch.randint(0, 256, (3, 1, 4, 4)) / 127.5 - 1  # 8-bit pixels, the outermost bins included
+    t = torch.ones(3, dtype=torch.long)
+    x_t = dit.q_sample(x0, t, torch.randn_like(x0), sch)
+    out = torch.cat([torch.randn_like(x0), torch.rand_like(x0) * 2 - 1], 1)
+    mean, log_var = dit.p_mean_variance(out, x_t, t, sch, learn_sigma=True)
+    nll = dit.decoder_nll(x0, mean, log_var).flatten(1).mean(1) / math.log(2)
+    assert torch.allclose(dit.vlb_term(out, x0, x_t, t, sch), nll, rtol=1e-5)
+    kl = dit.normal_kl(dit.q_posterior_mean(x0, x_t, t, sch), dit.extract(sch.log_beta_tilde, t, x_t),
+                       mean, log_var).flatten(1).mean(1) / math.log(2)
+    assert not torch.allclose(nll, kl, rtol=0.1)  # the test tells the two branches apart
+
+
+def test_hybrid_loss_is_l_simple_plus_lambda_T_times_l_t():
+    """L_hybrid = L_simple + lambda L_vlb, L_vlb estimated by T L_t at the drawn t (t = 1 included)."""
+    torch.manual_seed(0)
+    sch, lam = dit.linear_schedule(100), 0.003
+    x0, eps = torch.randint(0, 256, (4, 1, 4, 4)) / 127.5 - 1, torch.randn(4, 1, 4, 4)
+    out = torch.cat([torch.randn_like(x0), torch.rand_like(x0) * 2 - 1], 1)
+    t = torch.tensor([1, 2, 50, 100])
+
+    def net(x_t, t, y):
+        return out
+
+    hybrid = dit.hybrid_loss(net, x0, None, t, eps, sch, True, lam)
+    simple = dit.hybrid_loss(net, x0, None, t, eps, sch, False, lam)
+    assert torch.allclose(simple, (eps - out[:, :1]).square().flatten(1).mean(1))
+    l_t = dit.vlb_term(out, x0, dit.q_sample(x0, t, eps, sch), t, sch)
+    assert torch.allclose(hybrid - simple, lam * sch.T * l_t, rtol=1e-5)
+
+
 def test_vlb_trains_only_the_variance():
     """The stop-gradient of L_hybrid: lambda L_vlb sends no gradient into the eps channels."""
     torch.manual_seed(0)
@@ -230,6 +263,40 @@ def test_respaced_ancestral_sampling_returns_the_single_data_point(v):
         assert torch.allclose(x_t, math.sqrt(ab) * x0 + math.sqrt(1 - ab) * eps_T, atol=1e-4)
 
 
+class FirstStepTaken(Exception):
+    pass
+
+
+@pytest.mark.parametrize("steps", [2, 4, 1000])
+def test_one_ancestral_step_has_the_posterior_mean_and_the_learned_variance(steps):
+    """From a fixed x_T, x_{t-1} of the chain's first step over many draws: mean DDPM Eq. 7's
+    posterior mean (the oracle's x_0), variance exp(f log beta_i + (1 - f) log beta_tilde_i) with
+    f = (v + 1) / 2, on the respaced chain's beta_i (2 steps: beta_tilde_i / beta_i ~ 1e-4)."""
+    torch.manual_seed(0)
+    sch, n = dit.linear_schedule(1000), 20000
+    short, _ = dit.respace(sch, steps)
+    i = steps  # the first step, t = T > 1
+    ab, ab_prev, beta = short.alpha_bar[i], short.alpha_bar[i - 1], short.beta[i]
+    beta_tilde = (1 - ab_prev) / (1 - ab) * beta
+    x0, x_T = torch.rand(1, 1, 2, 2) * 2 - 1, 2 * torch.randn(1, 1, 2, 2)
+    mean = (ab_prev.sqrt() * beta / (1 - ab) * x0 + (1 - beta).sqrt() * (1 - ab_prev) / (1 - ab) * x_T)[0]
+    for v in (-1.0, -0.5, 0.0, 0.6, 1.0):
+        f = (v + 1) / 2
+        var = math.exp(f * math.log(beta) + (1 - f) * math.log(beta_tilde))
+        taken = []
+
+        def first_step(x, done, total):
+            taken.append(x)
+            raise FirstStepTaken
+
+        with pytest.raises(FirstStepTaken):
+            dit.sample_ddpm(oracle(x0, sch, v), x_T.expand(n, -1, -1, -1).clone(), sch, steps, True,
+                            clip_x0=False, generator=torch.Generator().manual_seed(1), on_step=first_step)
+        x = taken[0].double()
+        assert (x.mean(0) - mean).abs().max() < 5 * math.sqrt(var / n), (steps, v)
+        assert (x.var(0) / var - 1).abs().max() < 5 * math.sqrt(2 / n), (steps, v)
+
+
 def test_guidance_at_1_is_conditional_and_at_0_unconditional():
     torch.manual_seed(0)
     net = perturbed(tiny_dit(classes=4)).eval()
@@ -270,7 +337,56 @@ def test_mmdit_joint_attention_lets_text_and_image_change_each_other():
     assert not hasattr(net.blocks[-1].text, "mlp") and hasattr(net.blocks[0].text, "mlp")
 
 
+def point_mass_velocity(x1):
+    """The exact velocity of rectified flow when the data is the single point x1:
+    E[x_1 - x_0 | x_t] = (x1 - x_t) / (1 - t), since x_t = t x1 + (1 - t) x_0."""
+    def v(x_t, t, tokens=None):
+        return (x1 - x_t) / (1 - t.view(-1, 1, 1, 1))
+    return v
+
+
+def test_rf_loss_is_zero_for_a_point_mass_exact_velocity():
+    torch.manual_seed(0)
+    x1, x0 = torch.randn(1, 1, 4, 4).expand(3, -1, -1, -1), torch.randn(3, 1, 4, 4)
+    t = torch.tensor([0.1, 0.5, 0.9])
+    v = point_mass_velocity(x1)
+    assert dit.rf_loss(v, x1, None, x0, t).abs().max() < 1e-10
+    assert (dit.rf_loss(point_mass_velocity(x1 + 0.1), x1, None, x0, t) > 1e-3).all()
+
+
+def test_euler_with_the_exact_velocity_moves_from_noise_to_the_data_point_in_a_straight_line():
+    """t = 0 is noise, t = 1 the data: after step k of n, x = (k / n) x1 + (1 - k / n) x_noise."""
+    torch.manual_seed(0)
+    x1, noise, n, path = torch.randn(1, 1, 4, 4), torch.randn(3, 1, 4, 4), 8, []
+    x = dit.sample_euler(point_mass_velocity(x1), noise.clone(), n, on_step=lambda x, k, _: path.append(x))
+    assert torch.allclose(x, x1.expand_as(x), atol=1e-5)
+    for k, x_k in enumerate(path, 1):
+        assert torch.allclose(x_k, k / n * x1 + (1 - k / n) * noise, atol=1e-5), k
+
+
+def test_mmdit_trains_at_logit_normal_t_on_the_straight_path_from_noise_to_data():
+    """SD3 Sec. 3.1: t = sigmoid(n), n ~ N(0, 1); the network sees x_t = t x_1 + (1 - t) x_0 with
+    the data x_1 (here the constant 5) and the noise x_0 ~ N(0, I)."""
+    torch.manual_seed(0)
+    seen = []
+
+    def net(x_t, t, tokens):
+        seen.append((x_t, t))
+        return torch.zeros_like(x_t)
+
+    args = dit.parse_args(["--arch", "mmdit"])
+    n = 20000
+    dit.batch_loss(net, torch.full((n, 1, 1, 1), 5.0), torch.zeros(n, dtype=torch.long), args, None,
+                   dit.tokenize(["a"], 16))
+    x_t, t = seen[0][0].flatten().double(), seen[0][1].double()
+    logit = torch.logit(t)
+    assert abs(logit.mean()) < 0.03 and abs(logit.std() - 1) < 0.03
+    x0 = (x_t - 5 * t) / (1 - t)  # the noise, if x_t is where it should be
+    assert abs(x0.mean()) < 0.03 and abs(x0.std() - 1) < 0.03
+
+
 # ----------------------------------------------------------------------------------------------
+# Learning: a tiny class-conditional DiT learns two kinds of image# ----------------------------------------------------------------------------------------------
 # Learning: a tiny class-conditional DiT learns two kinds of image
 # ----------------------------------------------------------------------------------------------
 
