@@ -51,6 +51,11 @@ Differences from the paper:
   cost per step (and without flips).
 - Small networks for 28x28 images; the EMA decay warms up as in ddpm.py; an optional warm-up and
   cosine decay of the learning rate (the paper: constant).
+- Only the KL-regularised autoencoder; the paper's VQ-regularised one (a codebook in the decoder) is not here.
+- DDIM's S timesteps run evenly over 1..T (tau_S = T) and its last step goes to alpha_bar = 1, a clean
+  z_0. The official make_ddim_timesteps('uniform') takes range(0, T, T // S) + 1 in its 0-based count
+  (the paper's t = 2, 22, ..., 982 for S = 50: it never starts at T), and its last step ends at
+  alphas_cumprod[0] = alpha_bar_1 = 1 - beta_1, not at 1.
 """
 import argparse
 import copy
@@ -373,9 +378,26 @@ def unet_levels(size, mults):
                         f"(e.g. --mults {','.join(map(str, (1, 2, 3, 4)[:fits]))}) or use a smaller --f")
 
 
+def unet_width_problem(width, mults, heads):
+    """Why the levels' channels (width x each multiplier) do not fit the attention heads or
+    GroupNorm's groups (common.norm), or None."""
+    for m in mults:
+        ch = width * m
+        if ch % heads:
+            return (f"--heads {heads} must divide the channels of every U-Net level: {ch} (--width {width} "
+                    f"x multiplier {m}) is not divisible by {heads}")
+        if ch % math.gcd(32, max(ch // 4, 1)):
+            return (f"--width {width} gives a U-Net level of {ch} channels (x multiplier {m}), which GroupNorm "
+                    f"cannot split into groups of 4 or more: use a multiple of 4 for --width")
+    return None
+
+
 def make_model(args, latent_shape, num_classes):
     C, size = latent_shape[0], latent_shape[-1]
     unet_levels(size, args.mults)
+    problem = unet_width_problem(args.width, args.mults, args.heads)
+    if problem:
+        raise UserError(problem)
     block = functools.partial(SpatialTransformer, context_dim=args.context_dim) if num_classes else Attention
     unet = UNet(C, args.width, args.mults, args.res_blocks, args.attn, args.dropout, image_size=size,
                 num_heads=args.heads, attention_block=block)
@@ -436,11 +458,12 @@ def ddim_timesteps(T, S):
 
 
 @torch.no_grad()
-def sample_ddim(eps_theta, z, sch, steps, eta=0.0, generator=None):
+def sample_ddim(eps_theta, z, sch, steps, eta=0.0, generator=None, on_step=None):
     """DDIM (Song et al. 2021, Eq. 12), the paper's sampler, from z = z_T on tau_S > ... > tau_0 = 0.
-    DDIM's alpha_t is DDPM's alpha_bar_t. Latents are not clipped: they have no fixed range."""
+    DDIM's alpha_t is DDPM's alpha_bar_t. Latents are not clipped: they have no fixed range.
+    on_step(i, S) runs after step i of S (progress, or a stop)."""
     taus = ddim_timesteps(sch.T, steps)
-    for t, t_prev in zip(reversed(taus), list(reversed(taus))[1:] + [0]):
+    for i, (t, t_prev) in enumerate(zip(reversed(taus), list(reversed(taus))[1:] + [0])):
         tt = torch.full((len(z),), t, device=z.device)
         ab, ab_prev = sch.alpha_bar[t].item(), sch.alpha_bar[t_prev].item()
         eps = eps_theta(z, tt)
@@ -451,30 +474,40 @@ def sample_ddim(eps_theta, z, sch, steps, eta=0.0, generator=None):
         z = math.sqrt(ab_prev) * z0 + math.sqrt(max(1 - ab_prev - sigma ** 2, 0.0)) * eps
         if sigma > 0:
             z = z + sigma * torch.randn(z.shape, device=z.device, generator=generator)
+        if on_step is not None:
+            on_step(i + 1, len(taus))
+    return z
+
+
+def ddpm_step(eps_theta, z, t, sch, generator=None):
+    """One step of DDPM's Algorithm 2, z_t -> z_{t-1}, with sigma_t^2 = beta_t."""
+    tt = torch.full((len(z),), t, device=z.device)
+    beta, alpha, ab = sch.beta[t].item(), sch.alpha[t].item(), sch.alpha_bar[t].item()
+    # Algorithm 2, line 4: z_{t-1} = 1/sqrt(alpha_t) (z_t - beta_t / sqrt(1 - alpha_bar_t) eps) + sigma_t n
+    z = (z - beta / math.sqrt(1 - ab) * eps_theta(z, tt)) / math.sqrt(alpha)
+    if t > 1:  # Algorithm 2, line 3: no noise at the last step
+        z = z + math.sqrt(beta) * torch.randn(z.shape, device=z.device, generator=generator)
     return z
 
 
 @torch.no_grad()
-def sample_ddpm(eps_theta, z, sch, generator=None):
-    """DDPM's Algorithm 2 with sigma_t^2 = beta_t, from z = z_T."""
+def sample_ddpm(eps_theta, z, sch, generator=None, on_step=None):
+    """DDPM's Algorithm 2 from z = z_T; on_step(i, T) runs after step i of T."""
     for t in range(sch.T, 0, -1):  # Algorithm 2, line 2: for t = T, ..., 1
-        tt = torch.full((len(z),), t, device=z.device)
-        # Algorithm 2, line 4: z_{t-1} = 1/sqrt(alpha_t) (z_t - beta_t / sqrt(1 - alpha_bar_t) eps) + sigma_t n
-        beta, alpha, ab = sch.beta[t].item(), sch.alpha[t].item(), sch.alpha_bar[t].item()
-        z = (z - beta / math.sqrt(1 - ab) * eps_theta(z, tt)) / math.sqrt(alpha)
-        if t > 1:  # Algorithm 2, line 3: no noise at the last step
-            z = z + math.sqrt(beta) * torch.randn(z.shape, device=z.device, generator=generator)
+        z = ddpm_step(eps_theta, z, t, sch, generator)
+        if on_step is not None:
+            on_step(sch.T - t + 1, sch.T)
     return z
 
 
-def draw(model, cond, n, shape, sch, args, device, seed, scale):
+def draw(model, cond, n, shape, sch, args, device, seed, scale, on_step=None):
     """n latents from fixed noise (seed), guided at `scale`, with the sampler of args."""
     g = torch.Generator(device).manual_seed(seed)
     z = torch.randn(n, *shape, device=device, generator=g)  # z_T ~ N(0, I)
     f = guided(model, cond, scale, args.num_classes)
     if args.sampler == "ddpm":
-        return sample_ddpm(f, z, sch, g)
-    return sample_ddim(f, z, sch, args.sampling_steps, args.eta, g)
+        return sample_ddpm(f, z, sch, g, on_step)
+    return sample_ddim(f, z, sch, args.sampling_steps, args.eta, g, on_step)
 
 
 def decode(decoder, z, scale):
@@ -527,10 +560,28 @@ def load_checkpoint(path, method, flag="--ckpt"):
         what = {"ldm-ae": "ldm.py stage 1 (--stage ae)", "ldm": "ldm.py stage 2 (--stage ldm)"}
         raise UserError(f"{flag} {path} is a checkpoint of {what.get(found, found)}, "
                         f"not of {what[method]}")
-    missing = [k for k in ("args", "shape", "step", "model", "optimizer", "rng") if k not in ckpt]
+    missing = missing_keys(ckpt, method)
     if missing:
         raise UserError(f"{path} is an incomplete ldm.py checkpoint: no {', '.join(missing)}")
     return ckpt
+
+
+def missing_keys(ckpt, method):
+    """What a checkpoint of `method` lacks of what this file writes ("args.T": the "T" of its args)."""
+    need = ["args", "shape", "step", "model", "optimizer", "rng"]
+    need += ["scale"] if method == "ldm-ae" else ["ema", "classes", "ae"]
+    missing = [k for k in need if k not in ckpt]
+    if "args" in ckpt:
+        train_args = ckpt["args"] if isinstance(ckpt["args"], dict) else {}
+        names = list(vars(parser().parse_args([])))
+        if method == "ldm":  # set by stage 2's set-up
+            text = train_args.get("cond") == "text" and ckpt.get("classes")
+            names += ["num_classes"] + (["text_len"] if text else [])
+        missing += [f"args.{k}" for k in names if k not in train_args]
+    if "ae" in ckpt:
+        ae = ckpt["ae"] if isinstance(ckpt["ae"], dict) else {}
+        missing += [f"ae.{k}" for k in ("args", "decoder", "scale", "shape") if k not in ae]
+    return missing
 
 
 def load_autoencoder(args, device):
@@ -592,8 +643,46 @@ def all_sum(x, world):
 def stopped(run):
     """Whether Ctrl-C or SIGTERM reached any rank: all ranks then stop after the same step."""
     if run.world > 1 and all_sum(torch.tensor(float(len(run.stop)), device=run.device), run.world).item():
-        run.stop.append(True)  # every rank's list then says so
+        run.stop.append(signal.SIGTERM)  # every rank's list then says so; a rank not signalled exits 143
     return bool(run.stop)
+
+
+class SamplingStopped(Exception):
+    """Ctrl-C or SIGTERM while a grid is drawn: the sampling ends at its next step."""
+
+
+def sampling_progress(what, stop, every=5.0):
+    """A sampler's on_step: a line every few seconds, and SamplingStopped once `stop` is set."""
+    start = last = time.time()
+
+    def on_step(done, total):
+        nonlocal last
+        if stop:
+            raise SamplingStopped
+        now = time.time()
+        if now - last >= every:
+            left = (now - start) / done * (total - done)
+            print(f"{what}: step {done}/{total}, {left:.0f} s left", flush=True)
+            last = now
+    return on_step
+
+
+def diverged(loss, first):
+    """The loss is non-finite, or finite but absurd: over 1000 x the first step's (at least 1). A run
+    at 1e22 stays finite, trains nothing and would sample noise."""
+    return not math.isfinite(loss) or loss > 1000 * max(first, 1.0)
+
+
+def divergence_error(run, loss, first, x, step):
+    """What a diverged loss means: a batch holding NaN or inf on any rank (a lower --lr cannot help
+    that), or else training that blew up."""
+    kept = f"{run.path} holds step {run.saved}" if run.saved else "this run has written no checkpoint yet"
+    if all_sum(torch.tensor(float(not torch.isfinite(x).all()), device=run.device), run.world).item():
+        return UserError(f"the batch at step {step} holds non-finite values: the data set has NaN or inf "
+                         f"in it; stopped without saving ({kept})")
+    scale = f" (over 1000 x the first step's {first:.4g})" if math.isfinite(loss) else ""
+    return UserError(f"the loss became {loss:.4g}{scale} at step {step}; stopped without saving ({kept}). "
+                     f"Try a lower --lr.")
 
 
 @torch.no_grad()
@@ -652,18 +741,23 @@ def setup_autoencoder(args, device, ckpt):
 
     run = argparse.Namespace(args=args, model=model, ema=None, loss=loss, betas=(0.5, 0.9),
                              extra={"shape": list(shape), "scale": ckpt["scale"] if ckpt else None},
-                             end_of_epoch=lambda r, epoch: autoencoder_epoch(r, epoch, x_test, dataset))
+                             before_save=lambda r: autoencoder_scale(r, dataset),
+                             end_of_epoch=lambda r, epoch: autoencoder_epoch(r, epoch, x_test))
     return run, dataset
 
 
 @torch.no_grad()
-def autoencoder_epoch(run, epoch, x_test, dataset):
-    """Test PSNR, a grid of test images over their reconstructions (posterior means), and the
-    scale factor from the first training batch of epoch 1 (seed-fixed, so a resumed run agrees)."""
+def autoencoder_scale(run, dataset):
+    """The scale factor from the first training batch of epoch 1 (seed-fixed, so a resumed run agrees)."""
+    first = next(iter(epoch_batches(dataset, run.args, 0, 0)))[0]
+    run.extra["scale"] = scale_by_std(run.model, first.to(next(run.model.parameters()).device))
+
+
+@torch.no_grad()
+def autoencoder_epoch(run, epoch, x_test):
+    """Test PSNR and a grid of test images over their reconstructions (posterior means)."""
     ae, device = run.model.eval(), next(run.model.parameters()).device
     rec = torch.cat([ae.decode(ae.encode(x.to(device)).mean).cpu() for x in x_test.split(250)])
-    first = next(iter(epoch_batches(dataset, run.args, 0, 0)))[0]
-    run.extra["scale"] = scale_by_std(ae, first.to(device))
     print(f"epoch {epoch + 1}: test PSNR {psnr(x_test, rec).mean():.2f} dB on {len(x_test)} images; "
           f"scale factor {run.extra['scale']:.4f} (latent std {1 / run.extra['scale']:.4f})")
     path = Path(run.args.out) / f"reconstructions_epoch{epoch + 1:03d}.png"
@@ -685,6 +779,9 @@ def setup_latent_diffusion(args, device, ckpt):
                         f"{args.dataset} has {(info.channels, info.size, info.size)}")
     scale = ae_ckpt["scale"]
     moments, labels = encode_all(ae, dataset, device)
+    if not torch.isfinite(moments).all():
+        raise UserError(f"the latents of {args.dataset} from {args.ae} hold non-finite values: the data set "
+                        f"has NaN or inf in it, or the autoencoder's weights do")
     latents = TensorDataset(moments, labels)
     shape = (ae_args.latent_channels, info.size // ae_args.f, info.size // ae_args.f)
     classes = info.classes if info.num_classes and args.cond != "none" else None
@@ -716,6 +813,7 @@ def setup_latent_diffusion(args, device, ckpt):
              "ae": {"args": ae_ckpt["args"], "decoder": ae.decoder.state_dict(), "scale": scale,
                     "shape": ae_ckpt["shape"], "path": str(args.ae)}}
     run = argparse.Namespace(args=args, model=model, ema=ema, loss=loss, betas=(0.9, 0.999), extra=extra,
+                             before_save=lambda r: None,
                              end_of_epoch=lambda r, epoch: latent_diffusion_epoch(
                                  r, epoch, ae.decoder, scale, shape, sch, cond_of))
     return run, latents
@@ -723,31 +821,54 @@ def setup_latent_diffusion(args, device, ckpt):
 
 @torch.no_grad()
 def latent_diffusion_epoch(run, epoch, decoder, scale, shape, sch, cond_of):
-    """A grid from the EMA weights: one column per class (the first 10), one row per guidance scale."""
+    """A grid from the EMA weights: one column per class (the first 10), one row per guidance scale.
+    Ctrl-C or SIGTERM ends it at the next sampling step (SamplingStopped)."""
     args, device = run.args, next(run.model.parameters()).device
     run.ema.eval()
     if cond_of is not None:
         K = min(args.num_classes, 10)
-        z = torch.cat([draw(run.ema, cond_of[:K], K, shape, sch, args, device, 0, s) for s in GUIDANCE_ROWS])
+        z = torch.cat([draw(run.ema, cond_of[:K], K, shape, sch, args, device, 0, s,
+                            sampling_progress(f"epoch {epoch + 1} grid, guidance {s}", run.stop))
+                       for s in GUIDANCE_ROWS])
         nrow, note = K, f" (rows: guidance {', '.join(map(str, GUIDANCE_ROWS))})"
     else:
-        z, nrow, note = draw(run.ema, None, 64, shape, sch, args, device, 0, 1), 8, ""
+        progress = sampling_progress(f"epoch {epoch + 1} grid", run.stop)
+        z, nrow, note = draw(run.ema, None, 64, shape, sch, args, device, 0, 1, progress), 8, ""
     path = Path(args.out) / f"samples_epoch{epoch + 1:03d}.png"
     save_grid(decode(decoder, z, scale), path, nrow=nrow)
     print(f"epoch {epoch + 1}: samples in {path}{note}")
 
 
-def train(args):
+RESUME_FLAGS = ("device", "out", "resume", "ckpt", "data_dir", "epochs", "steps", "log_every", "save_every")
+
+
+def check_resume_flags(args, given, started):
+    """--resume continues a run as it was started: a flag given with another value than the run's
+    (other than RESUME_FLAGS) is refused rather than silently ignored."""
+    def flag(k):
+        return "--" + k.replace("_", "-")
+
+    def shown(v):  # as typed: 1,2 for a list, on/off for a switch
+        if isinstance(v, bool):
+            return "on" if v else "off"
+        return ",".join(map(str, v)) if isinstance(v, (tuple, list)) else v
+
+    changed = [k for k in sorted(given - set(RESUME_FLAGS)) if shown(getattr(args, k)) != shown(started.get(k))]
+    if changed:
+        was = ", ".join(f"{flag(k)} {shown(started.get(k))}" for k in changed)
+        raise UserError(f"the run was started with {was}; --resume continues it as it was "
+                        f"(leave out {', '.join(map(flag, changed))})")
+
+
+def train(args, given=frozenset()):
+    """given: the flags on the command line (given_flags), which --resume checks against the run's."""
     rank, world, device = setup_distributed(args.device)
     args.out = args.out or ("runs/ldm_ae" if args.stage == "ae" else "runs/ldm")
     ckpt = None
     if args.resume:
         ckpt = load_checkpoint(args.ckpt or Path(args.out) / "ckpt.pt", METHODS[args.stage])
-        for k in ("dataset", "image_size", "ae"):
-            if getattr(args, k) is not None and getattr(args, k) != ckpt["args"][k]:
-                raise UserError(f"the run was started with --{k.replace('_', '-')} {ckpt['args'][k]}; "
-                                f"--resume continues it as it was (leave out --{k.replace('_', '-')})")
-        keep = {k: getattr(args, k) for k in ("device", "out", "resume", "ckpt", "data_dir")}
+        check_resume_flags(args, given, ckpt["args"])
+        keep = {k: getattr(args, k) for k in RESUME_FLAGS if k not in ("epochs", "steps")}
         if args.epochs is not None or args.steps is not None:  # a new length for the run
             keep["epochs"], keep["steps"] = args.epochs, args.steps
         args = argparse.Namespace(**{**ckpt["args"], **keep})
@@ -781,10 +902,11 @@ def train(args):
         raise UserError(f"--out {args.out} is a file: give a folder for the run's outputs")
     Path(args.out).mkdir(parents=True, exist_ok=True)
     run.stop = []  # Ctrl-C or SIGTERM finishes the current step, saves, and exits
-    handlers = {s: signal.signal(s, lambda *_: run.stop.append(True)) for s in (signal.SIGINT, signal.SIGTERM)}
+    handlers = {s: signal.signal(s, lambda signum, _: run.stop.append(signum))
+                for s in (signal.SIGINT, signal.SIGTERM)}
     try:
         step = run_epochs(run, dataset, step)
-        if rank == 0:
+        if rank == 0 and run.saved != step:  # (an epoch's end saved it already)
             save_checkpoint(run.path, run, step)
     finally:
         for s, h in handlers.items():
@@ -792,6 +914,8 @@ def train(args):
         if world > 1:
             dist.destroy_process_group()
     print(f"{'interrupted' if run.stop else 'done'} at step {step}; checkpoint {run.path}")
+    if run.stop:  # 130 after Ctrl-C, 143 after SIGTERM: a script or a scheduler tells it from "done"
+        sys.exit(128 + run.stop[0])
 
 
 def run_epochs(run, dataset, step):
@@ -800,7 +924,7 @@ def run_epochs(run, dataset, step):
     total = args.steps or args.epochs * per_epoch
     amp = torch.autocast("cuda", torch.bfloat16, enabled=args.bf16 and device.type == "cuda")
     last_log = last_save = t_log = time.time()
-    seen = 0
+    seen, first = 0, None  # first: the loss of this process's first step, the divergence rule's scale
     while step < total:
         epoch, skip = divmod(step, per_epoch)
         for x, y in epoch_batches(dataset, args, epoch, skip, run.rank, run.world):
@@ -809,13 +933,12 @@ def run_epochs(run, dataset, step):
             with amp:
                 loss, detail = run.loss(run.ddp, x.to(device, memory_format=CL), y.to(device), run.rank, run.world)
             loss_all = all_sum(loss.detach(), run.world) / run.world  # the same on every rank
-            if not torch.isfinite(loss_all):
-                kept = f"{run.path} holds step {run.saved}" if run.saved else "no checkpoint was written yet"
-                raise UserError(f"the loss became {loss_all.item()} at step {step + 1}; stopped, {kept}. "
-                                f"Try a lower --lr.")
+            first = loss_all.item() if first is None else first
+            if diverged(loss_all.item(), first):
+                raise divergence_error(run, loss_all.item(), first, x, step + 1)
             run.opt.zero_grad(set_to_none=True)
             loss.backward()
-            if args.grad_clip:
+            if args.grad_clip:  # 0: no clipping (clip_grad_norm_ to 0 would zero every gradient)
                 torch.nn.utils.clip_grad_norm_(run.model.parameters(), args.grad_clip)
             run.opt.step()
             step += 1
@@ -835,8 +958,12 @@ def run_epochs(run, dataset, step):
             if step == total or stopped(run):
                 break
         if (step % per_epoch == 0 or step == total) and run.rank == 0:  # the others wait meanwhile
-            run.end_of_epoch(run, epoch)  # sets what the checkpoint carries (stage 1: the scale)
-            save_checkpoint(run.path, run, step)
+            run.before_save(run)  # what the checkpoint carries beyond the weights (stage 1: the scale)
+            save_checkpoint(run.path, run, step)  # before the grid: a kill while it is drawn loses nothing
+            try:
+                run.end_of_epoch(run, epoch)
+            except SamplingStopped:
+                print(f"stopped while drawing the grid; {run.path} holds step {step}")
             seen, t_log = 0, time.time()  # images/s and time left count training alone
         if stopped(run):
             break
@@ -857,8 +984,15 @@ def decoder_of(ae_state, device):
 
 
 def check_save(args, what):
+    """--save names a file that can be written, before any work."""
     if not args.save or Path(args.save).suffix not in (".png", ".pt"):
         raise UserError(f"{what} needs --save FILE.png (a grid) or FILE.pt (a tensor)")
+    save = Path(args.save)
+    if save.is_dir():
+        raise UserError(f"--save {save} is a folder: name a file in it, e.g. --save {save / 'samples.png'}")
+    for parent in save.parents:
+        if parent.exists() and not parent.is_dir():
+            raise UserError(f"--save {save}: {parent} is a file, not a folder")
 
 
 def write(x, path, nrow=None):
@@ -876,14 +1010,15 @@ def sample(args):
         raise UserError("--sample needs --ckpt PATH (a stage-2 checkpoint, e.g. runs/ldm/ckpt.pt)")
     check_save(args, "--sample")
     ckpt = load_checkpoint(args.ckpt, "ldm")
+    steps = args.sampling_steps or min(50, ckpt["args"]["T"])
     train_args = argparse.Namespace(**{**ckpt["args"], "sampler": args.sampler, "eta": args.eta,
-                                       "sampling_steps": args.sampling_steps})
+                                       "sampling_steps": steps})
     classes, shape = ckpt["classes"], tuple(ckpt["shape"])
     if args.cfg_scale != 1 and not classes:
         raise UserError(f"--cfg-scale needs a conditional model; {args.ckpt} was trained without labels")
     sch = Schedule(train_args.T)
     if args.sampler == "ddim":
-        ddim_timesteps(sch.T, args.sampling_steps)  # a clear error before any work
+        ddim_timesteps(sch.T, steps)  # a clear error before any work
     device = pick_device(args.device)
     ema = make_model(train_args, shape, train_args.num_classes)
     ema.load_state_dict(ckpt["ema"])
@@ -939,15 +1074,32 @@ def decode_file(args):
         raise UserError(f"--decode needs --ckpt LATENTS.pt (sampled or encoded latents), got {args.ckpt}")
     device = pick_device(args.device)
     ae, ckpt, ae_args = load_autoencoder(args, device)
-    obj = torch.load(args.ckpt, map_location="cpu", weights_only=True)
-    z = obj.get("x") if isinstance(obj, dict) else obj
-    size = ckpt["shape"][-1] // ae_args.f
-    if not torch.is_tensor(z) or z.ndim != 4 or tuple(z.shape[1:]) != (ae_args.latent_channels, size, size):
-        got = tuple(z.shape) if torch.is_tensor(z) else type(z).__name__
-        raise UserError(f"{args.ckpt} must hold latents (N, {ae_args.latent_channels}, {size}, {size}) "
-                        f"for {args.ae}, got {got}")
-    x = torch.cat([decode(ae.decoder, zb.float().to(device), ckpt["scale"]).cpu() for zb in z.split(256)])
+    z = read_latents(args.ckpt, (ae_args.latent_channels, ckpt["shape"][-1] // ae_args.f), args.ae)
+    x = torch.cat([decode(ae.decoder, zb.to(device), ckpt["scale"]).cpu() for zb in z.split(256)])
     write(x, args.save)
+
+
+def read_latents(path, shape, ae_path):
+    """The (N, c, h, h) latents of a tensor file (a tensor or {"x": ...}), or a clear error."""
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise UserError(f"cannot read {path} ({type(e).__name__}): it is damaged or incomplete (a copy cut "
+                        f"short?), or not a tensor file") from None
+    if isinstance(obj, dict) and "x" not in obj:
+        keys = ", ".join(map(str, obj)) or "none"
+        raise UserError(f"{path} holds a dict without an \"x\" entry (its keys: {keys}): --decode reads a "
+                        f"tensor or {{\"x\": latents}}, as --encode writes")
+    z = obj["x"] if isinstance(obj, dict) else obj
+    c, h = shape
+    if not torch.is_tensor(z) or z.ndim != 4 or tuple(z.shape[1:]) != (c, h, h) or not len(z):
+        got = tuple(z.shape) if torch.is_tensor(z) else f"a {type(z).__name__}"
+        raise UserError(f"{path} must hold latents (N, {c}, {h}, {h}) for {ae_path}, got {got}")
+    z = z.float()
+    if not torch.isfinite(z).all():
+        raise UserError(f"{path} holds non-finite latents (NaN or inf): whatever wrote them diverged; "
+                        f"sample or encode them again")
+    return z
 
 
 # ----------------------------------------------------------------------------------------------
@@ -962,7 +1114,14 @@ def positive_int(s):
 
 
 def int_list(s):
-    return tuple(int(v) for v in s.split(",") if v)
+    """Comma-separated positive integers such as 1,2,2."""
+    try:
+        v = tuple(int(x) for x in s.split(",") if x.strip())
+    except ValueError:
+        v = ()
+    if not v or min(v) <= 0:
+        raise argparse.ArgumentTypeError(f"must be comma-separated positive integers such as 1,2,2, got {s!r}")
+    return v
 
 
 def fill_model_defaults(args, size):
@@ -975,7 +1134,7 @@ def fill_model_defaults(args, size):
     args.attn = args.attn or (size >> (len(args.mults) - 1),)
 
 
-def parse_args(argv=None):
+def parser():
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--stage", choices=["ae", "ldm"], default="ldm",
@@ -1021,7 +1180,7 @@ def parse_args(argv=None):
     p.add_argument("--context-dim", type=positive_int, default=128, help="the width of tau_theta(y)")
     p.add_argument("--p-uncond", type=float, default=0.1, help="how often training drops the condition")
     p.add_argument("--sampler", choices=["ddpm", "ddim"], default="ddim")
-    p.add_argument("--sampling-steps", type=positive_int, default=50, help="DDIM steps")
+    p.add_argument("--sampling-steps", type=positive_int, help="DDIM steps (default 50, or T if smaller)")
     p.add_argument("--eta", type=float, default=0.0, help="DDIM eta")
     p.add_argument("--cfg-scale", type=float, default=1.0, help="classifier-free guidance scale s")
     p.add_argument("--warmup", type=int, default=0, help="steps of linear learning-rate warm-up")
@@ -1031,17 +1190,54 @@ def parse_args(argv=None):
     p.add_argument("--bf16", action="store_true", help="bfloat16 autocast on CUDA")
     p.add_argument("--log-every", type=float, default=5.0, help="seconds")
     p.add_argument("--save-every", type=float, default=5.0, help="minutes between checkpoints")
+    return p
+
+
+def parse_args(argv=None):
+    p = parser()
     args = p.parse_args(argv)
     if sum((args.sample, args.encode, args.decode)) > 1:
         p.error("choose one of --sample, --encode, --decode")
-    for name, bad in (("lr", args.lr <= 0), ("kl_weight", args.kl_weight < 0), ("l2_weight", args.l2_weight < 0),
-                      ("grad_clip", args.grad_clip < 0), ("p_uncond", not 0 <= args.p_uncond <= 1),
-                      ("ema", not 0 <= args.ema < 1), ("warmup", args.warmup < 0)):
-        if bad:
-            p.error(f"--{name.replace('_', '-')} {getattr(args, name)} is out of range")
+    if not args.lr > 0:
+        p.error(f"--lr must be positive, got {args.lr}")
+    if not args.grad_clip >= 0:
+        p.error(f"--grad-clip must be 0 (off) or positive, got {args.grad_clip}")
+    for name, ok, what in (
+            ("kl_weight", args.kl_weight >= 0, "0 or more"), ("l2_weight", args.l2_weight >= 0, "0 or more"),
+            ("p_uncond", 0 <= args.p_uncond <= 1, "between 0 and 1"), ("warmup", args.warmup >= 0, "0 or more"),
+            ("ema", 0 <= args.ema < 1, "at least 0 and below 1"),
+            ("dropout", 0 <= args.dropout < 1, "at least 0 and below 1"),
+            ("eta", 0 <= args.eta <= 1, "between 0 (DDIM) and 1 (DDPM's beta_tilde)"),
+            ("cfg_scale", args.cfg_scale >= 0, "0 or more (0: unconditional, 1: no guidance)")):
+        if not ok:
+            p.error(f"--{name.replace('_', '-')} must be {what}, got {getattr(args, name)}")
+    if args.stage == "ldm" and not (args.sample or args.encode or args.decode or args.resume):
+        check_stage_2_flags(p, args)
+        args.sampling_steps = args.sampling_steps or min(50, args.T)  # --sample: 50 or the checkpoint's T
     if not args.resume and args.epochs is None and args.steps is None:
         args.epochs = 10
     return args
+
+
+def check_stage_2_flags(p, args):
+    """What would otherwise fail only once the U-Net is built or the first grid is drawn (default
+    --mults: the first level here, the others once the latent's size is known)."""
+    problem = unet_width_problem(args.width, args.mults or (1,), args.heads)
+    if problem:
+        p.error(problem)
+    if args.cond == "text" and args.context_dim % 4:
+        p.error(f"--cond text: --context-dim must be a multiple of 4 (the text encoder's 4 heads), "
+                f"got {args.context_dim}")
+    if args.sampler == "ddim" and args.sampling_steps and args.sampling_steps > args.T:
+        p.error(f"--sampling-steps must be between 1 and --T ({args.T}), got {args.sampling_steps}")
+
+
+def given_flags(argv=None):
+    """The names of the flags on the command line: a namespace whose every entry is a marker keeps
+    the marker wherever a flag left it alone."""
+    p, unset = parser(), object()
+    given = p.parse_args(argv, argparse.Namespace(**dict.fromkeys(vars(p.parse_args([])), unset)))
+    return {k for k, v in vars(given).items() if v is not unset}
 
 
 def main(argv=None):
@@ -1054,9 +1250,12 @@ def main(argv=None):
         elif args.decode:
             decode_file(args)
         else:
-            train(args)
+            train(args, given_flags(argv))
     except UserError as e:
         sys.exit(f"error: {e}")
+    except KeyboardInterrupt:  # Ctrl-C where no checkpoint is at stake: sampling, or before training
+        print("interrupted: nothing saved", file=sys.stderr)
+        sys.exit(130)
 
 
 if __name__ == "__main__":

@@ -4,7 +4,9 @@ import argparse
 import math
 import os
 import signal
+import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -207,6 +209,52 @@ def test_samplers_return_the_single_data_point_given_its_exact_noise():
     assert torch.allclose(out, z_star.expand(3, -1, -1, -1), atol=1e-3)
 
 
+def wiggly_eps(z, t):
+    """A fixed, nonlinear eps_theta that depends on z and t (no network needed)."""
+    return 0.8 * torch.tanh(2 * z) + 0.1 * torch.cos(t.float() / 7).view(-1, 1, 1, 1)
+
+
+def posterior_mean(z_t, t, sch):
+    """Eq. 7 of DDPM: mu_tilde_t = sqrt(ab_{t-1}) beta_t / (1 - ab_t) z_0 + sqrt(alpha_t) (1 - ab_{t-1}) /
+    (1 - ab_t) z_t, with z_0 predicted from wiggly_eps; and beta_tilde_t = (1 - ab_{t-1}) / (1 - ab_t) beta_t."""
+    tt = torch.full((len(z_t),), t)
+    z0 = ldm.predict_z0(z_t, tt, wiggly_eps(z_t, tt), sch)
+    ab, ab_prev, beta = sch.alpha_bar[t].item(), sch.alpha_bar[t - 1].item(), sch.beta[t].item()
+    mean = math.sqrt(ab_prev) * beta / (1 - ab) * z0 + math.sqrt(1 - beta) * (1 - ab_prev) / (1 - ab) * z_t
+    return mean, (1 - ab_prev) / (1 - ab) * beta
+
+
+def test_one_ddpm_step_draws_the_posterior_mean_with_variance_beta_t():
+    """Algorithm 2 with sigma_t^2 = beta_t: from a fixed z_t, z_{t-1} ~ N(mu_tilde_t, beta_t) at t > 1,
+    over many draws; at t = 1 it is the mean itself. (The whole chain's end, checked above, would
+    hide a wrong variance: the oracle's last step lands on z* whatever came before.)"""
+    sch, n = ldm.Schedule(100), 40000
+    g = torch.Generator().manual_seed(0)
+    z_t = torch.randn(1, 2, 2, 2, generator=g)
+    for t in (2, 10, 50, 100):
+        mean, _ = posterior_mean(z_t, t, sch)
+        beta = sch.beta[t].item()
+        z_prev = ldm.ddpm_step(wiggly_eps, z_t.expand(n, -1, -1, -1), t, sch, g)
+        assert (z_prev.mean(0) - mean[0]).abs().max() < 5 * math.sqrt(beta / n), t
+        assert (z_prev.var(0) / beta - 1).abs().max() < 0.05, (t, z_prev.var(0).flatten() / beta)
+    mean, _ = posterior_mean(z_t, 1, sch)
+    z_0 = ldm.ddpm_step(wiggly_eps, z_t.expand(3, -1, -1, -1), 1, sch, g)
+    assert torch.allclose(z_0, mean.expand(3, -1, -1, -1), atol=1e-5)
+
+
+def test_ddim_eta_1_on_every_step_is_ddpm_with_beta_tilde():
+    """DDIM's Eq. 16 at eta = 1 with S = T is sigma_t^2 = beta_tilde_t, and Eq. 12's mean is then
+    Eq. 7's posterior mean: the chain is DDPM's ancestral sampler with beta_tilde, draw for draw."""
+    sch = ldm.Schedule(100)
+    z_T = torch.randn(64, 2, 2, 2, generator=torch.Generator().manual_seed(1))
+    out = ldm.sample_ddim(wiggly_eps, z_T, sch, 100, eta=1.0, generator=torch.Generator().manual_seed(5))
+    g, z = torch.Generator().manual_seed(5), z_T
+    for t in range(100, 0, -1):
+        mean, beta_tilde = posterior_mean(z, t, sch)
+        z = mean + math.sqrt(beta_tilde) * torch.randn(z.shape, generator=g) if t > 1 else mean
+    torch.testing.assert_close(out, z, atol=1e-4, rtol=1e-4)
+
+
 def test_a_tiny_ldm_learns_two_classes_through_cross_attention():
     """Latents 2x4x4: class 0 is +1 in channel 0 and -1 in channel 1, class 1 the reverse. Guided
     samples must land on their own class's pattern: the class reaches the U-Net only through the
@@ -331,7 +379,9 @@ def test_resume_after_a_signal_is_bit_for_bit(data, ae, trained, tmp_path, monke
 
     make = (lambda *e: ldm_argv(ae, out, *e)) if stage == "ldm" else (lambda *e: ae_argv(data, out, *e))
     monkeypatch.setattr(ldm, "learning_rate", learning_rate_then_signal)
-    ldm.main(make())
+    with pytest.raises(SystemExit) as stop:
+        ldm.main(make())
+    assert stop.value.code == 128 + sig  # 130 after Ctrl-C, 143 after SIGTERM: not "done"
     assert load(out / "ckpt.pt")["step"] == 4
     monkeypatch.setattr(ldm, "learning_rate", real)
     ldm.main(make("--resume"))
@@ -434,3 +484,146 @@ def test_damaged_and_incomplete_checkpoints_and_out_are_named(data, ae, tmp_path
     (tmp_path / "file").write_text("")
     msg = exit_message(ae_argv(data, tmp_path / "file", steps="1"))
     assert msg and "is a file" in msg
+
+
+def test_sigterm_while_a_slow_grid_is_drawn_keeps_the_checkpoint_and_exits_143(ae, tmp_path):
+    """The checkpoint is written before the end-of-epoch grid, and the grid's sampler checks the stop
+    flag every step: a kill that follows SIGTERM within seconds loses nothing. DDPM with T = 2000
+    makes the grid of a tiny model take a minute; the signal must end it at once."""
+    out = tmp_path / "run"
+    argv = ldm_argv(ae, out, "--sampler", "ddpm", "--T", "2000", "--log-every", "0", steps="8")
+    proc = subprocess.Popen([sys.executable, str(ROOT / "ldm.py"), *argv], stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    try:
+        deadline = time.time() + 30
+        while not (out / "ckpt.pt").exists() and proc.poll() is None and time.time() < deadline:
+            time.sleep(0.05)
+        assert (out / "ckpt.pt").exists(), "no checkpoint before the grid"
+        time.sleep(0.2)  # into the grid
+        proc.send_signal(signal.SIGTERM)
+        output, _ = proc.communicate(timeout=15)
+    finally:
+        proc.kill()
+    assert proc.returncode == 143, output
+    assert "stopped while drawing the grid" in output and "interrupted at step 4" in output, output
+    assert load(out / "ckpt.pt")["step"] == 4 and not (out / "samples_epoch001.png").exists()
+
+
+def parse_error(capsys, argv):
+    """parse_args's one line for bad flags (argparse exits 2), and no traceback."""
+    with pytest.raises(SystemExit) as e:
+        ldm.parse_args(argv)
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and "Traceback" not in err
+    return err.strip().splitlines()[-1]
+
+
+@pytest.mark.parametrize("argv, words", [
+    (["--heads", "3"], "--heads 3 must divide the channels of every U-Net level: 64"),
+    (["--width", "16", "--mults", "2,3", "--heads", "32"], "48 (--width 16 x multiplier 3) is not divisible"),
+    (["--width", "18", "--heads", "2"], "GroupNorm cannot split"),
+    (["--mults", ""], "--mults: must be comma-separated positive integers"),
+    (["--mults", ","], "--mults: must be comma-separated positive integers"),
+    (["--mults", "0,1"], "--mults: must be comma-separated positive integers"),
+    (["--attn", "x"], "--attn: must be comma-separated positive integers"),
+    (["--dropout", "2"], "--dropout must be at least 0 and below 1, got 2.0"),
+    (["--dropout", "-1"], "--dropout must be at least 0 and below 1, got -1.0"),
+    (["--cfg-scale", "-1"], "--cfg-scale must be 0 or more"),
+    (["--grad-clip", "-1"], "--grad-clip must be 0 (off) or positive, got -1.0"),
+    (["--eta", "1.5"], "--eta must be between 0 (DDIM) and 1"),
+    (["--lr", "nan"], "--lr must be positive"),
+    (["--T", "20", "--sampling-steps", "50"], "--sampling-steps must be between 1 and --T (20), got 50"),
+    (["--cond", "text", "--context-dim", "10"], "--context-dim must be a multiple of 4"),
+])
+def test_bad_flags_are_one_line_from_parse_args(capsys, argv, words):
+    line = parse_error(capsys, argv)
+    assert line.startswith("ldm.py: error:") or "error:" in line
+    assert words in line, line
+
+
+def test_grad_clip_0_is_no_clipping(data, tmp_path, monkeypatch):
+    calls = []
+    monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", lambda *a, **k: calls.append(a[1]))
+    ldm.main(ae_argv(data, tmp_path / "a", "--grad-clip", "0", steps="1"))
+    assert calls == []
+    ldm.main(ae_argv(data, tmp_path / "b", "--grad-clip", "0.5", steps="1"))
+    assert calls == [0.5]
+
+
+def test_divergence_and_non_finite_data_are_named(data, ae, tmp_path):
+    msg = exit_message(ldm_argv(ae, tmp_path / "run", "--lr", "1e9", steps="8"))
+    assert msg and "over 1000 x the first step's" in msg and "Try a lower --lr" in msg, msg
+    assert not (tmp_path / "run" / "ckpt.pt").exists()  # it diverged before its first epoch ended
+    x = torch.zeros(16, 1, 8, 8)
+    x[:, :, 0, 0] = float("nan")
+    torch.save(x, tmp_path / "nan.pt")
+    msg = exit_message(ae_argv(tmp_path / "nan.pt", tmp_path / "ae", steps="2"))
+    assert msg and "the batch at step 1 holds non-finite values: the data set has NaN or inf" in msg, msg
+    assert "--lr" not in msg
+    msg = exit_message(ldm_argv(ae, tmp_path / "run2", "--dataset", str(tmp_path / "nan.pt")))
+    assert msg and "hold non-finite values: the data set has NaN or inf" in msg, msg
+
+
+def test_resume_refuses_a_flag_it_would_ignore(ae, tmp_path):
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "ckpt.pt").write_bytes(ae.read_bytes())  # stage 1 was run with --f 2
+    for f in ("8", "4"):  # 4 is the default: given all the same
+        msg = exit_message(["--stage", "ae", "--resume", "--out", str(out), "--f", f, "--device", "cpu"])
+        assert msg and "the run was started with --f 2; --resume continues it as it was (leave out --f)" in msg
+    msg = exit_message(["--stage", "ae", "--resume", "--out", str(out), "--f", "2", "--ae-width", "16",
+                        "--device", "cpu", "--steps", "40"])
+    assert msg and "started with --ae-width 8;" in msg and "(leave out --ae-width)" in msg, msg
+
+
+def test_ctrl_c_during_sampling_is_one_line_and_exit_130(trained, tmp_path, monkeypatch, capsys):
+    def interrupted(*a, **k):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(ldm, "draw", interrupted)
+    with pytest.raises(SystemExit) as e:
+        ldm.main(["--sample", "--ckpt", str(trained / "ckpt.pt"), "--save", str(tmp_path / "x.png"),
+                  "--device", "cpu"])
+    assert e.value.code == 130 and capsys.readouterr().err.strip() == "interrupted: nothing saved"
+    assert not (tmp_path / "x.png").exists()
+
+
+def test_sample_checks_its_flags_and_the_checkpoint_before_any_work(trained, tmp_path, monkeypatch):
+    monkeypatch.setattr(ldm, "draw", lambda *a, **k: pytest.fail("sampled before the error"))
+    ckpt = str(trained / "ckpt.pt")
+    (tmp_path / "d.png").mkdir()
+    (tmp_path / "file").write_text("")
+    cases = [
+        (["--save", str(tmp_path / "d.png")], "is a folder: name a file in it"),
+        (["--save", str(tmp_path / "file" / "x.png")], "is a file, not a folder"),
+        (["--save", str(tmp_path / "x.png"), "--sampling-steps", "50"], "between 1 and T = 20, got 50"),
+    ]
+    for extra, words in cases:
+        msg = exit_message(["--sample", "--ckpt", ckpt, "--device", "cpu", *extra])
+        assert msg and words in msg, (extra, msg)
+    full = load(trained / "ckpt.pt")
+    for part, key in (("", "ema"), ("", "args"), ("args", "T"), ("ae", "decoder")):
+        broken = {k: (dict(v) if isinstance(v, dict) else v) for k, v in full.items()}
+        del (broken[part] if part else broken)[key]
+        torch.save(broken, tmp_path / "broken.pt")
+        msg = exit_message(["--sample", "--ckpt", str(tmp_path / "broken.pt"), "--save", str(tmp_path / "x.png")])
+        name = f"{part}.{key}" if part else key
+        assert msg and f"incomplete ldm.py checkpoint: no {name}" in msg, msg
+
+
+def test_decode_names_damaged_and_non_finite_latents(ae, tmp_path):
+    good = tmp_path / "good.pt"
+    torch.save(torch.zeros(3, 2, 4, 4), good)
+    files = {"text.pt": b"not a tensor file", "cut.pt": good.read_bytes()[:300]}
+    for name, content in files.items():
+        (tmp_path / name).write_bytes(content)
+    torch.save(torch.zeros(2, 4, 4), tmp_path / "3d.pt")
+    torch.save({"y": torch.zeros(3)}, tmp_path / "no_x.pt")
+    torch.save(torch.full((3, 2, 4, 4), float("nan")), tmp_path / "nan.pt")
+    cases = [("text.pt", "cannot read"), ("cut.pt", "damaged or incomplete"),
+             ("3d.pt", "must hold latents (N, 2, 4, 4)"), ("no_x.pt", 'without an "x" entry (its keys: y)'),
+             ("nan.pt", "non-finite latents")]
+    for name, words in cases:
+        msg = exit_message(["--decode", "--ae", str(ae), "--ckpt", str(tmp_path / name),
+                            "--save", str(tmp_path / "x.png"), "--device", "cpu"])
+        assert msg and words in msg, (name, msg)
+    assert not (tmp_path / "x.png").exists()
