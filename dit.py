@@ -941,16 +941,18 @@ def end_of_epoch(run, step, epoch):
     if run.rank > 0:
         return
     save(run, step)
-    if run.stop:  # told to stop before the grid began
-        return
     run.ema.eval()
     progress = Progress(f"epoch {epoch + 1} grid", run.stop)
+
+    def row(r):  # the grid's steps counted over all its rows
+        return lambda x, done, total: progress(x, r * total + done, len(GUIDANCE_ROWS) * total)
+
     try:
         if run.classes:
             K = min(len(run.classes), 10)
             cond = conditions(torch.arange(K, device=run.device), run.class_tokens, run.args)
-            x = torch.cat([draw(run.ema, cond, K, run.shape, run.sch, run.args, run.device, 0, s, progress)
-                           for s in GUIDANCE_ROWS])
+            x = torch.cat([draw(run.ema, cond, K, run.shape, run.sch, run.args, run.device, 0, s, row(r))
+                           for r, s in enumerate(GUIDANCE_ROWS)])
             nrow, note = K, f" (rows: guidance {', '.join(map(str, GUIDANCE_ROWS))})"
         else:
             x = draw(run.ema, None, 64, run.shape, run.sch, run.args, run.device, 0, 1, progress)

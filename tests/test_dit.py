@@ -1,10 +1,12 @@
 """Tests for dit.py: the transformer's parts, the learned-variance diffusion, guidance, MM-DiT's joint
 attention, the paper's model sizes, a small learning check, many processes, and the command line."""
+import argparse
 import math
 import os
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -513,6 +515,9 @@ def test_mmdit_trains_and_samples_a_prompt(data, tmp_path):
     dit.main(["--sample", "--ckpt", str(out / "ckpt.pt"), "--n", "4", "--save", str(png),
               "--prompt", "Left", "--sampling-steps", "3", "--device", "cpu"])
     assert png.is_file()
+    msg = exit_message(["--sample", "--ckpt", str(out / "ckpt.pt"), "--save", str(png),
+                        "--sampling-steps", "1000000", "--device", "cpu"])
+    assert msg and "between 1 and 1000, got 1000000" in msg
 
 
 def test_two_processes_train_as_one_process_on_the_joined_batch(data, trained, tmp_path):
@@ -533,6 +538,9 @@ def test_two_processes_train_as_one_process_on_the_joined_batch(data, trained, t
     (["--grad-clip", "-1"], ["--grad-clip must be 0 (off) or positive, got -1"]),
     (["--lr", "0"], ["--lr must be positive"]),
     (["--arch", "mmdit", "--prompt", "x"], ["--prompt is for --sample"]),
+    (["--arch", "mmdit", "--sampling-steps", "1000000"], ["Euler sampler must be between 1 and 1000"]),
+    (["--sampling-steps", "21"], ["between 1 and T = 20, got 21"]),
+    (["--arch", "mmdit", "--lr", "1e9"], ["at step 2, over 1000 times", "without saving", "lower --lr"]),
 ])
 def test_bad_training_input(data, tmp_path, extra, words, capsys):
     msg = exit_message(argv(data, tmp_path / "run", *extra))
@@ -555,6 +563,10 @@ def test_prompt_for_an_unconditional_model(tmp_path):
     assert msg and "--prompt needs a conditional model" in msg
     msg = exit_message(argv(tmp_path / "plain.pt", tmp_path / "mm", "--arch", "mmdit", steps="1"))
     assert msg and "no labels" in msg
+    for sampler in ("ddpm", "ddim"):  # an unconditional model samples
+        dit.main(["--sample", "--ckpt", str(tmp_path / "run" / "ckpt.pt"), "--save", str(tmp_path / "x.pt"),
+                  "--n", "3", "--sampler", sampler, "--sampling-steps", "2", "--device", "cpu"])
+        assert load(tmp_path / "x.pt").shape == (3, 1, 8, 8)
 
 
 @pytest.mark.parametrize("content, words", [
@@ -576,3 +588,84 @@ def test_bad_checkpoints(tmp_path):
     assert msg and "not of dit.py" in msg
     msg = exit_message(["--sample", "--ckpt", str(tmp_path / "none.pt"), "--save", "x.png"])
     assert msg and "no checkpoint" in msg
+    torch.save({"method": "dit", "shape": [1, 8, 8], "model": {}}, tmp_path / "part.pt")
+    for extra in (["--sample", "--save", str(tmp_path / "x.png")], ["--resume"]):
+        msg = exit_message(["--ckpt", str(tmp_path / "part.pt"), "--device", "cpu", *extra])
+        assert msg and "incomplete dit.py checkpoint: no args, classes, step, ema, optimizer, rng" in msg, msg
+
+
+def test_non_finite_data_is_named_as_the_data_not_the_learning_rate(tmp_path):
+    x = torch.rand(16, 1, 8, 8) * 2 - 1
+    x[9] = float("nan")
+    torch.save(x, tmp_path / "nan.pt")
+    msg = exit_message(argv(tmp_path / "nan.pt", tmp_path / "run", steps="2"))
+    assert msg and "holds non-finite values: the data set has NaN or inf" in msg and "--lr" not in msg
+    assert not (tmp_path / "run" / "ckpt.pt").exists()
+
+
+def test_resume_refuses_another_dataset_or_arch(data, trained, tmp_path):
+    other = tmp_path / "other.pt"
+    torch.save(load(data), other)  # the same shape and classes
+    for extra, words in ((["--dataset", str(other)], "--dataset"), (["--arch", "mmdit"], "--arch dit")):
+        msg = exit_message(["--resume", "--out", str(trained), "--device", "cpu", *extra])
+        assert msg and f"trained with {words}" in msg and "--resume keeps it" in msg, msg
+
+
+def test_out_and_save_that_cannot_be_written(trained, data, tmp_path, capsys):
+    (tmp_path / "file").write_text("")
+    msg = exit_message(argv(data, tmp_path / "file"))
+    assert msg and "--out" in msg and "is a file" in msg
+    (tmp_path / "dir.png").mkdir()
+    msg = exit_message(["--sample", "--ckpt", str(trained / "ckpt.pt"), "--save", str(tmp_path / "dir.png"),
+                        "--device", "cpu"])
+    assert msg and "is a folder" in msg and "samples in" not in capsys.readouterr().out  # before sampling
+    msg = exit_message(["--sample", "--ckpt", str(trained / "ckpt.pt"), "--save", str(tmp_path / "file" / "x.pt"),
+                        "--device", "cpu"])
+    assert msg and "cannot write --save" in msg
+
+
+def test_ctrl_c_during_sample_is_one_line_and_exit_130(trained, tmp_path, monkeypatch, capsys):
+    real = dit.guided
+
+    def guided_then_ctrl_c(*a):
+        f = real(*a)
+        return lambda x, t: (os.kill(os.getpid(), signal.SIGINT), f(x, t))[1]
+
+    monkeypatch.setattr(dit, "guided", guided_then_ctrl_c)
+    with pytest.raises(SystemExit) as e:
+        dit.main(["--sample", "--ckpt", str(trained / "ckpt.pt"), "--save", str(tmp_path / "x.png"),
+                  "--device", "cpu"])
+    assert e.value.code == 130 and "interrupted: nothing saved" in capsys.readouterr().err
+    assert not (tmp_path / "x.png").exists()
+
+
+def test_a_rank_stopped_by_another_rank_says_interrupted_and_exits_143(monkeypatch):
+    """Under torchrun the ranks agree on stopping through a sum of their stop flags."""
+    monkeypatch.setattr(dit, "all_sum", lambda x, world: x + 1)  # another rank was signalled
+    run = argparse.Namespace(world=2, stop=[], device=torch.device("cpu"))
+    assert dit.stopped(run) and run.stop == [signal.SIGTERM]
+    monkeypatch.setattr(dit, "all_sum", lambda x, world: x)
+    run = argparse.Namespace(world=2, stop=[], device=torch.device("cpu"))
+    assert not dit.stopped(run) and run.stop == []
+
+
+def test_a_signal_during_a_slow_grid_stops_it_at_the_next_step_and_exits_143(data, tmp_path):
+    """SIGTERM to a subprocess once its last step is done and its grid (4 rows x 1000 steps, many
+    seconds) begins: the grid stops at once, the checkpoint written before it stays."""
+    p = subprocess.Popen([sys.executable, "-u", str(ROOT / "dit.py"), "--log-every", "0",
+                          *argv(data, tmp_path / "run", "--T", "1000", "--sampler", "ddpm", "--sampling-steps",
+                                "1000", steps="4")],
+                         cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                         env={**os.environ, "OMP_NUM_THREADS": "1"})
+    lines = []
+    for line in p.stdout:
+        lines.append(line)
+        if line.startswith("step 4/4") or line.startswith("error"):
+            break
+    p.send_signal(signal.SIGTERM)
+    start = time.time()
+    lines += p.stdout.readlines()
+    assert p.wait(timeout=60) == 143, "".join(lines)
+    assert time.time() - start < 5, "".join(lines)
+    assert "stopped while drawing the grid" in "".join(lines) and load(tmp_path / "run" / "ckpt.pt")["step"] == 4
+    assert "interrupted at step 4" in lines[-1] and not (tmp_path / "run" / "samples_epoch001.png").exists()
