@@ -246,6 +246,8 @@ def oracle(x0, sch, v=0.0, seen=None):
 
 @pytest.mark.parametrize("v", [-1.0, 0.0, 1.0])
 def test_respaced_ancestral_sampling_returns_the_single_data_point(v):
+    """The times the network sees, and DDIM's states. (The last step returns the oracle's x_0 whatever
+    came before: the variance and the mean at t > 1 are checked by the one-step test below.)"""
     sch = dit.linear_schedule(1000)
     _, taus = dit.respace(sch, 25)
     x0, seen = torch.rand(1, 1, 4, 4) * 2 - 1, []
