@@ -41,6 +41,10 @@ Run:
     python consistency.py --stage cd --teacher runs/cm_teacher/ckpt.pt --batch-size 64 \
                           --lr-decay cosine --warmup 50 --steps 700
 
+Ctrl-C or SIGTERM stops a run at the end of its current step (or of the end-of-epoch grid's current
+sampling step): it saves ckpt.pt, which --resume continues, and exits 130 or 143 (128 + the signal's
+number); a finished run exits 0.
+
 Outputs in --out: ckpt.pt and samples_epochNNN.png per epoch, from fixed noise: the teacher's
 Heun samples (stage teacher); for cd and ct one row per sampler, the teacher at 35 evaluations
 (when there is one) and the consistency model at 1, 2 and 4 steps, the same noise in each column.
@@ -173,7 +177,7 @@ def edm_loss(D, x, u, z, sigma_data, P_mean=-1.2, P_std=1.2):
     """EDM's training loss (Sec. 5, Table 1), per example, from the caller's draws u ~ N(0, 1) (B,)
     and z ~ N(0, I) like x: ln t ~ N(P_mean, P_std^2), weighted by
     lambda(t) = (t^2 + sigma_data^2) / (t sigma_data)^2 so every t contributes about equally."""
-    t = (P_mean + P_std * u).exp()
+    t = (P_mean + P_std * u).exp()  # ln t ~ N(P_mean, P_std^2)
     lam = (t ** 2 + sigma_data ** 2) / (t * sigma_data) ** 2
     return lam * (D(x + view(t, x) * z, t) - x).square().flatten(1).mean(1)  # Note: the mean over pixels
 
