@@ -393,6 +393,10 @@ def reflow_pairs(args, teacher, shape, num_classes, device, stop, ranks):
         if ranks.world > 1:
             chunks = [None] * ranks.world
             dist.all_gather_object(chunks, (z0, z1.float().cpu(), y))
+        if not all(torch.isfinite(chunk[1]).all() for chunk in chunks):  # the same verdict on every rank
+            raise UserError(f"the reflow pairs drawn from {args.teacher} are non-finite (NaN or inf): "
+                            f"that {teacher['k']}-RF checkpoint is broken; retrain it (a lower --lr "
+                            f"cannot help here)")
         for chunk in chunks:  # in rank order: the chunks in the order one process draws them
             for key, val in zip(("z0", "z1", "y"), chunk):
                 pairs[key] = torch.cat([pairs[key], val])
@@ -453,8 +457,26 @@ def all_sum(x, world):
 def stopped(stop, ranks, device):
     """Whether Ctrl-C or SIGTERM reached any rank: all ranks then stop after the same step."""
     if ranks.world > 1 and all_sum(torch.tensor(float(len(stop)), device=device), ranks.world).item():
-        stop.append(True)  # every rank's list then says so
+        stop.append(signal.SIGTERM)  # every rank's list then says so; a rank not signalled exits 143
     return bool(stop)
+
+
+def diverged(loss, first):
+    """The loss is non-finite, or finite but absurd: over 1000 x the first step's (at least 1). A run
+    at 1e22 stays finite, trains nothing and would sample noise."""
+    return not math.isfinite(loss) or loss > 1000 * max(first, 1.0)
+
+
+def divergence_error(loss, first, batch, step, kept, ranks, device, data="the data set has NaN or inf in it"):
+    """What a diverged loss means: a batch holding NaN or inf on any rank (a lower --lr cannot help
+    that), or else training that blew up."""
+    bad = sum(float(not torch.isfinite(x).all()) for x in batch if x.is_floating_point())
+    if all_sum(torch.tensor(bad, device=device), ranks.world).item():
+        return UserError(f"the batch at step {step} holds non-finite values: {data}; stopped without "
+                         f"saving ({kept})")
+    scale = f" (over 1000 x the first step's {first:.4g})" if math.isfinite(loss) else ""
+    return UserError(f"the loss became {loss:.4g}{scale} at step {step}; stopped without saving ({kept}). "
+                     f"Try a lower --lr.")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -464,7 +486,7 @@ def stopped(stop, ranks, device):
 
 def train(args):
     """One stage: 1-RF on the data; with --reflow a (k+1)-RF, with --distill a one-step model, both
-    on pairs from the k-RF --ckpt. Returns the checkpoint's path, or None if interrupted."""
+    on pairs from the k-RF --ckpt. Returns the checkpoint's path; interrupted, exits 130 or 143."""
     out = Path(args.out)
     if args.reflow or args.distill:
         if not args.ckpt:
@@ -509,7 +531,8 @@ def train(args):
         raise UserError(f"--out {out} is a file: give a folder for the run's outputs")
     out.mkdir(parents=True, exist_ok=True)
     stop = []  # Ctrl-C or SIGTERM finishes the current step (or pair chunk), saves, and exits
-    handlers = {s: signal.signal(s, lambda *_: stop.append(True)) for s in (signal.SIGINT, signal.SIGTERM)}
+    handlers = {s: signal.signal(s, lambda signum, _: stop.append(signum))
+                for s in (signal.SIGINT, signal.SIGTERM)}
     try:
         if args.stage_k == 1 and not args.distilled:
             dataset, info = load_dataset(args.dataset, args.data_dir, True, args.image_size,
@@ -534,7 +557,7 @@ def train(args):
             if dataset is None:
                 print(f"interrupted while drawing pairs; {args.pairs_file} keeps them for the "
                       f"same command (with or without --resume)")
-                return None
+                sys.exit(128 + stop[0])  # as an interrupted training, below
         if len(dataset) < args.batch_size:
             raise UserError(f"{len(dataset)} training examples, fewer than --batch-size {args.batch_size}")
         model = make_model(args, shape, num_classes).to(device, memory_format=torch.channels_last)
@@ -561,13 +584,15 @@ def train(args):
         path = out / f"ckpt_{name}.pt"
         step = run_epochs(args, model, ema, opt, dataset, device, shape, num_classes, step,
                           path, name, stop, ranks)
+        if rank == 0:
+            save_checkpoint(path, model, ema, opt, step, args, shape, num_classes)
     finally:
         for s, h in handlers.items():
             signal.signal(s, h)
-    if rank == 0:
-        save_checkpoint(path, model, ema, opt, step, args, shape, num_classes)
     print(f"{'interrupted' if stop else 'done'} at step {step}; checkpoint {path}")
-    return None if stop else path
+    if stop:  # 130 after Ctrl-C, 143 after SIGTERM: a script or a scheduler tells it from "done"
+        sys.exit(128 + stop[0])
+    return path
 
 
 def run_epochs(args, model, ema, opt, dataset, device, shape, num_classes, step, path, name, stop, ranks):
@@ -580,6 +605,9 @@ def run_epochs(args, model, ema, opt, dataset, device, shape, num_classes, step,
     last_log = last_save = t_log = time.time()
     seen, noted = 0, False
     saved = step or None  # the step `path` holds from this run (a resumed run: where it resumed)
+    first = None  # the loss of this process's first step, the scale of the divergence rule
+    data = ("the data set has NaN or inf in it" if args.stage_k == 1 and not args.distilled else
+            f"the pairs in {args.pairs_file} hold NaN or inf (the flow they were drawn from is broken)")
     while step < total:
         epoch, skip = divmod(step, per_epoch)
         for batch in epoch_batches(dataset, args, epoch, skip, ranks.rank, ranks.world):
@@ -588,13 +616,14 @@ def run_epochs(args, model, ema, opt, dataset, device, shape, num_classes, step,
             with amp:
                 loss = batch_loss(ranks.ddp, batch, args, device, ranks.rank, ranks.world)
             loss_all = all_sum(loss.detach(), ranks.world) / ranks.world  # the same on every rank
-            if not torch.isfinite(loss_all):
+            first = loss_all.item() if first is None else first
+            if diverged(loss_all.item(), first):
                 kept = f"{path} holds step {saved}" if saved else "this stage has written no checkpoint yet"
-                raise UserError(f"the loss became {loss_all.item()} at step {step + 1}; stopped without "
-                                f"saving ({kept}). Try a lower --lr.")
+                raise divergence_error(loss_all.item(), first, batch, step + 1, kept, ranks, device, data)
             opt.zero_grad(set_to_none=True)
             loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
+            if args.grad_clip:  # 0: no clipping (clip_grad_norm_ to 0 would zero every gradient)
+                torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
             opt.step()
             step += 1
             ema_update(ema, model, step, args.ema)
@@ -628,8 +657,6 @@ def train_all(args):
     """1-RF, then reflow to a 2-RF, then distil the 2-RF, with the same flags for each stage."""
     path = train(argparse.Namespace(**{**vars(args), "reflow": False, "distill": False}))
     for stage in ("reflow", "distill"):
-        if path is None:
-            return
         path = train(argparse.Namespace(**{**vars(args), stage: True, "ckpt": str(path)}))
 
 
@@ -769,6 +796,8 @@ def parse_args(argv=None):
         p.error(f"--p-uncond must be in [0, 1), got {args.p_uncond}")
     if not 0 <= args.ema < 1:
         p.error(f"--ema must be in [0, 1), got {args.ema}")
+    if not args.grad_clip >= 0:
+        p.error(f"--grad-clip must be 0 (off) or positive, got {args.grad_clip}")
     if args.cfg_scale < 0:
         p.error(f"--cfg-scale must be >= 0, got {args.cfg_scale}")
     if args.sample and (args.reflow or args.distill or args.all):
@@ -789,6 +818,9 @@ def main(argv=None):
             train(args)
     except UserError as e:
         sys.exit(f"error: {e}")
+    except KeyboardInterrupt:  # Ctrl-C where no checkpoint is at stake: sampling, or before training
+        print("interrupted: nothing saved", file=sys.stderr)
+        sys.exit(130)
     finally:
         if dist.is_initialized():  # torchrun's processes
             dist.destroy_process_group()

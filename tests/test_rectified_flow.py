@@ -1,4 +1,5 @@
 """Tests for rectified_flow.py: the paper's math, a 2-D mixture learned and reflowed, and the CLI."""
+import argparse
 import hashlib
 import os
 import shutil
@@ -465,7 +466,9 @@ def test_sigterm_saves_and_resume_refuses_other_data(images, tmp_path, monkeypat
             os.kill(os.getpid(), signal.SIGTERM)
 
     monkeypatch.setattr(rf, "ema_update", ema_update_then_sigterm)
-    rf.main(tiny(images, tmp_path) + ["--steps", "5"])
+    with pytest.raises(SystemExit) as e:
+        rf.main(tiny(images, tmp_path) + ["--steps", "5"])
+    assert e.value.code == 143  # 128 + SIGTERM, after saving: not a finished run's 0
     assert load(tmp_path / "ckpt_1rf.pt")["step"] == 2
     monkeypatch.setattr(rf, "ema_update", real)
     with pytest.raises(SystemExit) as e:
@@ -552,3 +555,108 @@ def test_a_long_run_on_a_cpu_says_so_at_once(images, tmp_path, monkeypatch, caps
     rf.main(tiny(images, tmp_path) + ["--steps", "6", "--log-every", "0"])
     out = capsys.readouterr().out
     assert out.count("note: this stage needs about") == 1 and "CPU recipe" in out
+
+
+def test_ctrl_c_while_drawing_pairs_keeps_them_and_exits_130(stages, images, tmp_path, monkeypatch, capsys):
+    real = rf.solve
+
+    def solve_then_ctrl_c(*a, **k):
+        os.kill(os.getpid(), signal.SIGINT)  # caught by train(): the chunk ends, the pairs are saved
+        return real(*a, **k)
+
+    monkeypatch.setattr(rf, "solve", solve_then_ctrl_c)
+    with pytest.raises(SystemExit) as e:
+        rf.main(tiny(images, tmp_path) + ["--reflow", "--ckpt", str(stages / "ckpt_1rf.pt"), "--steps", "2"] + PAIRS)
+    assert e.value.code == 130 and "interrupted while drawing pairs" in capsys.readouterr().out
+    assert len(load(tmp_path / "pairs_1rf.pt")["z0"]) == 24 and not (tmp_path / "ckpt_2rf.pt").exists()
+
+
+def test_ctrl_c_while_sampling_prints_one_line_and_exits_130(stages, tmp_path, monkeypatch, capsys):
+    def solve_then_ctrl_c(*a, **k):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(rf, "solve", solve_then_ctrl_c)
+    try:
+        rf.main(["--sample", "--ckpt", str(stages / "ckpt_1rf.pt"), "--save", str(tmp_path / "x.png")])
+    except KeyboardInterrupt:
+        pytest.fail("Ctrl-C while sampling reached the caller: a traceback")
+    except SystemExit as e:
+        assert e.code == 130
+    else:
+        pytest.fail("Ctrl-C while sampling exited 0")
+    assert capsys.readouterr().err == "interrupted: nothing saved\n" and not (tmp_path / "x.png").exists()
+
+
+def test_a_rank_stopped_by_another_ranks_signal_exits_as_after_sigterm(monkeypatch):
+    monkeypatch.setattr(rf, "all_sum", lambda x, world: x + 1)  # the other rank was interrupted
+    stop = []
+    assert rf.stopped(stop, argparse.Namespace(world=2), "cpu") and 128 + stop[0] == 143
+
+
+def test_grad_clip_0_is_off_and_a_negative_one_is_refused(images, tmp_path, monkeypatch, capsys):
+    real, initial = rf.make_model, {}
+
+    def make_model_kept(*a):
+        model = real(*a)
+        initial.update({k: v.clone() for k, v in model.state_dict().items()})
+        return model
+
+    monkeypatch.setattr(rf, "make_model", make_model_kept)
+    rf.main(tiny(images, tmp_path) + ["--steps", "1", "--grad-clip", "0"])
+    after = load(tmp_path / "ckpt_1rf.pt")["model"]
+    # (at step 1 only the zero-initialised output layer has gradients: the rest waits on it)
+    moved = [k for k, v in after.items() if not torch.equal(v, initial[k])]
+    assert "out.2.weight" in moved, "--grad-clip 0 left the weights where they were: gradients zeroed"
+    with pytest.raises(SystemExit) as e:
+        rf.main(["--grad-clip", "-1", "--dataset", "no-such-data"])  # (accepted, it would not train)
+    assert e.value.code == 2 and "--grad-clip must be 0 (off) or positive, got -1" in capsys.readouterr().err
+
+
+def test_the_divergence_rule():
+    assert rf.diverged(float("nan"), 1.0) and rf.diverged(float("inf"), 1.0)
+    assert rf.diverged(1001.0, 0.5) and not rf.diverged(999.0, 0.5)  # the scale is at least 1
+    assert rf.diverged(2.1e4, 20.0) and not rf.diverged(1.9e4, 20.0)  # else the first step's loss
+
+
+def test_a_finite_but_absurd_loss_is_divergence(images, tmp_path, monkeypatch):
+    real, calls = rf.batch_loss, []
+
+    def loss_blows_up_at_step_3(*a):
+        calls.append(1)
+        return real(*a) * (1e9 if len(calls) >= 3 else 1)  # finite: about 1e9, not inf
+
+    monkeypatch.setattr(rf, "batch_loss", loss_blows_up_at_step_3)
+    with pytest.raises(SystemExit) as e:
+        rf.main(tiny(images, tmp_path) + ["--steps", "5"])
+    msg = str(e.value.code)
+    assert "at step 3" in msg and "over 1000 x the first step's" in msg and "lower --lr" in msg, msg
+    assert not (tmp_path / "ckpt_1rf.pt").exists()
+
+
+def test_non_finite_data_or_pairs_are_named_not_the_learning_rate(stages, images, tmp_path, monkeypatch):
+    x = torch.rand(16, 1, 8, 8) * 2 - 1
+    x[:, 0, 0, 0] = float("nan")  # float images with one NaN pixel each
+    torch.save(x, tmp_path / "nan.pt")
+    argv = tiny(tmp_path / "nan.pt", tmp_path / "a") + ["--steps", "2"]
+    del argv[argv.index("--image-size"):argv.index("--image-size") + 2]  # a tensor file keeps its size
+    with pytest.raises(SystemExit) as e:
+        rf.main(argv)
+    messages = [str(e.value.code)]
+    assert "the batch at step 1 holds non-finite values: the data set has NaN" in messages[-1]
+    # pairs stored from a flow whose outputs were NaN (drawn before this check)
+    pairs = load(stages / "pairs_1rf.pt")
+    pairs["z1"][:, 0, 0, 0] = float("nan")
+    (tmp_path / "b").mkdir()
+    torch.save(pairs, tmp_path / "b" / "pairs_1rf.pt")
+    reflow = ["--reflow", "--ckpt", str(stages / "ckpt_1rf.pt"), "--steps", "2"] + PAIRS
+    with pytest.raises(SystemExit) as e:
+        rf.main(tiny(images, tmp_path / "b") + reflow)
+    messages.append(str(e.value.code))
+    assert "the batch at step 1 holds non-finite values: the pairs in" in messages[-1]
+    # a 1-RF whose outputs are NaN: the pairs say so as they are drawn
+    monkeypatch.setattr(rf, "solve", lambda v, z, *a: (torch.full_like(z, float("nan")), 3))
+    with pytest.raises(SystemExit) as e:
+        rf.main(tiny(images, tmp_path / "c") + reflow)
+    messages.append(str(e.value.code))
+    assert "reflow pairs drawn from" in messages[-1] and "checkpoint is broken" in messages[-1], messages
+    assert not any("Try a lower --lr" in msg for msg in messages), messages
