@@ -32,7 +32,7 @@ Run:
                    --warmup 100 --lr-decay cosine --steps 800 --sampler ddim --sampling-steps 50
 
 Outputs in --out (runs/ddpm): samples_epochNNN.png per epoch (EMA weights, fixed noise),
-forward.png (x_0 -> x_T), reverse.png (x_T -> x_0), ckpt.pt, and the loss per timestep bin.
+forward.png (x_0 -> x_T), reverse.png (x_T -> x_0), and ckpt.pt.
 
 Differences from the paper:
 - The loss is the mean, not the sum, of squared errors over pixels (a constant factor).
@@ -49,6 +49,7 @@ Differences from the paper:
   range(0, T, T // S), which starts at t = 1 (counting from 1) and ends before T.
 """
 import argparse
+import contextlib
 import copy
 import math
 import os
@@ -57,19 +58,17 @@ import signal
 import sys
 import time
 from pathlib import Path
+from signal import SIGINT, SIGTERM
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, Subset
 
 from common import UNet, UserError, load_dataset, pick_device, save_grid, seed_everything
 
-# ----------------------------------------------------------------------------------------------
+# ==== the paper ====================================================================================
 # The noise schedule and the forward process (no network needed)
-# ----------------------------------------------------------------------------------------------
-
 
 class Schedule:
     """beta_t, alpha_t = 1 - beta_t, alpha_bar_t = prod_{s<=t} alpha_s and the posterior variance
@@ -131,32 +130,32 @@ def mu_from_eps(x_t, t, eps, sch):
     return (x_t - extract(coef, t, x_t) * eps) / extract(sch.alpha.sqrt(), t, x_t)
 
 
-# ----------------------------------------------------------------------------------------------
 # The network: the DDPM U-Net of common.py
-# ----------------------------------------------------------------------------------------------
 
 def make_model(args, channels, size):
     return UNet(channels, args.width, args.mults, args.res_blocks, args.attn, args.dropout,
                 image_size=size)
 
 
-# ----------------------------------------------------------------------------------------------
-# Training objective (Algorithm 1) and samplers (Algorithm 2, DDIM)
-# ----------------------------------------------------------------------------------------------
+# The objective (Algorithm 1)
 
-def loss_per_example(eps_theta, x0, sch, rank=0, world=1):
-    """Algorithm 1, lines 2-5, for a batch x0. Returns each example's loss and its t. Under
-    torchrun, x0 is this rank's slice of the global batch: every rank draws t and eps for the whole
-    batch and keeps its slice, so N processes compute what one process computes on all of it."""
-    mine = slice(rank * len(x0), (rank + 1) * len(x0))
+def loss(eps_theta, x0, t, eps, sch):
+    """Algorithm 1, line 5: || eps - eps_theta(sqrt(alpha_bar_t) x_0 + sqrt(1 - alpha_bar_t) eps, t) ||^2,
+    the mean over pixels and the batch instead of the sum (L_simple up to a constant factor)."""
+    return (eps - eps_theta(q_sample(x0, t, eps, sch), t)).square().mean()
+
+
+def training_step(eps_theta, x0, sch, draw):
+    """Algorithm 1, lines 2-5, for a batch x_0 ~ q(x_0); the caller takes the gradient step.
+    draw: the random draws (torch's own, or one process's share of a global batch's)."""
     # Algorithm 1, line 3: t ~ Uniform({1, ..., T})
-    t = torch.randint(1, sch.T + 1, (world * len(x0),), device=x0.device)[mine]
+    t = draw.randint(1, sch.T + 1)
     # Algorithm 1, line 4: eps ~ N(0, I)
-    eps = torch.randn(world * len(x0), *x0.shape[1:], device=x0.device)[mine]
-    # Algorithm 1, line 5: || eps - eps_theta(sqrt(alpha_bar_t) x_0 + sqrt(1 - alpha_bar_t) eps, t) ||^2
-    # Note: the mean over pixels instead of the sum (L_simple up to a constant factor).
-    return (eps - eps_theta(q_sample(x0, t, eps, sch), t)).square().flatten(1).mean(1), t
+    eps = draw.randn(*x0.shape[1:])
+    return loss(eps_theta, x0, t, eps, sch)
 
+
+# The samplers (Algorithm 2, DDIM)
 
 def p_mean(eps_theta, x_t, t, sch, clip_x0):
     """The mean of p_theta(x_{t-1} | x_t): Eq. 11, or, with clip_x0, Eq. 7 at the predicted x_0
@@ -171,17 +170,16 @@ def p_mean(eps_theta, x_t, t, sch, clip_x0):
 @torch.no_grad()
 def sample_ddpm(eps_theta, shape, sch, sigma="beta", clip_x0=True, device="cpu", generator=None,
                 on_step=None):
-    """Algorithm 2. sigma: 'beta' (sigma_t^2 = beta_t) or 'beta_tilde' (sigma_t^2 = beta_tilde_t), Sec. 3.2."""
+    """Algorithm 2. sigma: 'beta' (sigma_t^2 = beta_t) or 'beta_tilde' (sigma_t^2 = beta_tilde_t), Sec. 3.2.
+    on_step(x, done, total), if given, is called after every step."""
     var = sch.beta if sigma == "beta" else sch.beta_tilde
     # Algorithm 2, line 1: x_T ~ N(0, I)
     x = torch.randn(shape, device=device, generator=generator)
     for t in range(sch.T, 0, -1):  # Algorithm 2, line 2: for t = T, ..., 1
-        tt = torch.full((shape[0],), t, device=device, dtype=torch.long)
-        mean = p_mean(eps_theta, x, tt, sch, clip_x0)
+        mean = p_mean(eps_theta, x, torch.full((shape[0],), t, device=device), sch, clip_x0)
         if t > 1:
             # Algorithm 2, lines 3-4: z ~ N(0, I); x_{t-1} = mu_theta(x_t, t) + sigma_t z
-            z = torch.randn(shape, device=device, generator=generator)
-            x = mean + var[t].sqrt().item() * z
+            x = mean + var[t].sqrt().item() * torch.randn(shape, device=device, generator=generator)
         else:
             # Algorithm 2, line 3 at t = 1: z = 0, so x_0 is the mean, with no noise added
             x = mean
@@ -206,10 +204,9 @@ def sample_ddim(eps_theta, shape, sch, steps, eta=0.0, clip_x0=True, device="cpu
     taus = ddim_timesteps(sch.T, steps)
     x = torch.randn(shape, device=device, generator=generator)  # x_T ~ N(0, I)
     for i, (t, t_prev) in enumerate(zip(reversed(taus), list(reversed(taus))[1:] + [0])):
-        tt = torch.full((shape[0],), t, device=device, dtype=torch.long)
         ab, ab_prev = sch.alpha_bar[t].item(), sch.alpha_bar[t_prev].item()
-        eps = eps_theta(x, tt)
-        x0 = predict_x0(x, tt, eps, sch)  # Eq. 12, "predicted x_0"
+        eps = eps_theta(x, torch.full((shape[0],), t, device=device))
+        x0 = predict_x0(x, torch.full((shape[0],), t, device=device), eps, sch)  # Eq. 12, "predicted x_0"
         if clip_x0:  # keep eps consistent with the clipped x_0, as DDPM's posterior mean is
             x0 = x0.clamp(-1, 1)
             eps = (x - math.sqrt(ab) * x0) / math.sqrt(1 - ab)
@@ -224,57 +221,17 @@ def sample_ddim(eps_theta, shape, sch, steps, eta=0.0, clip_x0=True, device="cpu
     return x
 
 
-def draw(eps_theta, n, shape, sch, args, device, seed=0, on_step=None):
-    """n images with the sampler chosen on the command line, from a fixed seed."""
-    g = torch.Generator(device).manual_seed(seed)
-    if args.sampler == "ddim":
-        steps = args.sampling_steps or min(50, sch.T)
-        return sample_ddim(eps_theta, (n, *shape), sch, steps, args.eta, args.clip_x0, device, g, on_step)
-    return sample_ddpm(eps_theta, (n, *shape), sch, args.sigma, args.clip_x0, device, g, on_step)
+# ==== harness: the same text in every method file (tests/test_harness.py compares the copies) ====
+# Processes and devices, the random draws of a global batch, checkpoints and resume, signals, EMA,
+# the learning-rate schedule, the training loop's bookkeeping, progress lines and the shared flags.
+
+CHECK_EVERY = 10  # steps between readings of the loss and the stop flag from the device
+DIVERGED = 1000  # a loss this many times its first value (or 1) has diverged, finite or not
 
 
-class SamplingStopped(Exception):
-    """Ctrl-C or SIGTERM arrived while training drew its grid (the checkpoint was saved before)."""
-
-
-def duration(seconds):
-    if seconds >= 5400:
-        return f"{seconds / 3600:.1f} h"
-    return f"{seconds / 60:.1f} min" if seconds >= 90 else f"{seconds:.0f} s"
-
-
-class Progress:
-    """Called after every sampling step: says how far sampling is every few seconds, keeps the first
-    image of each step (for reverse.png), and ends the sampling at the next step once `stop` is set."""
-
-    def __init__(self, what, stop=(), every=5.0):
-        self.what, self.stop, self.every, self.frames = what, stop, every, []
-        self.start = self.last = time.time()
-
-    def __call__(self, x, done, total):
-        self.frames.append(x[:1].cpu())
-        if self.stop:
-            raise SamplingStopped
-        now = time.time()
-        if now - self.last >= self.every:
-            left = (now - self.start) / done * (total - done)
-            print(f"{self.what}: step {done}/{total}, {duration(left)} left", flush=True)
-            self.last = now
-
-
-def save_strip(frames, path, count=10):
-    """`count` frames spread evenly over a list of (1, C, H, W) images, in one row."""
-    idx = torch.linspace(0, len(frames) - 1, count).round().long().tolist()
-    save_grid(torch.cat([frames[i] for i in idx]), path, nrow=count)
-
-
-# ----------------------------------------------------------------------------------------------
-# Many GPUs (torchrun): one process per device; without torchrun, one process and none of this
-# ----------------------------------------------------------------------------------------------
-
-def setup_distributed(device_name):
-    """torchrun sets RANK, WORLD_SIZE and LOCAL_RANK; without them this is rank 0 of 1. NCCL on
-    GPUs, gloo on CPUs. Ranks > 0 print nothing. Returns (rank, world, device)."""
+def setup_processes(device_name):
+    """Rank 0 of 1, or under torchrun (RANK, WORLD_SIZE, LOCAL_RANK) one process per device: NCCL
+    on GPUs, gloo on CPUs, and only rank 0 prints. Returns (rank, world, device)."""
     if "RANK" not in os.environ:
         return 0, 1, pick_device(device_name)
     rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
@@ -287,355 +244,404 @@ def setup_distributed(device_name):
         device = pick_device("cpu" if device_name == "auto" else device_name)
     if not dist.is_initialized():  # (a caller may have set the group up already)
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    print(f"distributed: {world} processes ({dist.get_backend()})")
+        print(f"distributed: {world} processes ({dist.get_backend()})")
     return rank, world, device
 
 
-def all_sum(x, world):
-    """The sum of a tensor over all ranks (itself for one process)."""
-    if world > 1:
-        x = x.clone()
-        dist.all_reduce(x)
-    return x
+class Draws:
+    """The random draws of a global batch of n: every process draws all n and keeps its slice, so
+    that N processes compute what one process computes on the whole batch."""
+
+    def __init__(self, n, device, rank=0, world=1):
+        self.n, self.device = n, device
+        self.mine = slice(rank * n // world, (rank + 1) * n // world)
+
+    def randn(self, *shape):  # (n / world, *shape)
+        return torch.randn(self.n, *shape, device=self.device)[self.mine]
+
+    def rand(self):
+        return torch.rand(self.n, device=self.device)[self.mine]
+
+    def randint(self, low, high):
+        return torch.randint(low, high, (self.n,), device=self.device)[self.mine]
 
 
-# ----------------------------------------------------------------------------------------------
-# Training loop: EMA, learning-rate warm-up, logging, checkpoints, grids
-# ----------------------------------------------------------------------------------------------
-
-def make_schedule(args):
-    return (linear_schedule if args.schedule == "linear" else cosine_schedule)(args.T)
+def epoch_batches(dataset, args, epoch, skip, rank=0, world=1):
+    """Epoch `epoch`'s shuffled batches from the `skip`-th on, rank r's slice of each global batch.
+    The loader has its own generator: the global RNG's draws would differ after a resume."""
+    g = torch.Generator().manual_seed(args.seed * 100003 + epoch)
+    order = torch.randperm(len(dataset), generator=g)[skip * args.batch_size:]
+    b = args.batch_size // world
+    mine = order[:len(order) // args.batch_size * args.batch_size].view(-1, world, b)[:, rank].flatten()
+    return DataLoader(Subset(dataset, mine.tolist()), b, drop_last=True, generator=g)
 
 
 @torch.no_grad()
 def ema_update(ema, model, n, max_decay):
-    """EMA of the weights with a warm-up of the decay, min(max_decay, (1 + n) / (10 + n))."""
+    """EMA of the weights, its decay warmed up as min(max_decay, (1 + n) / (10 + n))."""
     decay = min(max_decay, (1 + n) / (10 + n))
     for e, p in zip(ema.parameters(), model.parameters()):
         e.lerp_(p, 1 - decay)
 
 
-def learning_rate(args, step, total, warmup):
-    """Linear warm-up over `warmup` steps, then constant (the paper) or cosine decay to 0."""
-    lr = args.lr * min(1.0, (step + 1) / warmup)
-    if args.lr_decay == "cosine":
-        lr *= 0.5 * (1 + math.cos(math.pi * step / total))
-    return lr
+def learning_rate(args, step, total):
+    """Linear warm-up over --warmup steps (a tenth of a shorter run), then constant or cosine."""
+    warmup = min(args.warmup, total // 10)
+    lr = args.lr * min(1.0, (step + 1) / warmup) if warmup else args.lr
+    return lr * 0.5 * (1 + math.cos(math.pi * step / total)) if args.lr_decay == "cosine" else lr
 
 
-def save_checkpoint(path, model, ema, opt, step, args, shape):
-    state = {"method": "ddpm", "args": vars(args), "shape": list(shape), "step": step,
-             "model": model.state_dict(), "ema": ema.state_dict(), "optimizer": opt.state_dict(),
-             "rng": {"torch": torch.get_rng_state(), "python": random.getstate(),
-                     "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
-                     "mps": torch.mps.get_rng_state() if torch.backends.mps.is_available() else None}}
-    tmp = Path(str(path) + ".tmp")
-    torch.save(state, tmp)
-    os.replace(tmp, path)  # atomic: a crash mid-write never leaves a broken ckpt.pt
+def save_checkpoint(path, state):
+    """state and the RNG states, written to a temporary file, then renamed: a crash leaves no
+    broken checkpoint."""
+    rng = {"torch": torch.get_rng_state(), "python": random.getstate(),
+           "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+           "mps": torch.mps.get_rng_state() if torch.backends.mps.is_available() else None}
+    torch.save({**state, "rng": rng}, f"{path}.tmp")
+    os.replace(f"{path}.tmp", path)
 
 
-def restore_device_rng(rng):
-    """The CUDA generators of the devices this machine has (a checkpoint from a machine with more
-    GPUs restores the first ones), and MPS's."""
-    for i, state in enumerate(rng["cuda"][:torch.cuda.device_count()]):
-        torch.cuda.set_rng_state(state, i)
-    if rng.get("mps") is not None and torch.backends.mps.is_available():
-        torch.mps.set_rng_state(rng["mps"])
-
-
-def load_checkpoint(path):
+def load_checkpoint(path, methods, keys, flag="--ckpt"):
+    """A checkpoint of one of `methods` with `keys`, read as data (weights_only), or one line."""
     if not Path(path).is_file():
-        raise UserError(f"no checkpoint at {path}: train first (python ddpm.py) or pass --ckpt PATH")
+        raise UserError(f"no checkpoint at {path}: train first, or pass {flag} PATH")
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
         raise UserError(f"cannot read checkpoint {path} ({type(e).__name__}): it is damaged or "
                         f"incomplete (a copy cut short?), or not a checkpoint at all") from None
-    if not isinstance(ckpt, dict) or ckpt.get("method") != "ddpm":
-        method = ckpt.get("method", "unknown") if isinstance(ckpt, dict) else "unknown"
-        raise UserError(f"{path} is a checkpoint of {method}, not of ddpm.py")
-    missing = [k for k in ("args", "shape", "step", "model", "ema", "optimizer", "rng") if k not in ckpt]
+    method = ckpt.get("method", "unknown") if isinstance(ckpt, dict) else "unknown"
+    if method not in methods:
+        raise UserError(f"{path} is a checkpoint of {method}, not of {' or '.join(methods)}")
+    missing = [k for k in ("args", "step", "rng", *keys) if k not in ckpt]
     if missing:
-        raise UserError(f"{path} is an incomplete ddpm.py checkpoint: no {', '.join(missing)}")
+        raise UserError(f"{path} is an incomplete {method} checkpoint: no {', '.join(missing)}")
     return ckpt
 
 
-def epoch_batches(dataset, args, epoch, skip, rank=0, world=1):
-    """Epoch `epoch`'s shuffled batches from the `skip`-th on, the same order on every run; under
-    torchrun, rank r's slice r of each global batch of --batch-size."""
-    g = torch.Generator().manual_seed(args.seed * 100003 + epoch)
-    order = torch.randperm(len(dataset), generator=g)[skip * args.batch_size:]
-    b = args.batch_size // world
-    mine = order[:len(order) // args.batch_size * args.batch_size].view(-1, world, b)[:, rank].flatten()
-    # its own generator: a DataLoader iterator otherwise draws a seed from the global RNG, and a
-    # resumed run, which starts one more iterator, would then draw other t and eps
-    return DataLoader(Subset(dataset, mine.tolist()), b, drop_last=True, generator=g)
+def restore_rng(rng, device):
+    """CUDA's states for the devices this machine has; under torchrun each rank continues rank 0's."""
+    torch.set_rng_state(rng["torch"])
+    random.setstate(rng["python"])
+    for i, state in enumerate(rng["cuda"][:torch.cuda.device_count()]):
+        torch.cuda.set_rng_state(state, i)
+    if device.type == "cuda" and rng["cuda"]:
+        torch.cuda.set_rng_state(rng["cuda"][0], device)
+    if rng["mps"] is not None and torch.backends.mps.is_available():
+        torch.mps.set_rng_state(rng["mps"])
 
 
-def train(args):
-    rank, world, device = setup_distributed(args.device)
-    ckpt = None
-    if args.resume:
-        ckpt = load_checkpoint(args.ckpt or Path(args.out) / "ckpt.pt")
-        if args.dataset is not None and args.dataset != ckpt["args"]["dataset"]:
-            raise UserError(f"the run was trained on --dataset {ckpt['args']['dataset']}; --resume continues "
-                            f"it on the same data (leave out --dataset, or start a new run with another --out)")
-        keep = {k: getattr(args, k) for k in ("device", "out", "resume", "ckpt", "data_dir",
-                                              "dataset", "image_size")
-                if getattr(args, k) is not None}  # the data flags given, so the shape is checked
-        if args.epochs is not None or args.steps is not None:  # a new length for the run
-            keep["epochs"], keep["steps"] = args.epochs, args.steps
-        args = argparse.Namespace(**{**ckpt["args"], **keep})
-    if args.batch_size % world:
-        raise UserError(f"--batch-size {args.batch_size} (the global batch) must divide evenly over "
-                        f"{world} processes")
-    seed_everything(args.seed)  # the same on every rank: see loss_per_example
-    dataset, info = load_dataset(args.dataset, args.data_dir, True, args.image_size,
-                                 flip=args.dataset == "cifar10")
-    shape = (info.channels, info.size, info.size)
-    if ckpt is not None and tuple(ckpt["shape"]) != shape:
-        raise UserError(f"the checkpoint was trained on {tuple(ckpt['shape'])} images, "
-                        f"{args.dataset} has {shape}: use the same --dataset and --image-size")
-    if len(dataset) < args.batch_size:
-        raise UserError(f"{args.dataset} has {len(dataset)} images, fewer than --batch-size {args.batch_size}")
-    fill_model_defaults(args, info)
+def resumed_args(p, args, ckpt, free=("device", "out", "resume", "ckpt", "data_dir", "log_every",
+                                      "save_every", "compile", "bf16")):
+    """The checkpoint's flags, with the `free` ones and a new length given now; any other flag
+    given now that differs from the checkpoint's is refused."""
+    saved = ckpt["args"]
+    for k, v in vars(args).items():
+        if k not in (*free, "epochs", "steps") and v not in (p.get_default(k), saved.get(k)):
+            raise UserError(f"--resume continues the run with its --{k.replace('_', '-')} {saved.get(k)}, "
+                            f"not {v}: leave the flag out, or start a new run with another --out")
+    length = ("epochs", "steps") if args.epochs or args.steps else ()
+    return argparse.Namespace(**{**saved, **{k: getattr(args, k) for k in (*free, *length)}})
 
-    sch = make_schedule(args)
-    print(f"schedule: {args.schedule}, T = {args.T}, sqrt(alpha_bar_T) = {sch.alpha_bar[-1].sqrt():.2e}")
-    model = make_model(args, *shape[:2]).to(device, memory_format=torch.channels_last)
-    ema = copy.deepcopy(model).requires_grad_(False)  # starts as an exact copy
-    opt = torch.optim.Adam(model.parameters(), lr=args.lr)
-    print(f"model: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters")
 
-    per_epoch = len(dataset) // args.batch_size
-    total = args.steps or args.epochs * per_epoch
-    warmup = max(1, min(args.warmup, total // 10))
-    step = 0
-    if ckpt is not None:
-        model.load_state_dict(ckpt["model"])
-        ema.load_state_dict(ckpt["ema"])
-        opt.load_state_dict(ckpt["optimizer"])
-        step = ckpt["step"]
-        torch.set_rng_state(ckpt["rng"]["torch"])
-        random.setstate(ckpt["rng"]["python"])
-        restore_device_rng(ckpt["rng"])
-        if world > 1 and device.type == "cuda":  # every rank continues rank 0's stream (device 0)
-            torch.cuda.set_rng_state(ckpt["rng"]["cuda"][0], device)
-        print(f"resumed from step {step}")
-    ddp = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None) \
-        if world > 1 else model  # averages the gradients over the ranks in backward()
-    out = Path(args.out)
-    if out.exists() and not out.is_dir():
-        raise UserError(f"--out {out} is a file: give a folder for the run's outputs")
-    out.mkdir(parents=True, exist_ok=True)
-    ckpt_path = out / "ckpt.pt"
-    if step == 0 and rank == 0:
-        save_forward_strip(dataset[0][0], sch, out / "forward.png")
-
-    stop = []  # Ctrl-C or SIGTERM (kill, timeout, a cluster's scheduler) finishes the step, saves, exits
-    handlers = {s: signal.signal(s, lambda signum, _: stop.append(signum))
-                for s in (signal.SIGINT, signal.SIGTERM)}
-    ranks = argparse.Namespace(ddp=ddp, rank=rank, world=world)
+@contextlib.contextmanager
+def signals_to(stop):
+    """Ctrl-C and SIGTERM append their number to `stop`: the run ends its step, saves and exits."""
+    old = {s: signal.signal(s, lambda signum, frame: stop.append(signum)) for s in (SIGINT, SIGTERM)}
     try:
-        step = run_epochs(args, model, ema, opt, sch, dataset, device, shape, step, total, warmup,
-                          per_epoch, ckpt_path, stop, ranks)
-        if rank == 0:
-            save_checkpoint(ckpt_path, model, ema, opt, step, args, shape)
+        yield
     finally:
-        for s, h in handlers.items():
-            signal.signal(s, h)
-        if world > 1:
-            dist.destroy_process_group()
-    print(f"{'interrupted' if stop else 'done'} at step {step}; checkpoint {ckpt_path}")
-    if stop:  # 130 after Ctrl-C, 143 after SIGTERM: a script or a scheduler tells it from "done"
-        sys.exit(128 + stop[0])
+        for s, handler in old.items():
+            signal.signal(s, handler)
 
 
-def run_epochs(args, model, ema, opt, sch, dataset, device, shape, step, total, warmup, per_epoch,
-               ckpt_path, stop, ranks):
-    """The training loop. ranks: the model to call (DistributedDataParallel under torchrun), this
-    process's rank and the world size; rank 0 alone logs, saves and draws the grids."""
-    amp = torch.autocast("cuda", torch.bfloat16, enabled=args.bf16 and device.type == "cuda")
-    last_log = last_save = time.time()
-    seen, t_log = 0, time.time()
-    saved = step or None  # the step ckpt_path holds from this run (a resumed run: where it resumed)
-    grid_s, noted = None, False  # seconds one epoch's grid takes (measured once one is drawn)
-    first = None  # the loss of this process's first step, the scale of the divergence rule
-    while step < total:
-        epoch, skip = divmod(step, per_epoch)
-        bins = torch.zeros(2, 10, device=device)  # loss sum and count per tenth of 1..T
-        for x0, _ in epoch_batches(dataset, args, epoch, skip, ranks.rank, ranks.world):
-            # Algorithm 1, line 2: x_0 ~ q(x_0)
-            x0 = x0.to(device).contiguous(memory_format=torch.channels_last)
-            for group in opt.param_groups:
-                group["lr"] = learning_rate(args, step, total, warmup)
+class SamplingStopped(Exception):
+    """Ctrl-C or SIGTERM arrived while a sampler ran."""
+
+
+def duration(seconds):
+    if seconds >= 5400:
+        return f"{seconds / 3600:.1f} h"
+    return f"{seconds / 60:.1f} min" if seconds >= 90 else f"{seconds:.0f} s"
+
+
+class Progress:
+    """Called after each step of a long loop: a line with the time left every few seconds, and
+    SamplingStopped at the next step once `stop` is set."""
+
+    def __init__(self, what, stop=(), every=5.0):
+        self.what, self.stop, self.every = what, stop, every
+        self.start = self.last = time.time()
+
+    def __call__(self, done, total):
+        if self.stop:
+            raise SamplingStopped
+        if time.time() - self.last >= self.every:
+            left = (time.time() - self.start) / done * (total - done)
+            print(f"{self.what}: step {done}/{total}, {duration(left)} left", flush=True)
+            self.last = time.time()
+
+
+class Run(argparse.Namespace):
+    """A training run, built in one place by the method's train(): args, model, opt, dataset,
+    device, rank, world, stop, path (of the checkpoint), method, loss(batch, draws) -> a scalar."""
+    ema = after_step = pictures = None  # an EMA model; after_step(step); pictures(epoch, progress)
+    step, saved, first, grid = 0, None, None, 0.0
+
+    def extra(self):  # what the checkpoint holds besides the shared keys
+        return {}
+
+
+def prepare(run, ckpt):
+    """A resumed run's weights, optimizer and RNG; run.net, the model as training calls it."""
+    if run.args.batch_size % run.world:
+        raise UserError(f"--batch-size {run.args.batch_size} (the global batch) must divide evenly over "
+                        f"{run.world} processes")
+    if ckpt is not None:
+        run.model.load_state_dict(ckpt["model"])
+        if run.ema is not None:
+            run.ema.load_state_dict(ckpt["ema"])
+        run.opt.load_state_dict(ckpt["optimizer"])
+        run.step = run.saved = ckpt["step"]
+        restore_rng(ckpt["rng"], run.device)
+        print(f"resumed from step {run.step}")
+    run.net = run.model
+    if run.world > 1:  # averages the gradients over the processes in backward()
+        run.net = DistributedDataParallel(run.model, [run.device.index] if run.device.type == "cuda" else None)
+    if run.args.compile:
+        run.net = torch.compile(run.net)
+
+
+def save(run):
+    if run.rank == 0 and run.saved != run.step:
+        save_checkpoint(run.path, {"method": run.method, "args": vars(run.args), "step": run.step,
+                                   "model": run.model.state_dict(), "optimizer": run.opt.state_dict(),
+                                   "ema": None if run.ema is None else run.ema.state_dict(), **run.extra()})
+    run.saved, run.last_save = run.step, time.time()
+
+
+def train_loop(run):
+    """From run.step to the end: a global batch, run.loss, a gradient step, EMA; the loss and the
+    stop flag are read from the device every CHECK_EVERY steps and at an epoch's end, its checkpoint
+    and pictures then follow."""
+    args, per_epoch = run.args, len(run.dataset) // run.args.batch_size
+    run.total, run.per_epoch = args.steps or args.epochs * per_epoch, per_epoch
+    amp = torch.autocast("cuda", torch.bfloat16, enabled=args.bf16 and run.device.type == "cuda")
+    run.last_log = run.last_save = time.time()
+    losses, run.bad_data = [], torch.zeros((), device=run.device)
+    while run.step < run.total and not run.stop:
+        epoch, skip = divmod(run.step, per_epoch)
+        for batch in epoch_batches(run.dataset, args, epoch, skip, run.rank, run.world):
+            batch = [b.to(run.device) for b in batch]
+            run.bad_data += (~torch.isfinite(batch[0])).any()
+            for group in run.opt.param_groups:
+                group["lr"] = learning_rate(args, run.step, run.total)
             with amp:
-                losses, t = loss_per_example(ranks.ddp, x0, sch, ranks.rank, ranks.world)
-            loss = losses.mean()
-            loss_all = all_sum(loss.detach(), ranks.world) / ranks.world  # the same on every rank
-            first = loss_all.item() if first is None else first
-            if diverged(loss_all.item(), first):
-                kept = f"{ckpt_path} holds step {saved}" if saved else "this run has written no checkpoint yet"
-                raise divergence_error(loss_all.item(), first, (x0,), step + 1, kept, ranks, device)
-            opt.zero_grad(set_to_none=True)
+                loss = run.loss(batch, Draws(args.batch_size, run.device, run.rank, run.world))
+            run.opt.zero_grad(set_to_none=True)
             loss.backward()
-            if args.grad_clip:  # 0: no clipping (clip_grad_norm_ to 0 would zero every gradient)
-                torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
-            opt.step()  # Algorithm 1, line 5: a gradient descent step (Adam)
-            step += 1
-            ema_update(ema, model, step, args.ema)
-            b = ((t - 1) * 10 // sch.T)
-            bins[0].index_add_(0, b, losses.detach().float())
-            bins[1].index_add_(0, b, torch.ones_like(losses, dtype=torch.float))
-            seen += args.batch_size
-            now = time.time()
-            if now - last_log >= args.log_every or step == total:
-                speed = seen / (now - t_log)
-                left = time_left(args, sch, step, total, per_epoch, speed, grid_s)
-                print(f"step {step}/{total}  epoch {epoch + 1}  loss {loss_all.item():.4f}  "
-                      f"{speed:.0f} img/s  {duration(left)} left", flush=True)
-                if device.type == "cpu" and not noted and left > 1800:
-                    print(f"note: this run needs about {duration(left)} on this CPU (sample grids "
-                          f"included); README.md's CPU recipe shows real results in about 15 minutes")
-                last_log, seen, t_log, noted = now, 0, now, True
-            if now - last_save >= 60 * args.save_every and ranks.rank == 0:
-                save_checkpoint(ckpt_path, model, ema, opt, step, args, shape)
-                last_save, saved = now, step
-            if step == total or stopped(stop, ranks, device):
+            if args.grad_clip:
+                torch.nn.utils.clip_grad_norm_(run.model.parameters(), args.grad_clip)
+            run.opt.step()
+            run.step += 1
+            if run.ema is not None:
+                ema_update(run.ema, run.model, run.step, args.ema)
+            if run.after_step is not None:
+                run.after_step(run.step)
+            losses.append(loss.detach().float())
+            run.first = losses[0] if run.first is None else run.first
+            end = run.step % per_epoch == 0 or run.step == run.total
+            if (end or run.step % CHECK_EVERY == 0 or run.world == 1 and run.stop) and check(run, losses):
                 break
-        print_loss_bins(all_sum(bins, ranks.world), sch.T)
-        if (step % per_epoch == 0 or step == total) and ranks.rank == 0:  # the others wait meanwhile
-            start = time.time()
-            try:
-                end_of_epoch(args, model, ema, opt, sch, device, shape, step, epoch, ckpt_path, stop)
-            except SamplingStopped:
-                print(f"stopped while drawing the grid; {ckpt_path} holds step {step}")
-            finally:
-                saved = step
-            grid_s, seen, t_log = time.time() - start, 0, time.time()  # img/s counts training alone
-        if stopped(stop, ranks, device):
-            break
-    return step
+            if end:
+                break
+        if run.step % per_epoch == 0 or run.step == run.total:
+            end_of_epoch(run, epoch)
 
 
-def stopped(stop, ranks, device):
-    """Whether Ctrl-C or SIGTERM reached any rank: all ranks then stop after the same step."""
-    if ranks.world > 1 and all_sum(torch.tensor(float(len(stop)), device=device), ranks.world).item():
-        stop.append(signal.SIGTERM)  # every rank's list then says so; a rank not signalled exits 143
+def check(run, losses):
+    """Stops a diverged run without saving; prints progress; saves every --save-every minutes.
+    Returns whether any process was asked to stop (one stopped by another exits as on SIGTERM)."""
+    stop = torch.tensor(float(len(run.stop)), device=run.device)
+    x = torch.stack([torch.stack(losses).mean(), run.first, run.bad_data, stop])
+    if run.world > 1:
+        dist.all_reduce(x)
+        x /= run.world
+    (loss, first, bad, stop), now = x.tolist(), time.time()
+    if bad or not math.isfinite(loss) or loss > DIVERGED * max(first, 1):
+        held = f"{run.path} holds step {run.saved}" if run.saved else "this run has written no checkpoint yet"
+        why = "the data hold NaN or inf" if bad else f"the loss went from {first:.3g} to {loss:.3g} " \
+            f"(diverged: try a lower --lr)"
+        raise UserError(f"stopped at step {run.step} without saving, as {why}; {held}")
+    if now - run.last_log >= run.args.log_every or stop or run.step == run.total:
+        speed = len(losses) * run.args.batch_size / (now - run.last_log)
+        left = (run.total - run.step) * (run.args.batch_size / speed + run.grid / run.per_epoch)
+        print(f"step {run.step}/{run.total}  loss {loss:.4f}  {speed:.0f} img/s  {duration(left)} left",
+              flush=True)
+        losses.clear()
+        run.last_log = now
+    if stop and not run.stop:
+        run.stop.append(SIGTERM)
+    if now - run.last_save >= 60 * run.args.save_every or stop:
+        save(run)
     return bool(stop)
 
 
-def diverged(loss, first):
-    """The loss is non-finite, or finite but absurd: over 1000 x the first step's (at least 1). A run
-    at 1e22 stays finite, trains nothing and would sample noise."""
-    return not math.isfinite(loss) or loss > 1000 * max(first, 1.0)
-
-
-def divergence_error(loss, first, batch, step, kept, ranks, device, data="the data set has NaN or inf in it"):
-    """What a diverged loss means: a batch holding NaN or inf on any rank (a lower --lr cannot help
-    that), or else training that blew up."""
-    bad = sum(float(not torch.isfinite(x).all()) for x in batch if x.is_floating_point())
-    if all_sum(torch.tensor(bad, device=device), ranks.world).item():
-        return UserError(f"the batch at step {step} holds non-finite values: {data}; stopped without "
-                         f"saving ({kept})")
-    scale = f" (over 1000 x the first step's {first:.4g})" if math.isfinite(loss) else ""
-    return UserError(f"the loss became {loss:.4g}{scale} at step {step}; stopped without saving ({kept}). "
-                     f"Try a lower --lr.")
-
-
-def time_left(args, sch, step, total, per_epoch, speed, grid_s):
-    """Seconds of training left, and of the grids still to draw at the ends of epochs. Before the
-    first grid is timed, one grid's network calls are guessed from a training step's: a forward and
-    backward pass on a batch cost about 3 forward passes."""
-    grids = -(-(total - step) // per_epoch) if step < total else 0
-    if grid_s is None:
-        calls = (args.sampling_steps or min(50, args.T)) if args.sampler == "ddim" else sch.T
-        grid_s = calls * min(args.n, 64) / (3 * speed)
-    return (total - step) * args.batch_size / speed + grids * grid_s
-
-
-def end_of_epoch(args, model, ema, opt, sch, device, shape, step, epoch, ckpt_path, stop):
-    save_checkpoint(ckpt_path, model, ema, opt, step, args, shape)
-    ema.eval()
-    progress = Progress(f"epoch {epoch + 1} grid", stop)
-    x = draw(ema, min(args.n, 64), shape, sch, args, device, seed=0, on_step=progress)
-    save_grid(x, Path(args.out) / f"samples_epoch{epoch + 1:03d}.png")
-    save_strip(progress.frames, Path(args.out) / "reverse.png")
-    print(f"epoch {epoch + 1}: samples in {Path(args.out) / f'samples_epoch{epoch + 1:03d}.png'}")
-
-
-def print_loss_bins(bins, T):
-    """Bin i holds the t with (t - 1) * 10 // T = i: t from ceil(i T / 10) + 1 to ceil((i + 1) T / 10)."""
-    parts = []
-    for i, (total, count) in enumerate(zip(*bins.tolist())):
-        lo, hi = -(-i * T // 10) + 1, -(-(i + 1) * T // 10)
-        if lo <= hi:
-            label = f"{lo}-{hi}" if hi > lo else f"{lo}"
-            parts.append(f"{label}: {total / count:.4f}" if count else f"{label}: —")
-    print("loss by t: " + "  ".join(parts))
-
-
-def save_forward_strip(x0, sch, path, count=10):
-    """One data image noised by q(x_t | x_0) at `count` times from 0 to T (shared noise eps)."""
-    t = torch.linspace(0, sch.T, count).round().long()
-    eps = torch.randn(1, *x0.shape, generator=torch.Generator().manual_seed(0)).expand(count, -1, -1, -1)
-    save_grid(q_sample(x0.expand(count, -1, -1, -1), t, eps, sch), path, nrow=count)
-
-
-# ----------------------------------------------------------------------------------------------
-# Sampling from a checkpoint
-# ----------------------------------------------------------------------------------------------
-
-def sample(args):
-    if not args.ckpt:
-        raise UserError("--sample needs --ckpt PATH (e.g. runs/ddpm/ckpt.pt)")
-    if not args.save or Path(args.save).suffix not in (".png", ".pt"):
-        raise UserError("--sample needs --save FILE.png (a grid) or FILE.pt (a tensor)")
-    ckpt = load_checkpoint(args.ckpt)
-    device = pick_device(args.device)
-    train_args = argparse.Namespace(**ckpt["args"])
-    sch = make_schedule(train_args)
-    if args.sampler == "ddim":
-        args.sampling_steps = args.sampling_steps or min(50, sch.T)
-        ddim_timesteps(sch.T, args.sampling_steps)  # a clear error before any work
-    shape = tuple(ckpt["shape"])
-    ema = make_model(train_args, *shape[:2]).to(device, memory_format=torch.channels_last)
-    ema.load_state_dict(ckpt["ema"])
-    ema.eval()
-    if not all(torch.isfinite(p).all() for p in ema.parameters()):
-        raise UserError(f"{args.ckpt} holds non-finite weights (its run diverged): retrain with a lower --lr")
+def end_of_epoch(run, epoch):
+    save(run)
+    if run.pictures is None or run.rank > 0:  # the other processes wait meanwhile
+        return
     start = time.time()
-    x = torch.cat([draw(ema, min(256, args.n - i), shape, sch, args, device, seed=args.seed + i,
-                        on_step=Progress(f"images {i + 1}-{min(i + 256, args.n)} of {args.n}"))
-                   for i in range(0, args.n, 256)]).cpu()
-    if not torch.isfinite(x).all():
-        raise UserError(f"the samples of {args.ckpt} came out non-finite: the checkpoint is broken, retrain it")
-    x = x.clamp(-1, 1)
-    print(f"{args.n} samples in {time.time() - start:.2f} s")
-    Path(args.save).parent.mkdir(parents=True, exist_ok=True)
-    if args.save.endswith(".pt"):
-        torch.save(x, args.save)
-    else:
-        save_grid(x, args.save)
-    print(f"saved {args.save}")
+    try:
+        run.pictures(epoch, Progress(f"epoch {epoch + 1} grid", run.stop))
+    except SamplingStopped:
+        print(f"stopped while drawing the grid; {run.path} holds step {run.step}")
+    run.grid, run.last_log = time.time() - start, time.time()  # img/s counts training alone
 
 
-# ----------------------------------------------------------------------------------------------
-# Command line
-# ----------------------------------------------------------------------------------------------
+def finish(run):
+    """The run's last line; an interrupted run, once saved, exits 128 + its signal's number."""
+    if run.world > 1:  # the others wait for rank 0's checkpoint: the next command may read it
+        dist.barrier()
+    print(f"{'interrupted' if run.stop else 'done'} at step {run.step}; checkpoint {run.path}")
+    if run.stop:
+        raise SystemExit(128 + run.stop[0])
+
 
 def positive_int(s):
-    v = int(s)
-    if v <= 0:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {s}")
-    return v
+    if not s.strip().isdigit() or int(s) == 0:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {s!r}")
+    return int(s)
 
 
 def int_list(s):
-    v = tuple(int(x) for x in s.split(",") if x.strip())
-    if not v:
+    if not s.replace(",", "").strip():
         raise argparse.ArgumentTypeError(f"must be comma-separated integers such as 1,2,2, got {s!r}")
-    return v
+    return tuple(positive_int(x) for x in s.split(",") if x.strip())
+
+
+def shared_flags(p, out, lr, batch_size=128, warmup=0, ema=0.9999, grad_clip=1.0):
+    """DESIGN.md's command line: the flags of every method file, with the method's defaults."""
+    p.add_argument("--dataset", help="mnist | fashion-mnist (default) | cifar10 | FOLDER | FILE.pt")
+    p.add_argument("--data-dir", default="./data")
+    p.add_argument("--image-size", type=positive_int, help="for image folders")
+    length = p.add_mutually_exclusive_group()
+    length.add_argument("--epochs", type=positive_int)
+    length.add_argument("--steps", type=positive_int)
+    p.add_argument("--batch-size", type=positive_int, default=batch_size)
+    p.add_argument("--lr", type=float, default=lr)
+    p.add_argument("--warmup", type=int, default=warmup, help="steps of linear warm-up (0: none)")
+    p.add_argument("--lr-decay", choices=["none", "cosine"], default="none")
+    p.add_argument("--ema", type=float, default=ema, help="EMA decay of the weights")
+    p.add_argument("--grad-clip", type=float, default=grad_clip, help="gradient norm clip (0: off)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda | mps")
+    p.add_argument("--bf16", action="store_true", help="bfloat16 autocast on CUDA")
+    p.add_argument("--compile", action="store_true", help="torch.compile the network")
+    p.add_argument("--out", default=out)
+    p.add_argument("--resume", action="store_true", help="continue OUT's checkpoint (or --ckpt)")
+    p.add_argument("--log-every", type=float, default=5.0, help="seconds between progress lines")
+    p.add_argument("--save-every", type=float, default=5.0, help="minutes between checkpoints")
+    p.add_argument("--sample", action="store_true", help="only sample from --ckpt")
+    p.add_argument("--ckpt")
+    p.add_argument("--n", type=positive_int, default=64, help="images to sample")
+    p.add_argument("--save", help="FILE.png (a grid) or FILE.pt (a tensor) for --sample")
+
+
+def check_shared_flags(p, args):
+    for flag, ok, what in [("lr", args.lr > 0, "positive"), ("warmup", args.warmup >= 0, "0 or more"),
+                           ("grad_clip", args.grad_clip >= 0, "0 (off) or positive"),
+                           ("ema", 0 <= args.ema < 1, "in [0, 1)")]:
+        if not ok:
+            p.error(f"--{flag.replace('_', '-')} must be {what}, got {getattr(args, flag)}")
+    if not args.resume:
+        args.dataset = args.dataset or "fashion-mnist"
+        args.epochs = args.epochs or (None if args.steps else 10)
+
+
+def out_folder(path):
+    if Path(path).exists() and not Path(path).is_dir():
+        raise UserError(f"--out {path} is a file: give a folder for the run's outputs")
+    Path(path).mkdir(parents=True, exist_ok=True)
+    return Path(path)
+
+
+def check_save(path):
+    if not path or Path(path).suffix not in (".png", ".pt"):
+        raise UserError("--sample needs --save FILE.png (a grid) or FILE.pt (a tensor)")
+    if Path(path).is_dir():
+        raise UserError(f"--save {path} is a folder: give a file name ending in .png or .pt")
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+
+
+def run_command(command, args):
+    """main()'s body: a user's error is one line, and so is Ctrl-C before training or while
+    sampling (status 130); the process group, if any, is closed."""
+    try:
+        command(args)
+    except UserError as e:
+        sys.exit(f"error: {e}")
+    except (KeyboardInterrupt, SamplingStopped):
+        print("interrupted: nothing saved", file=sys.stderr)
+        sys.exit(130)
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+# ==== end of harness ===============================================================================
+
+
+# ==== the command line =============================================================================
+
+KEYS = ("shape", "model", "ema", "optimizer")  # of a ddpm.py checkpoint, besides the harness's
+
+
+def make_schedule(args):
+    return (linear_schedule if args.schedule == "linear" else cosine_schedule)(args.T)
+
+
+def draw(eps_theta, n, shape, sch, args, device, seed=0, on_step=None):
+    """n images with the sampler chosen on the command line, from a fixed seed."""
+    g = torch.Generator(device).manual_seed(seed)
+    if args.sampler == "ddim":
+        steps = args.sampling_steps or min(50, sch.T)
+        return sample_ddim(eps_theta, (n, *shape), sch, steps, args.eta, args.clip_x0, device, g, on_step)
+    return sample_ddpm(eps_theta, (n, *shape), sch, args.sigma, args.clip_x0, device, g, on_step)
+
+
+def save_strip(images, path, count=10):
+    """`count` images spread evenly over a list of (1, C, H, W) images, in one row."""
+    idx = torch.linspace(0, len(images) - 1, count).round().long().tolist()
+    save_grid(torch.cat([images[i] for i in idx]), path, nrow=count)
+
+
+@torch.no_grad()
+def print_loss_by_t(eps_theta, x0, sch, bins=10):
+    """Algorithm 1's loss on a fixed batch x0 and noise, t spread over each tenth of 1..T: where
+    the work is."""
+    eps = torch.randn(x0.shape, generator=torch.Generator().manual_seed(0)).to(x0.device)
+    edges = torch.linspace(1, sch.T + 1, bins + 1).long().tolist()
+    parts = []
+    for lo, hi in zip(edges[:-1], edges[1:]):
+        if lo < hi:
+            t = torch.linspace(lo, hi - 1, len(x0)).round().long().to(x0.device)
+            parts.append(f"{lo}-{hi - 1}: {loss(eps_theta, x0, t, eps, sch).item():.4f}")
+    print("loss by t: " + "  ".join(parts))
+
+
+def pictures(ema, sch, args, shape, device, epoch, progress, x0):
+    """The epoch's grid (EMA weights, fixed noise), reverse.png (x_T -> x_0 of its first image) and
+    the EMA model's loss by t on the data's first images."""
+    print_loss_by_t(ema.eval(), x0, sch)
+    frames = []
+
+    def on_step(x, done, total):
+        frames.append(x[:1].cpu())
+        progress(done, total)
+
+    path = Path(args.out) / f"samples_epoch{epoch + 1:03d}.png"
+    save_grid(draw(ema.eval(), min(args.n, 64), shape, sch, args, device, 0, on_step), path)
+    save_strip(frames, Path(args.out) / "reverse.png")
+    print(f"epoch {epoch + 1}: samples in {path}")
 
 
 def fill_model_defaults(args, info):
@@ -647,72 +653,115 @@ def fill_model_defaults(args, info):
     args.dropout = args.dropout if args.dropout is not None else (0.1 if args.dataset == "cifar10" else 0.0)
 
 
-def parse_args(argv=None):
+def train(args, p):
+    rank, world, device = setup_processes(args.device)
+    ckpt = None
+    if args.resume:
+        ckpt = load_checkpoint(args.ckpt or Path(args.out) / "ckpt.pt", ["ddpm"], KEYS)
+        args = resumed_args(p, args, ckpt)
+    seed_everything(args.seed)  # the same on every process: see Draws
+    dataset, info = load_dataset(args.dataset, args.data_dir, True, args.image_size,
+                                 flip=args.dataset == "cifar10")
+    shape = (info.channels, info.size, info.size)
+    if ckpt is not None and tuple(ckpt["shape"]) != shape:
+        raise UserError(f"the checkpoint was trained on {tuple(ckpt['shape'])} images, "
+                        f"{args.dataset} now has {shape}: resume on the data it was trained on")
+    fill_model_defaults(args, info)
+    sch = make_schedule(args)
+    print(f"schedule: {args.schedule}, T = {args.T}, sqrt(alpha_bar_T) = {sch.alpha_bar[-1].sqrt():.2e}")
+    model = make_model(args, *shape[:2]).to(device, memory_format=torch.channels_last)
+    print(f"model: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters")
+    out = out_folder(args.out)
+    run = Run(args=args, method="ddpm", model=model, ema=copy.deepcopy(model).requires_grad_(False),
+              opt=torch.optim.Adam(model.parameters(), lr=args.lr), dataset=dataset, device=device,
+              rank=rank, world=world, stop=[], path=out / "ckpt.pt", extra=lambda: {"shape": list(shape)})
+    run.loss = lambda batch, draws: training_step(run.net, batch[0], sch, draws)
+    x0 = torch.stack([dataset[i][0] for i in range(min(64, len(dataset)))]).to(device)
+    run.pictures = lambda epoch, progress: pictures(run.ema, sch, args, shape, device, epoch, progress, x0)
+    with signals_to(run.stop):
+        prepare(run, ckpt)
+        if run.step == 0 and rank == 0:
+            save_forward_strip(dataset[0][0], sch, out / "forward.png")
+        train_loop(run)
+        save(run)
+    finish(run)
+
+
+def save_forward_strip(x0, sch, path, count=10):
+    """One data image noised by q(x_t | x_0) at `count` times from 0 to T (shared noise eps)."""
+    t = torch.linspace(0, sch.T, count).round().long()
+    eps = torch.randn(1, *x0.shape, generator=torch.Generator().manual_seed(0)).expand(count, -1, -1, -1)
+    save_grid(q_sample(x0.expand(count, -1, -1, -1), t, eps, sch), path, nrow=count)
+
+
+def sample(args):
+    if not args.ckpt:
+        raise UserError("--sample needs --ckpt PATH (e.g. runs/ddpm/ckpt.pt)")
+    check_save(args.save)
+    ckpt = load_checkpoint(args.ckpt, ["ddpm"], KEYS)
+    device = pick_device(args.device)
+    train_args = argparse.Namespace(**ckpt["args"])
+    sch = make_schedule(train_args)
+    if args.sampler == "ddim":
+        args.sampling_steps = args.sampling_steps or min(50, sch.T)
+        ddim_timesteps(sch.T, args.sampling_steps)  # a clear error before any work
+    shape = tuple(ckpt["shape"])
+    ema = make_model(train_args, *shape[:2]).to(device, memory_format=torch.channels_last)
+    ema.load_state_dict(ckpt["ema"])
+    if not all(torch.isfinite(w).all() for w in ema.parameters()):
+        raise UserError(f"{args.ckpt} holds non-finite weights (its run diverged): retrain with a lower --lr")
+    start, chunks = time.time(), []
+    for i in range(0, args.n, 256):
+        progress = Progress(f"images {i + 1}-{min(i + 256, args.n)} of {args.n}")
+        chunks.append(draw(ema.eval(), min(256, args.n - i), shape, sch, args, device, args.seed + i,
+                           lambda x, done, total: progress(done, total)).cpu())
+    x = torch.cat(chunks)
+    if not torch.isfinite(x).all():
+        raise UserError(f"the samples of {args.ckpt} came out non-finite: the checkpoint is broken, retrain it")
+    print(f"{args.n} samples in {time.time() - start:.2f} s")
+    if args.save.endswith(".pt"):
+        torch.save(x.clamp(-1, 1), args.save)
+    else:
+        save_grid(x.clamp(-1, 1), args.save)
+    print(f"saved {args.save}")
+
+
+def parser():
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--dataset", help="mnist | fashion-mnist (default) | cifar10 | PATH")
-    p.add_argument("--data-dir", default="./data")
-    p.add_argument("--image-size", type=positive_int, help="for image folders")
-    length = p.add_mutually_exclusive_group()
-    length.add_argument("--epochs", type=positive_int)
-    length.add_argument("--steps", type=positive_int)
-    p.add_argument("--batch-size", type=positive_int, default=128)
-    p.add_argument("--lr", type=float, default=2e-4)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--device", default="auto")
-    p.add_argument("--out", default="runs/ddpm")
-    p.add_argument("--resume", action="store_true", help="continue OUT/ckpt.pt (or --ckpt)")
-    p.add_argument("--sample", action="store_true", help="only sample from --ckpt")
-    p.add_argument("--ckpt")
-    p.add_argument("--n", type=positive_int, default=64)
-    p.add_argument("--save")
-    # DDPM
+    shared_flags(p, "runs/ddpm", lr=2e-4, warmup=5000)
     p.add_argument("--T", type=positive_int, default=1000)
     p.add_argument("--schedule", choices=["linear", "cosine"], default="linear")
-    p.add_argument("--sigma", choices=["beta", "beta_tilde"], default="beta",
-                   help="sigma_t^2 of Sec. 3.2")
+    p.add_argument("--sigma", choices=["beta", "beta_tilde"], default="beta", help="sigma_t^2 of Sec. 3.2")
     p.add_argument("--clip-x0", action=argparse.BooleanOptionalAction, default=True)
     p.add_argument("--sampler", choices=["ddpm", "ddim"], default="ddpm")
-    p.add_argument("--sampling-steps", type=int, help="DDIM steps S (default 50)")
+    p.add_argument("--sampling-steps", type=positive_int, help="DDIM steps S (default 50, or T if smaller)")
     p.add_argument("--eta", type=float, default=0.0, help="DDIM eta")
     p.add_argument("--width", type=positive_int, help="U-Net base channels")
     p.add_argument("--mults", type=int_list, help="channel multipliers per level, e.g. 1,2,2")
     p.add_argument("--res-blocks", type=positive_int, default=2)
     p.add_argument("--attn", type=int_list, help="resolutions with self-attention, e.g. 7")
     p.add_argument("--dropout", type=float)
-    p.add_argument("--warmup", type=positive_int, default=5000)
-    p.add_argument("--lr-decay", choices=["none", "cosine"], default="none")
-    p.add_argument("--ema", type=float, default=0.9999)
-    p.add_argument("--grad-clip", type=float, default=1.0)
-    p.add_argument("--bf16", action="store_true", help="bfloat16 autocast on CUDA")
-    p.add_argument("--log-every", type=float, default=5.0, help="seconds")
-    p.add_argument("--save-every", type=float, default=5.0, help="minutes between checkpoints")
+    return p
+
+
+def parse_args(argv=None, p=None):
+    p = p or parser()
     args = p.parse_args(argv)
-    if args.sampling_steps is not None and not 1 <= args.sampling_steps <= args.T:
+    check_shared_flags(p, args)
+    if args.sampling_steps is not None and args.sampling_steps > args.T:
         p.error(f"--sampling-steps must be between 1 and --T ({args.T}), got {args.sampling_steps}")
-    # --sampling-steps left out: 50, or T if smaller (the T of the checkpoint when sampling)
-    if not args.lr > 0:
-        p.error(f"--lr must be positive, got {args.lr}")
-    if not args.grad_clip >= 0:
-        p.error(f"--grad-clip must be 0 (off) or positive, got {args.grad_clip}")
     if not 0 <= args.eta <= 1:
         p.error(f"--eta must be between 0 (DDIM) and 1 (DDPM's beta_tilde), got {args.eta}")
-    if not args.resume:
-        args.dataset = args.dataset or "fashion-mnist"
-        if args.epochs is None and args.steps is None:
-            args.epochs = 10
+    if args.dropout is not None and not 0 <= args.dropout < 1:
+        p.error(f"--dropout must be in [0, 1), got {args.dropout}")
     return args
 
 
 def main(argv=None):
-    args = parse_args(argv)
-    try:
-        sample(args) if args.sample else train(args)
-    except UserError as e:
-        sys.exit(f"error: {e}")
-    except KeyboardInterrupt:  # Ctrl-C where no checkpoint is at stake: sampling, or before training
-        print("interrupted: nothing saved", file=sys.stderr)
-        sys.exit(130)
+    p = parser()
+    args = parse_args(argv, p)
+    run_command(sample if args.sample else lambda a: train(a, p), args)
 
 
 if __name__ == "__main__":

@@ -27,14 +27,14 @@ import time
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
-import ddpm  # noqa: E402
 import quality  # noqa: E402
+
+import ddpm  # noqa: E402
 from common import UNet, load_dataset, seed_everything  # noqa: E402
 
 RECIPE = dict(batch_size=64, lr=2e-3, warmup=100)
@@ -91,9 +91,9 @@ def train(c, dataset, sch, minutes, seed):
                     lr *= 0.5 * (1 + math.cos(math.pi * min(step / horizon, 1.0)))
             for g in c.opt.param_groups:
                 g["lr"] = lr
-            losses, _ = ddpm.loss_per_example(lambda x, t: c.eps(c.net, x, t), x0, sch)
+            loss = ddpm.training_step(lambda x, t: c.eps(c.net, x, t), x0, sch, ddpm.Draws(len(x0), x0.device))
             c.opt.zero_grad(set_to_none=True)
-            losses.mean().backward()
+            loss.backward()
             torch.nn.utils.clip_grad_norm_(c.net.parameters(), 1.0)
             c.opt.step()
             step += 1
@@ -104,7 +104,7 @@ def train(c, dataset, sch, minutes, seed):
             if step == 20:
                 horizon = int(budget / (elapsed / step))
             if step % 50 == 0:
-                print(f"  {c.name}: step {step}, loss {losses.mean().item():.4f}, "
+                print(f"  {c.name}: step {step}, loss {loss.item():.4f}, "
                       f"{images / elapsed:.0f} img/s", flush=True)
             if elapsed >= budget:
                 break
@@ -146,9 +146,9 @@ def speed_table(contenders, sch, rounds=8):
         for name, c in contenders.items():
             xc = x.contiguous(memory_format=torch.channels_last) if c.channels_last else x
             start = time.perf_counter()
-            losses, _ = ddpm.loss_per_example(lambda x_t, t: c.eps(c.net, x_t, t), xc, sch)
+            loss = ddpm.training_step(lambda x_t, t: c.eps(c.net, x_t, t), xc, sch, ddpm.Draws(len(xc), xc.device))
             c.opt.zero_grad(set_to_none=True)
-            losses.mean().backward()
+            loss.backward()
             c.opt.step()
             if r >= 2:  # two warm-up rounds
                 times[name].append(time.perf_counter() - start)
