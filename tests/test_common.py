@@ -1,5 +1,4 @@
 """Tests for common.py: data loading, device, seed, image grids, and the U-Net parts."""
-import math
 import os
 import random
 import sys
