@@ -8,18 +8,18 @@ network) and f(x_t, t) = f(x_t', t') on each trajectory (self-consistency, what 
 between neighbouring times t_n < t_{n+1}). Distillation (CD) gets the neighbour x_{t_n} from a
 trained diffusion model's ODE step; training (CT) gets it from the same data point and noise alone.
 
-    Algorithm 2 Consistency Distillation (CD)      Algorithm 3 Consistency Training (CT)
-    theta^- <- theta                               theta^- <- theta and k <- 0
-    repeat                                         repeat
-      x ~ D, n ~ U[1, N - 1]                         x ~ D, n ~ U[1, N(k) - 1]
-      x_{t_{n+1}} ~ N(x; t_{n+1}^2 I)                z ~ N(0, I)
-      x^_{t_n} <- x_{t_{n+1}} + (t_n - t_{n+1})      L <- lambda(t_n) d(f_theta(x + t_{n+1} z, t_{n+1}),
-                  Phi(x_{t_{n+1}}, t_{n+1}; phi)                        f_theta^-(x + t_n z, t_n))
-      L <- lambda(t_n) d(f_theta(x_{t_{n+1}}, t_{n+1}),  theta <- theta - eta grad L
-                         f_theta^-(x^_{t_n}, t_n))     theta^- <- stopgrad(mu(k) theta^-
-      theta <- theta - eta grad L                                      + (1 - mu(k)) theta)
-      theta^- <- stopgrad(mu theta^- + (1 - mu) theta)  k <- k + 1
-    until convergence                              until convergence
+    Algorithm 2 Consistency Distillation (CD)              Algorithm 3 Consistency Training (CT)
+    1 theta^- <- theta                                     1 theta^- <- theta and k <- 0
+    2 repeat                                               2 repeat
+    3   x ~ D, n ~ U[1, N - 1]                             3   x ~ D, n ~ U[1, N(k) - 1]
+    4   x_{t_{n+1}} ~ N(x; t_{n+1}^2 I)                    4   z ~ N(0, I)
+    5   x^_{t_n} <- x_{t_{n+1}} + (t_n - t_{n+1})          5   L <- lambda(t_n) d(f_theta(x + t_{n+1} z, t_{n+1}),
+                    Phi(x_{t_{n+1}}, t_{n+1}; phi)                                f_theta^-(x + t_n z, t_n))
+    6   L <- lambda(t_n) d(f_theta(x_{t_{n+1}}, t_{n+1}),  6   theta <- theta - eta grad L
+                           f_theta^-(x^_{t_n}, t_n))       7   theta^- <- stopgrad(mu(k) theta^-
+    7   theta <- theta - eta grad L                                              + (1 - mu(k)) theta)
+    8   theta^- <- stopgrad(mu theta^- + (1 - mu) theta)   8   k <- k + 1
+    9 until convergence                                    9 until convergence
 
     Algorithm 1 Multistep Consistency Sampling: x <- f_theta(x^_T, T); for n = 1 .. N - 1:
     z ~ N(0, I); x^_{tau_n} <- x + sqrt(tau_n^2 - eps^2) z; x <- f_theta(x^_{tau_n}, tau_n).
@@ -61,6 +61,7 @@ Differences from the paper:
   turn each off.
 """
 import argparse
+import contextlib
 import copy
 import math
 import os
@@ -69,6 +70,7 @@ import signal
 import sys
 import time
 from pathlib import Path
+from signal import SIGINT, SIGTERM
 
 import torch
 import torch.distributed as dist
@@ -78,11 +80,10 @@ from torch.utils.data import DataLoader, Subset
 
 from common import UNet, UserError, load_dataset, pick_device, save_grid, seed_everything
 
-EPS, T_MAX, RHO = 0.002, 80.0, 7.0  # eps, T and rho of Sec. 5 (EDM's sigma_min, sigma_max, rho)
+# ==== the paper ====================================================================================
+# Time, the parameterisation and the probability-flow ODE (no network needed)
 
-# ----------------------------------------------------------------------------------------------
-# Time discretisation, parameterisation and the probability-flow ODE (no network needed)
-# ----------------------------------------------------------------------------------------------
+EPS, T_MAX, RHO = 0.002, 80.0, 7.0  # eps, T and rho of Sec. 5 (EDM's sigma_min, sigma_max, rho)
 
 
 def karras_times(N, eps=EPS, T=T_MAX, rho=RHO):
@@ -111,8 +112,7 @@ def consistency_scalings(t, sigma_data):
 
 
 def c_in(t, sigma_data):
-    """1 / sqrt(t^2 + sigma_data^2): the network sees inputs of unit variance at every t (at T = 80
-    an unscaled x_t has std 80)."""
+    """1 / sqrt(t^2 + sigma_data^2): the network sees inputs of unit variance at every t."""
     return 1 / (t ** 2 + sigma_data ** 2).sqrt()
 
 
@@ -122,30 +122,9 @@ def c_noise(t):
     return 250 * t.log()
 
 
-def mine(draw, x, rank, world):
-    """This rank's rows of `draw(world * len(x))`: under torchrun every rank draws t, n and z for
-    the whole global batch and keeps its slice, so N processes compute what one process would."""
-    return draw(world * len(x))[rank * len(x):(rank + 1) * len(x)]
-
-
 def view(c, x):
     """Per-example coefficients (B,), in x's dtype, shaped to broadcast against x."""
     return c.to(x.dtype).view(-1, *([1] * (x.dim() - 1)))
-
-
-class Preconditioned(nn.Module):
-    """c_skip(t) x + c_out(t) F_theta(c_in(t) x, c_noise(t)): the teacher's D_theta (boundary=False,
-    EDM's scalings) or the consistency model f_theta (boundary=True, Appendix C's)."""
-
-    def __init__(self, F_theta, sigma_data=0.5, boundary=True):
-        super().__init__()
-        self.F_theta, self.sigma_data, self.boundary = F_theta, sigma_data, boundary
-
-    def forward(self, x, t):  # x: (B, C, H, W); t: (B,) noise levels
-        t = t.to(x.device, x.dtype)
-        c_skip, c_out = (consistency_scalings if self.boundary else edm_scalings)(t, self.sigma_data)
-        F_x = self.F_theta(view(c_in(t, self.sigma_data), x) * x, c_noise(t))
-        return view(c_skip, x) * x + view(c_out, x) * F_x
 
 
 def ode_step(D, x, t_from, t_to, solver="heun"):
@@ -159,9 +138,22 @@ def ode_step(D, x, t_from, t_to, solver="heun"):
     return x_next
 
 
-# ----------------------------------------------------------------------------------------------
-# The network: common.py's DDPM U-Net as F_theta
-# ----------------------------------------------------------------------------------------------
+# The network: c_skip(t) x + c_out(t) F_theta(c_in(t) x, c_noise(t)), F_theta common.py's U-Net
+
+class Preconditioned(nn.Module):
+    """The teacher's D_theta (boundary=False, EDM's scalings) or the consistency model f_theta
+    (boundary=True, Appendix C's)."""
+
+    def __init__(self, F_theta, sigma_data=0.5, boundary=True):
+        super().__init__()
+        self.F_theta, self.sigma_data, self.boundary = F_theta, sigma_data, boundary
+
+    def forward(self, x, t):  # x: (B, C, H, W); t: (B,) noise levels
+        t = t.to(x.device, x.dtype)
+        c_skip, c_out = (consistency_scalings if self.boundary else edm_scalings)(t, self.sigma_data)
+        F_x = self.F_theta(view(c_in(t, self.sigma_data), x) * x, c_noise(t))
+        return view(c_skip, x) * x + view(c_out, x) * F_x
+
 
 def make_model(args, channels, size, boundary):
     F_theta = UNet(channels, args.width, args.mults, args.res_blocks, args.attn, args.dropout,
@@ -169,17 +161,20 @@ def make_model(args, channels, size, boundary):
     return Preconditioned(F_theta, args.sigma_data, boundary)
 
 
-# ----------------------------------------------------------------------------------------------
 # The teacher: EDM's loss and Heun sampler
-# ----------------------------------------------------------------------------------------------
 
 def edm_loss(D, x, u, z, sigma_data, P_mean=-1.2, P_std=1.2):
-    """EDM's training loss (Sec. 5, Table 1), per example, from the caller's draws u ~ N(0, 1) (B,)
-    and z ~ N(0, I) like x: ln t ~ N(P_mean, P_std^2), weighted by
+    """EDM's training loss (Sec. 5, Table 1), per example, from the draws u ~ N(0, 1) (B,) and
+    z ~ N(0, I) like x: ln t ~ N(P_mean, P_std^2), weighted by
     lambda(t) = (t^2 + sigma_data^2) / (t sigma_data)^2 so every t contributes about equally."""
     t = (P_mean + P_std * u).exp()  # ln t ~ N(P_mean, P_std^2)
     lam = (t ** 2 + sigma_data ** 2) / (t * sigma_data) ** 2
-    return lam * (D(x + view(t, x) * z, t) - x).square().flatten(1).mean(1)  # Note: the mean over pixels
+    return lam * (D(x + view(t, x) * z, t) - x).square().flatten(1).mean(1)  # the mean over pixels
+
+
+def teacher_step(D, x, sigma_data, draw):
+    """EDM's loss on a batch x, its t and noise z ~ N(0, I) drawn by draw (a Draws)."""
+    return edm_loss(D, x, draw.randn(), draw.randn(*x.shape[1:]), sigma_data).mean()
 
 
 @torch.no_grad()
@@ -197,9 +192,7 @@ def sample_heun(D, z, steps=18, on_step=None):
     return x
 
 
-# ----------------------------------------------------------------------------------------------
-# Consistency distillation (Algorithm 2) and consistency training (Algorithm 3)
-# ----------------------------------------------------------------------------------------------
+# Consistency distillation (Algorithm 2) and consistency training (Algorithm 3): the losses
 
 def distance(a, b, metric):
     """d(x, y): squared L2 (mean over pixels) or pseudo-Huber sqrt(|x - y|^2 + c^2) - c with
@@ -214,8 +207,7 @@ def consistency_loss(f, f_minus, x_next, t_next, x_hat, t_n, metric, lam):
     """lambda(t_n) d(f_theta(x_{t_{n+1}}, t_{n+1}), f_theta^-(x^_{t_n}, t_n)), per example. The target
     network sees the same dropout mask as the student (the RNG is rewound between the two calls,
     as the official code does): the two outputs then differ only through t and x, not the mask."""
-    devices = [x_next.device] if x_next.device.type == "cuda" else []
-    with torch.random.fork_rng(devices=devices):
+    with torch.random.fork_rng(devices=[x_next.device] if x_next.device.type == "cuda" else []):
         student = f(x_next, t_next)
     with torch.no_grad():  # theta^- gets no gradient: it follows theta only through the EMA
         target = f_minus(x_hat, t_n)
@@ -223,19 +215,33 @@ def consistency_loss(f, f_minus, x_next, t_next, x_hat, t_n, metric, lam):
 
 
 def cd_loss(f, f_minus, D_phi, x, t, n, z, solver, metric):
-    """Algorithm 2, lines 3-6, on the N-point discretisation t (t[i] = t_i), from the caller's draws
-    n ~ U[1, N - 1] (draw_n) and z ~ N(0, I). Returns the losses and x^_{t_n}, the teacher's step."""
-    t_n, t_next = t[n].to(x.device, x.dtype), t[n + 1].to(x.device, x.dtype)
-    # Algorithm 2: x_{t_{n+1}} ~ N(x; t_{n+1}^2 I)
+    """Algorithm 2, lines 4-6, on the N-point discretisation t (t[i] = t_i), from the draws n and
+    z ~ N(0, I). Returns the losses and x^_{t_n}, the teacher's step."""
+    t = t.to(x.device, x.dtype)
+    t_n, t_next = t[n], t[n + 1]
+    # Algorithm 2, line 4: x_{t_{n+1}} ~ N(x; t_{n+1}^2 I)
     x_next = x + view(t_next, x) * z
-    # Algorithm 2: x^_{t_n} <- x_{t_{n+1}} + (t_n - t_{n+1}) Phi(x_{t_{n+1}}, t_{n+1}; phi), one
-    # step of the teacher's ODE solver
+    # Algorithm 2, line 5: x^_{t_n} <- x_{t_{n+1}} + (t_n - t_{n+1}) Phi(x_{t_{n+1}}, t_{n+1}; phi),
+    # one step of the teacher's ODE solver
     with torch.no_grad():
         x_hat = ode_step(D_phi, x_next, t_next, t_n, solver)
-    # Algorithm 2: L <- lambda(t_n) d(f_theta(x_{t_{n+1}}, t_{n+1}), f_theta^-(x^_{t_n}, t_n)),
+    # Algorithm 2, line 6: L <- lambda(t_n) d(f_theta(x_{t_{n+1}}, t_{n+1}), f_theta^-(x^_{t_n}, t_n)),
     # lambda = 1 (the paper's choice)
     return consistency_loss(f, f_minus, x_next, t_next, x_hat, t_n, metric, 1.0), x_hat
 
+
+def ct_loss(f, f_minus, x, t, n, z, metric, ict):
+    """Algorithm 3, line 5, on the discretisation t of N(k) points, from the draws n and z ~ N(0, I)."""
+    t = t.to(x.device, x.dtype)
+    t_n, t_next = t[n], t[n + 1]
+    # iCT, Sec. 3.4: lambda(t_n) = 1 / (t_{n+1} - t_n); Algorithm 3 as the paper ran it: lambda = 1
+    lam = 1 / (t_next - t_n) if ict else 1.0
+    # Algorithm 3, line 5: L <- lambda(t_n) d(f_theta(x + t_{n+1} z, t_{n+1}), f_theta^-(x + t_n z, t_n))
+    return consistency_loss(f, f_minus, x + view(t_next, x) * z, t_next, x + view(t_n, x) * z, t_n,
+                            metric, lam)
+
+
+# The schedules of N(k) and mu(k), the draw of n and the target's update
 
 def ct_N(k, K, s0=2, s1=150):
     """Appendix C: N(k) = ceil(sqrt(k / K ((s1 + 1)^2 - s0^2) + s0^2) - 1) + 1, from s0 to s1 + 1."""
@@ -261,34 +267,73 @@ def ict_n_weights(t, P_mean=-1.1, P_std=2.0):
     return (cdf[1:] - cdf[:-1]).float()
 
 
-def draw_n(t, B, ict):
-    """B draws of n in 1..N - 1 for the discretisation t of N points."""
-    if ict:  # iCT (Song & Dhariwal 2023, Sec. 3.5): n drawn from a discretised log-normal
-        return torch.multinomial(ict_n_weights(t), B, replacement=True) + 1
-    return torch.randint(1, len(t) - 1, (B,))  # Algorithms 2 and 3: n ~ U[1, N - 1]
-
-
-def ct_loss(f, f_minus, x, t, n, z, metric, ict):
-    """Algorithm 3, lines 3-5, on the discretisation t of N(k) points, from the caller's draws
-    n (draw_n) and z ~ N(0, I) like x."""
-    t_n, t_next = t[n].to(x.device, x.dtype), t[n + 1].to(x.device, x.dtype)
-    # iCT, Sec. 3.4: lambda(t_n) = 1 / (t_{n+1} - t_n); Algorithm 3 as the paper ran it: lambda = 1
-    lam = 1 / (t_next - t_n) if ict else 1.0
-    # Algorithm 3: L <- lambda(t_n) d(f_theta(x + t_{n+1} z, t_{n+1}), f_theta^-(x + t_n z, t_n))
-    return consistency_loss(f, f_minus, x + view(t_next, x) * z, t_next, x + view(t_n, x) * z, t_n,
-                            metric, lam)
+def draw_n(t, draw, ict):
+    """n in 1..N - 1 for each example, for the discretisation t of N points; draw: a Draws."""
+    if not ict:
+        return draw.randint(1, len(t) - 1)  # Algorithms 2 and 3: n ~ U[1, N - 1]
+    # iCT, Sec. 3.5: n from a discretised log-normal, its CDF inverted at u ~ U[0, 1)
+    cdf = ict_n_weights(t).cumsum(0)
+    u = draw.rand() * cdf[-1].item()
+    return torch.searchsorted(cdf.to(u.device), u, right=True).clamp(max=len(cdf) - 1) + 1
 
 
 @torch.no_grad()
 def update_target(f_minus, f, mu):
-    """theta^- <- stopgrad(mu theta^- + (1 - mu) theta), after every step (mu = 0: theta^- = theta)."""
+    """theta^- <- stopgrad(mu theta^- + (1 - mu) theta) (mu = 0: theta^- = theta)."""
     for p_minus, p in zip(f_minus.parameters(), f.parameters()):
         p_minus.lerp_(p, 1 - mu)
 
 
-# ----------------------------------------------------------------------------------------------
+# Algorithms 2 and 3, one training step each: loss(x, k, draw), the caller's gradient step on
+# theta (line 7 of Algorithm 2, line 6 of Algorithm 3), then update_target(k)
+
+class Distillation:
+    """Algorithm 2 with the teacher D_phi: N and mu stay fixed, whatever the step k."""
+
+    def __init__(self, f, f_minus, D_phi, N=18, mu=0.95, solver="heun", metric="l2"):
+        self.f, self.f_minus, self.D_phi, self.t = f, f_minus, D_phi, karras_times(N)
+        self.mu, self.solver, self.metric = mu, solver, metric
+
+    def loss(self, x, k, draw):
+        # Algorithm 2, line 3: x ~ D (the batch), n ~ U[1, N - 1]; line 4's noise z ~ N(0, I)
+        n, z = draw_n(self.t, draw, ict=False), draw.randn(*x.shape[1:])
+        # Algorithm 2, lines 4-6: x_{t_{n+1}}, the teacher's step to x^_{t_n}, and L
+        return cd_loss(self.f, self.f_minus, self.D_phi, x, self.t, n, z, self.solver, self.metric)[0].mean()
+
+    def update_target(self, k):
+        # Algorithm 2, line 8: theta^- <- stopgrad(mu theta^- + (1 - mu) theta)
+        update_target(self.f_minus, self.f, self.mu)
+
+
+class Training:
+    """Algorithm 3 over K steps with Appendix C's N(k) and mu(k), or with ict Song & Dhariwal
+    2023's improvements (iCT: N(k) doubling, n log-normal, mu = 0, lambda = 1 / (t_{n+1} - t_n))."""
+
+    def __init__(self, f, f_minus, K, metric="l2", ict=False, s0=2, s1=150, mu0=0.9):
+        self.f, self.f_minus, self.K, self.metric, self.ict = f, f_minus, K, metric, ict
+        self.s0, self.s1, self.mu0 = s0, s1, mu0
+
+    def N(self, k):
+        return ict_N(k, self.K) if self.ict else ct_N(k, self.K, self.s0, self.s1)
+
+    def mu(self, k):  # iCT: 0, the target is theta itself
+        return 0.0 if self.ict else ct_mu(k, self.K, self.s0, self.s1, self.mu0)
+
+    def loss(self, x, k, draw):
+        t = karras_times(self.N(k))
+        # Algorithm 3, line 3: x ~ D (the batch), n ~ U[1, N(k) - 1] (iCT: its log-normal)
+        n = draw_n(t, draw, self.ict)
+        # Algorithm 3, line 4: z ~ N(0, I)
+        z = draw.randn(*x.shape[1:])
+        # Algorithm 3, line 5: L <- lambda(t_n) d(f_theta(x + t_{n+1} z, t_{n+1}), f_theta^-(x + t_n z, t_n))
+        return ct_loss(self.f, self.f_minus, x, t, n, z, self.metric, self.ict).mean()
+
+    def update_target(self, k):
+        # Algorithm 3, line 7: theta^- <- stopgrad(mu(k) theta^- + (1 - mu(k)) theta)
+        update_target(self.f_minus, self.f, self.mu(k))
+
+
 # Sampling: Algorithm 1
-# ----------------------------------------------------------------------------------------------
 
 @torch.no_grad()
 def sample_multistep(f, z, taus=(), clip=True, generator=None):
@@ -309,11 +354,386 @@ def sample_multistep(f, z, taus=(), clip=True, generator=None):
     return x
 
 
-MAX_HEUN_STEPS = 1000  # --sampling-steps of the teacher: a bound, so that a typo is no day's work
-
 # tau_1 > ... > tau_{k-1} for k steps, when --taus is not given. The paper searched its taus on FID
 # (Sec. 6); tau_1 = 1.5 scored best of 0.3, 0.8, 1.5 and 3 for two steps on Fashion-MNIST (README.md)
 DEFAULT_TAUS = {1: (), 2: (1.5,), 3: (3.0, 0.8), 4: (5.0, 1.5, 0.4)}
+
+
+# ==== harness: the same text in every method file (tests/test_harness.py compares the copies) ====
+# Processes and devices, the random draws of a global batch, checkpoints and resume, signals, EMA,
+# the learning-rate schedule, the training loop's bookkeeping, progress lines and the shared flags.
+
+CHECK_EVERY = 10  # steps between readings of the loss and the stop flag from the device
+DIVERGED = 1000  # a loss this many times its first value (or 1) has diverged, finite or not
+
+
+def setup_processes(device_name):
+    """Rank 0 of 1, or under torchrun (RANK, WORLD_SIZE, LOCAL_RANK) one process per device: NCCL
+    on GPUs, gloo on CPUs, and only rank 0 prints. Returns (rank, world, device)."""
+    if "RANK" not in os.environ:
+        return 0, 1, pick_device(device_name)
+    rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    if rank > 0:
+        sys.stdout = open(os.devnull, "w")
+    if device_name in ("auto", "cuda") and torch.cuda.is_available():
+        device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
+        torch.cuda.set_device(device)
+    else:
+        device = pick_device("cpu" if device_name == "auto" else device_name)
+    if not dist.is_initialized():  # (a caller may have set the group up already)
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+        print(f"distributed: {world} processes ({dist.get_backend()})")
+    return rank, world, device
+
+
+class Draws:
+    """The random draws of a global batch of n: every process draws all n and keeps its slice, so
+    that N processes compute what one process computes on the whole batch."""
+
+    def __init__(self, n, device, rank=0, world=1):
+        self.n, self.device = n, device
+        self.mine = slice(rank * n // world, (rank + 1) * n // world)
+
+    def randn(self, *shape):  # (n / world, *shape)
+        return torch.randn(self.n, *shape, device=self.device)[self.mine]
+
+    def rand(self):
+        return torch.rand(self.n, device=self.device)[self.mine]
+
+    def randint(self, low, high):
+        return torch.randint(low, high, (self.n,), device=self.device)[self.mine]
+
+
+def epoch_batches(dataset, args, epoch, skip, rank=0, world=1):
+    """Epoch `epoch`'s shuffled batches from the `skip`-th on, rank r's slice of each global batch.
+    The loader has its own generator: the global RNG's draws would differ after a resume."""
+    g = torch.Generator().manual_seed(args.seed * 100003 + epoch)
+    order = torch.randperm(len(dataset), generator=g)[skip * args.batch_size:]
+    b = args.batch_size // world
+    mine = order[:len(order) // args.batch_size * args.batch_size].view(-1, world, b)[:, rank].flatten()
+    return DataLoader(Subset(dataset, mine.tolist()), b, drop_last=True, generator=g)
+
+
+@torch.no_grad()
+def ema_update(ema, model, n, max_decay):
+    """EMA of the weights, its decay warmed up as min(max_decay, (1 + n) / (10 + n))."""
+    decay = min(max_decay, (1 + n) / (10 + n))
+    for e, p in zip(ema.parameters(), model.parameters()):
+        e.lerp_(p, 1 - decay)
+
+
+def learning_rate(args, step, total):
+    """Linear warm-up over --warmup steps (a tenth of a shorter run), then constant or cosine."""
+    warmup = min(args.warmup, total // 10)
+    lr = args.lr * min(1.0, (step + 1) / warmup) if warmup else args.lr
+    return lr * 0.5 * (1 + math.cos(math.pi * step / total)) if args.lr_decay == "cosine" else lr
+
+
+def save_checkpoint(path, state):
+    """state and the RNG states, written to a temporary file, then renamed: a crash leaves no
+    broken checkpoint."""
+    rng = {"torch": torch.get_rng_state(), "python": random.getstate(),
+           "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+           "mps": torch.mps.get_rng_state() if torch.backends.mps.is_available() else None}
+    torch.save({**state, "rng": rng}, f"{path}.tmp")
+    os.replace(f"{path}.tmp", path)
+
+
+def load_checkpoint(path, methods, keys, flag="--ckpt"):
+    """A checkpoint of one of `methods` with `keys`, read as data (weights_only), or one line."""
+    if not Path(path).is_file():
+        raise UserError(f"no checkpoint at {path}: train first, or pass {flag} PATH")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise UserError(f"cannot read checkpoint {path} ({type(e).__name__}): it is damaged or "
+                        f"incomplete (a copy cut short?), or not a checkpoint at all") from None
+    method = ckpt.get("method", "unknown") if isinstance(ckpt, dict) else "unknown"
+    if method not in methods:
+        raise UserError(f"{path} is a checkpoint of {method}, not of {' or '.join(methods)}")
+    missing = [k for k in ("args", "step", "rng", *keys) if k not in ckpt]
+    if missing:
+        raise UserError(f"{path} is an incomplete {method} checkpoint: no {', '.join(missing)}")
+    return ckpt
+
+
+def restore_rng(rng, device):
+    """CUDA's states for the devices this machine has; under torchrun each rank continues rank 0's."""
+    torch.set_rng_state(rng["torch"])
+    random.setstate(rng["python"])
+    for i, state in enumerate(rng["cuda"][:torch.cuda.device_count()]):
+        torch.cuda.set_rng_state(state, i)
+    if device.type == "cuda" and rng["cuda"]:
+        torch.cuda.set_rng_state(rng["cuda"][0], device)
+    if rng["mps"] is not None and torch.backends.mps.is_available():
+        torch.mps.set_rng_state(rng["mps"])
+
+
+def resumed_args(p, args, ckpt, free=("device", "out", "resume", "ckpt", "data_dir", "log_every",
+                                      "save_every", "compile", "bf16")):
+    """The checkpoint's flags, with the `free` ones and a new length given now; any other flag
+    given now that differs from the checkpoint's is refused."""
+    saved = ckpt["args"]
+    for k, v in vars(args).items():
+        if k not in (*free, "epochs", "steps") and v not in (p.get_default(k), saved.get(k)):
+            raise UserError(f"--resume continues the run with its --{k.replace('_', '-')} {saved.get(k)}, "
+                            f"not {v}: leave the flag out, or start a new run with another --out")
+    length = ("epochs", "steps") if args.epochs or args.steps else ()
+    return argparse.Namespace(**{**saved, **{k: getattr(args, k) for k in (*free, *length)}})
+
+
+@contextlib.contextmanager
+def signals_to(stop):
+    """Ctrl-C and SIGTERM append their number to `stop`: the run ends its step, saves and exits."""
+    old = {s: signal.signal(s, lambda signum, frame: stop.append(signum)) for s in (SIGINT, SIGTERM)}
+    try:
+        yield
+    finally:
+        for s, handler in old.items():
+            signal.signal(s, handler)
+
+
+class SamplingStopped(Exception):
+    """Ctrl-C or SIGTERM arrived while a sampler ran."""
+
+
+def duration(seconds):
+    if seconds >= 5400:
+        return f"{seconds / 3600:.1f} h"
+    return f"{seconds / 60:.1f} min" if seconds >= 90 else f"{seconds:.0f} s"
+
+
+class Progress:
+    """Called after each step of a long loop: a line with the time left every few seconds, and
+    SamplingStopped at the next step once `stop` is set."""
+
+    def __init__(self, what, stop=(), every=5.0):
+        self.what, self.stop, self.every = what, stop, every
+        self.start = self.last = time.time()
+
+    def __call__(self, done, total):
+        if self.stop:
+            raise SamplingStopped
+        if time.time() - self.last >= self.every:
+            left = (time.time() - self.start) / done * (total - done)
+            print(f"{self.what}: step {done}/{total}, {duration(left)} left", flush=True)
+            self.last = time.time()
+
+
+class Run(argparse.Namespace):
+    """A training run, built in one place by the method's train(): args, model, opt, dataset,
+    device, rank, world, stop, path (of the checkpoint), method, loss(batch, draws) -> a scalar."""
+    ema = after_step = pictures = None  # an EMA model; after_step(step); pictures(epoch, progress)
+    step, saved, first, grid = 0, None, None, 0.0
+
+    def extra(self):  # what the checkpoint holds besides the shared keys
+        return {}
+
+
+def prepare(run, ckpt):
+    """A resumed run's weights, optimizer and RNG; run.net, the model as training calls it."""
+    if run.args.batch_size % run.world:
+        raise UserError(f"--batch-size {run.args.batch_size} (the global batch) must divide evenly over "
+                        f"{run.world} processes")
+    if ckpt is not None:
+        run.model.load_state_dict(ckpt["model"])
+        if run.ema is not None:
+            run.ema.load_state_dict(ckpt["ema"])
+        run.opt.load_state_dict(ckpt["optimizer"])
+        run.step = run.saved = ckpt["step"]
+        restore_rng(ckpt["rng"], run.device)
+        print(f"resumed from step {run.step}")
+    run.net = run.model
+    if run.world > 1:  # averages the gradients over the processes in backward()
+        run.net = DistributedDataParallel(run.model, [run.device.index] if run.device.type == "cuda" else None)
+    if run.args.compile:
+        run.net = torch.compile(run.net)
+
+
+def save(run):
+    if run.rank == 0 and run.saved != run.step:
+        save_checkpoint(run.path, {"method": run.method, "args": vars(run.args), "step": run.step,
+                                   "model": run.model.state_dict(), "optimizer": run.opt.state_dict(),
+                                   "ema": None if run.ema is None else run.ema.state_dict(), **run.extra()})
+    run.saved, run.last_save = run.step, time.time()
+
+
+def train_loop(run):
+    """From run.step to the end: a global batch, run.loss, a gradient step, EMA; the loss and the
+    stop flag are read from the device every CHECK_EVERY steps and at an epoch's end, its checkpoint
+    and pictures then follow."""
+    args, per_epoch = run.args, len(run.dataset) // run.args.batch_size
+    run.total, run.per_epoch = args.steps or args.epochs * per_epoch, per_epoch
+    amp = torch.autocast("cuda", torch.bfloat16, enabled=args.bf16 and run.device.type == "cuda")
+    run.last_log = run.last_save = time.time()
+    losses, run.bad_data = [], torch.zeros((), device=run.device)
+    while run.step < run.total and not run.stop:
+        epoch, skip = divmod(run.step, per_epoch)
+        for batch in epoch_batches(run.dataset, args, epoch, skip, run.rank, run.world):
+            batch = [b.to(run.device) for b in batch]
+            run.bad_data += (~torch.isfinite(batch[0])).any()
+            for group in run.opt.param_groups:
+                group["lr"] = learning_rate(args, run.step, run.total)
+            with amp:
+                loss = run.loss(batch, Draws(args.batch_size, run.device, run.rank, run.world))
+            run.opt.zero_grad(set_to_none=True)
+            loss.backward()
+            if args.grad_clip:
+                torch.nn.utils.clip_grad_norm_(run.model.parameters(), args.grad_clip)
+            run.opt.step()
+            run.step += 1
+            if run.ema is not None:
+                ema_update(run.ema, run.model, run.step, args.ema)
+            if run.after_step is not None:
+                run.after_step(run.step)
+            losses.append(loss.detach().float())
+            run.first = losses[0] if run.first is None else run.first
+            end = run.step % per_epoch == 0 or run.step == run.total
+            if (end or run.step % CHECK_EVERY == 0 or run.world == 1 and run.stop) and check(run, losses):
+                break
+            if end:
+                break
+        if run.step % per_epoch == 0 or run.step == run.total:
+            end_of_epoch(run, epoch)
+
+
+def check(run, losses):
+    """Stops a diverged run without saving; prints progress; saves every --save-every minutes.
+    Returns whether any process was asked to stop (one stopped by another exits as on SIGTERM)."""
+    stop = torch.tensor(float(len(run.stop)), device=run.device)
+    x = torch.stack([torch.stack(losses).mean(), run.first, run.bad_data, stop])
+    if run.world > 1:
+        dist.all_reduce(x)
+        x /= run.world
+    (loss, first, bad, stop), now = x.tolist(), time.time()
+    if bad or not math.isfinite(loss) or loss > DIVERGED * max(first, 1):
+        held = f"{run.path} holds step {run.saved}" if run.saved else "this run has written no checkpoint yet"
+        why = "the data hold NaN or inf" if bad else f"the loss went from {first:.3g} to {loss:.3g} " \
+            f"(diverged: try a lower --lr)"
+        raise UserError(f"stopped at step {run.step} without saving, as {why}; {held}")
+    if now - run.last_log >= run.args.log_every or stop or run.step == run.total:
+        speed = len(losses) * run.args.batch_size / (now - run.last_log)
+        left = (run.total - run.step) * (run.args.batch_size / speed + run.grid / run.per_epoch)
+        print(f"step {run.step}/{run.total}  loss {loss:.4f}  {speed:.0f} img/s  {duration(left)} left",
+              flush=True)
+        losses.clear()
+        run.last_log = now
+    if stop and not run.stop:
+        run.stop.append(SIGTERM)
+    if now - run.last_save >= 60 * run.args.save_every or stop:
+        save(run)
+    return bool(stop)
+
+
+def end_of_epoch(run, epoch):
+    save(run)
+    if run.pictures is None or run.rank > 0:  # the other processes wait meanwhile
+        return
+    start = time.time()
+    try:
+        run.pictures(epoch, Progress(f"epoch {epoch + 1} grid", run.stop))
+    except SamplingStopped:
+        print(f"stopped while drawing the grid; {run.path} holds step {run.step}")
+    run.grid, run.last_log = time.time() - start, time.time()  # img/s counts training alone
+
+
+def finish(run):
+    """The run's last line; an interrupted run, once saved, exits 128 + its signal's number."""
+    if run.world > 1:  # the others wait for rank 0's checkpoint: the next command may read it
+        dist.barrier()
+    print(f"{'interrupted' if run.stop else 'done'} at step {run.step}; checkpoint {run.path}")
+    if run.stop:
+        raise SystemExit(128 + run.stop[0])
+
+
+def positive_int(s):
+    if not s.strip().isdigit() or int(s) == 0:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {s!r}")
+    return int(s)
+
+
+def int_list(s):
+    if not s.replace(",", "").strip():
+        raise argparse.ArgumentTypeError(f"must be comma-separated integers such as 1,2,2, got {s!r}")
+    return tuple(positive_int(x) for x in s.split(",") if x.strip())
+
+
+def shared_flags(p, out, lr, batch_size=128, warmup=0, ema=0.9999, grad_clip=1.0):
+    """DESIGN.md's command line: the flags of every method file, with the method's defaults."""
+    p.add_argument("--dataset", help="mnist | fashion-mnist (default) | cifar10 | FOLDER | FILE.pt")
+    p.add_argument("--data-dir", default="./data")
+    p.add_argument("--image-size", type=positive_int, help="for image folders")
+    length = p.add_mutually_exclusive_group()
+    length.add_argument("--epochs", type=positive_int)
+    length.add_argument("--steps", type=positive_int)
+    p.add_argument("--batch-size", type=positive_int, default=batch_size)
+    p.add_argument("--lr", type=float, default=lr)
+    p.add_argument("--warmup", type=int, default=warmup, help="steps of linear warm-up (0: none)")
+    p.add_argument("--lr-decay", choices=["none", "cosine"], default="none")
+    p.add_argument("--ema", type=float, default=ema, help="EMA decay of the weights")
+    p.add_argument("--grad-clip", type=float, default=grad_clip, help="gradient norm clip (0: off)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda | mps")
+    p.add_argument("--bf16", action="store_true", help="bfloat16 autocast on CUDA")
+    p.add_argument("--compile", action="store_true", help="torch.compile the network")
+    p.add_argument("--out", default=out)
+    p.add_argument("--resume", action="store_true", help="continue OUT's checkpoint (or --ckpt)")
+    p.add_argument("--log-every", type=float, default=5.0, help="seconds between progress lines")
+    p.add_argument("--save-every", type=float, default=5.0, help="minutes between checkpoints")
+    p.add_argument("--sample", action="store_true", help="only sample from --ckpt")
+    p.add_argument("--ckpt")
+    p.add_argument("--n", type=positive_int, default=64, help="images to sample")
+    p.add_argument("--save", help="FILE.png (a grid) or FILE.pt (a tensor) for --sample")
+
+
+def check_shared_flags(p, args):
+    for flag, ok, what in [("lr", args.lr > 0, "positive"), ("warmup", args.warmup >= 0, "0 or more"),
+                           ("grad_clip", args.grad_clip >= 0, "0 (off) or positive"),
+                           ("ema", 0 <= args.ema < 1, "in [0, 1)")]:
+        if not ok:
+            p.error(f"--{flag.replace('_', '-')} must be {what}, got {getattr(args, flag)}")
+    if not args.resume:
+        args.dataset = args.dataset or "fashion-mnist"
+        args.epochs = args.epochs or (None if args.steps else 10)
+
+
+def out_folder(path):
+    if Path(path).exists() and not Path(path).is_dir():
+        raise UserError(f"--out {path} is a file: give a folder for the run's outputs")
+    Path(path).mkdir(parents=True, exist_ok=True)
+    return Path(path)
+
+
+def check_save(path):
+    if not path or Path(path).suffix not in (".png", ".pt"):
+        raise UserError("--sample needs --save FILE.png (a grid) or FILE.pt (a tensor)")
+    if Path(path).is_dir():
+        raise UserError(f"--save {path} is a folder: give a file name ending in .png or .pt")
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+
+
+def run_command(command, args):
+    """main()'s body: a user's error is one line, and so is Ctrl-C before training or while
+    sampling (status 130); the process group, if any, is closed."""
+    try:
+        command(args)
+    except UserError as e:
+        sys.exit(f"error: {e}")
+    except (KeyboardInterrupt, SamplingStopped):
+        print("interrupted: nothing saved", file=sys.stderr)
+        sys.exit(130)
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+# ==== end of harness ===============================================================================
+
+
+# ==== the command line =============================================================================
+
+METHODS = {"teacher": "consistency-teacher", "cd": "consistency-cd", "ct": "consistency-ct"}
+KEYS = ("shape", "model", "ema", "optimizer", "teacher", "target")  # a teacher's: the first four
+NETWORK = ("width", "mults", "res_blocks", "attn", "dropout", "sigma_data")  # the args make_model reads
+MAX_HEUN_STEPS = 1000  # --sampling-steps of the teacher: a bound, so that a typo is no day's work
 
 
 def check_taus(taus, steps):
@@ -338,63 +758,24 @@ def draw(model, z, steps, taus, clip, generator, on_step=None):
     return sample_heun(model, z, steps, on_step)
 
 
-# ----------------------------------------------------------------------------------------------
-# Checkpoints, data, EMA and learning rate
-# ----------------------------------------------------------------------------------------------
-
-METHODS = {"teacher": "consistency-teacher", "cd": "consistency-cd", "ct": "consistency-ct"}
-WHAT = {"consistency-teacher": "consistency.py --stage teacher", "consistency-cd": "consistency.py "
-        "--stage cd", "consistency-ct": "consistency.py --stage ct"}
-NETWORK = ("width", "mults", "res_blocks", "attn", "dropout", "sigma_data")  # the args make_model reads
-# what each checkpoint holds besides args, shape, step, model, ema, optimizer and rng
-PARTS = {"consistency-teacher": (), "consistency-cd": ("teacher", "target"), "consistency-ct": ("target",)}
+def fixed_noise(n, shape, device, seed=0):
+    return torch.randn(n, *shape, generator=torch.Generator().manual_seed(seed)).to(device)
 
 
-def save_checkpoint(path, run, step):
-    state = {"method": METHODS[run.args.stage], "args": vars(run.args), "shape": list(run.shape),
-             "step": step, "model": run.model.state_dict(), "ema": run.ema.state_dict(),
-             "optimizer": run.opt.state_dict(), "teacher": run.teacher_state,
-             "target": run.target.state_dict() if run.target is not None else None,
-             "rng": {"torch": torch.get_rng_state(), "python": random.getstate(),
-                     "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
-                     "mps": torch.mps.get_rng_state() if torch.backends.mps.is_available() else None}}
-    tmp = Path(str(path) + ".tmp")
-    torch.save(state, tmp)
-    os.replace(tmp, path)  # atomic: a crash mid-write never leaves a broken ckpt.pt
-    run.saved = step
-
-
-def restore_device_rng(rng):
-    """The CUDA generators of the devices this machine has (a checkpoint from a machine with more
-    GPUs restores the first ones), and MPS's."""
-    for i, state in enumerate(rng["cuda"][:torch.cuda.device_count()]):
-        torch.cuda.set_rng_state(state, i)
-    if rng.get("mps") is not None and torch.backends.mps.is_available():
-        torch.mps.set_rng_state(rng["mps"])
-
-
-def load_checkpoint(path, methods, flag="--ckpt"):
-    """A checkpoint whose method is one of `methods`, or a clear error."""
-    if not Path(path).is_file():
-        raise UserError(f"no checkpoint at {path}: train it first ({WHAT[methods[0]]}) or pass {flag} PATH")
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise UserError(f"cannot read checkpoint {path} ({type(e).__name__}): it is damaged or incomplete "
-                        f"(a copy cut short?), or not a checkpoint at all") from None
-    found = ckpt.get("method", "unknown") if isinstance(ckpt, dict) else "unknown"
-    if found not in methods:
-        raise UserError(f"{flag} {path} is a checkpoint of {WHAT.get(found, found)}, not of "
-                        f"{' or '.join(WHAT[m] for m in methods)}")
-    missing = [k for k in ("args", "shape", "step", "model", "ema", "optimizer", "rng", *PARTS[found])
-               if ckpt.get(k) is None]
-    if isinstance(ckpt.get("args"), dict):
-        missing += [f"args['{k}']" for k in NETWORK if k not in ckpt["args"]]
-    if isinstance(ckpt.get("teacher"), dict):
-        missing += [f"teacher['{k}']" for k in ("args", "shape", "ema") if k not in ckpt["teacher"]]
-    if missing:
-        raise UserError(f"{path} is an incomplete consistency.py checkpoint: no {', '.join(missing)}")
-    return ckpt
+def pictures(ema, teacher, args, shape, device, epoch, progress, n=10):
+    """The teacher: 64 Heun samples. A consistency model: from the same noise in every column, the
+    teacher at 35 evaluations (if there is one) above the consistency model at 1, 2 and 4 steps."""
+    path = Path(args.out) / f"samples_epoch{epoch + 1:03d}.png"
+    if args.stage == "teacher":
+        save_grid(sample_heun(ema.eval(), fixed_noise(64, shape, device), on_step=progress), path)
+    else:
+        z = fixed_noise(n, shape, device)
+        rows = [sample_heun(teacher, z, on_step=progress).clamp(-1, 1)] if teacher is not None else []
+        for steps in (1, 2, 4):
+            g = torch.Generator(device).manual_seed(1)
+            rows.append(sample_multistep(ema.eval(), z, DEFAULT_TAUS[steps], args.clip_x0, g))
+        save_grid(torch.cat(rows), path, nrow=n)
+    print(f"epoch {epoch + 1}: samples in {path}")
 
 
 def load_weights(module, state, path, part):
@@ -406,459 +787,47 @@ def load_weights(module, state, path, part):
                         f"(a damaged checkpoint)") from None
 
 
-def teacher_from_state(state, device, source):
-    """The teacher's D_phi (its EMA weights), frozen, from its checkpoint or a CD checkpoint's copy."""
+def as_flag(v):
+    return ",".join(map(str, v)) if isinstance(v, (list, tuple)) else str(v)
+
+
+def teacher_state(args, ckpt, shape, given):
+    """The teacher's {args, shape, ema} and where it came from: CD's copy in a resumed checkpoint,
+    or --teacher (CT needs none: one given only draws the grid's first row)."""
+    if ckpt is not None and ckpt["teacher"] is not None:
+        return ckpt["teacher"], f"the copy in {args.ckpt or Path(args.out) / 'ckpt.pt'}"
+    if args.stage == "cd" and not args.teacher:
+        raise UserError("--stage cd needs --teacher CKPT: train one first with "
+                        "python consistency.py --stage teacher (runs/cm_teacher/ckpt.pt)")
+    if args.stage == "teacher" or not args.teacher:
+        return None, None
+    t_ckpt = load_checkpoint(args.teacher, ["consistency-teacher"], ("shape", "ema"), "--teacher")
+    if tuple(t_ckpt["shape"]) != shape:
+        raise UserError(f"--teacher {args.teacher} was trained on {tuple(t_ckpt['shape'])} images, "
+                        f"{args.dataset} has {shape}: distil on the teacher's data set")
+    for k, v in given.items() if args.stage == "cd" else ():  # the student is the teacher's network
+        flag, was = "--" + k.replace("_", "-"), as_flag(t_ckpt["args"][k])
+        if as_flag(v) != was:
+            raise UserError(f"--stage cd's student is the teacher's network: the teacher has {flag} {was}; "
+                            f"leave out {flag}")
+    return {k: t_ckpt[k] for k in ("args", "shape", "ema")}, args.teacher
+
+
+def load_teacher(state, x, N, device, source):
+    """The teacher's D_phi (its EMA weights), frozen; non-finite weights, or ODE steps at the N
+    points from data images x, are named before any training."""
     D_phi = make_model(argparse.Namespace(**state["args"]), *state["shape"][:2], boundary=False)
     load_weights(D_phi, state["ema"], source, "teacher")
-    return D_phi.to(device, memory_format=torch.channels_last).eval().requires_grad_(False)
-
-
-def epoch_batches(dataset, args, epoch, skip, rank=0, world=1):
-    """Epoch `epoch`'s shuffled batches from the `skip`-th on, the same order on every run; under
-    torchrun, rank r's slice r of each global batch of --batch-size."""
-    g = torch.Generator().manual_seed(args.seed * 100003 + epoch)
-    order = torch.randperm(len(dataset), generator=g)[skip * args.batch_size:]
-    b = args.batch_size // world
-    mine = order[:len(order) // args.batch_size * args.batch_size].view(-1, world, b)[:, rank].flatten()
-    # its own generator: a DataLoader otherwise draws a seed from the global RNG, and a resumed
-    # run, which starts one more loader, would then draw other noise
-    return DataLoader(Subset(dataset, mine.tolist()), b, drop_last=True, generator=g)
-
-
-@torch.no_grad()
-def ema_update(ema, model, n, max_decay):
-    """EMA of the weights with a warm-up of the decay, min(max_decay, (1 + n) / (10 + n))."""
-    decay = min(max_decay, (1 + n) / (10 + n))
-    for e, p in zip(ema.parameters(), model.parameters()):
-        e.lerp_(p, 1 - decay)
-
-
-def learning_rate(args, step, total):
-    """Linear warm-up over min(--warmup, a tenth of the run) steps (0: none), then constant or
-    cosine decay to 0."""
-    lr = args.lr * min(1.0, (step + 1) / max(1, min(args.warmup, total // 10)))
-    if args.lr_decay == "cosine":
-        lr *= 0.5 * (1 + math.cos(math.pi * step / total))
-    return lr
-
-
-# ----------------------------------------------------------------------------------------------
-# Many GPUs (torchrun): one process per device; without torchrun, one process and none of this
-# ----------------------------------------------------------------------------------------------
-
-def setup_distributed(device_name):
-    """torchrun sets RANK, WORLD_SIZE and LOCAL_RANK; without them this is rank 0 of 1. NCCL on
-    GPUs, gloo on CPUs. Ranks > 0 print nothing. Returns (rank, world, device)."""
-    if "RANK" not in os.environ:
-        return 0, 1, pick_device(device_name)
-    rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
-    if rank > 0:
-        sys.stdout = open(os.devnull, "w")
-    if device_name in ("auto", "cuda") and torch.cuda.is_available():
-        device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
-        torch.cuda.set_device(device)
-    else:
-        device = pick_device("cpu" if device_name == "auto" else device_name)
-    if not dist.is_initialized():  # (a caller may have set the group up already)
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    print(f"distributed: {world} processes ({dist.get_backend()})")
-    return rank, world, device
-
-
-def all_sum(x, world):
-    """The sum of a tensor over all ranks (itself for one process)."""
-    if world > 1:
-        x = x.clone()
-        dist.all_reduce(x)
-    return x
-
-
-def stopped(run):
-    """Whether Ctrl-C or SIGTERM reached any rank: all ranks then stop after the same step."""
-    anyone = run.world > 1 and all_sum(torch.tensor(float(len(run.stop)), device=run.device),
-                                       run.world).item()
-    if anyone and not run.stop:  # stopped by another rank's signal: exits 143, as after SIGTERM
-        run.stop.append(signal.SIGTERM)
-    return bool(run.stop)
-
-
-# ----------------------------------------------------------------------------------------------
-# Training: the three stages share one loop
-# ----------------------------------------------------------------------------------------------
-
-def normal(run, x, *shape):
-    """This rank's rows of N(0, I) draws of shape (B, *shape) for the global batch (see mine())."""
-    return mine(lambda B: torch.randn(B, *shape, device=x.device), x, run.rank, run.world)
-
-
-def setup_teacher(run, ckpt):
-    run.model = make_model(run.args, *run.shape[:2], boundary=False)
-    run.target, run.teacher, run.teacher_state = None, None, None
-
-    def loss(x, k, total):
-        # EDM: ln t ~ N(P_mean, P_std^2) from u ~ N(0, 1), and the noise z ~ N(0, I)
-        u, z = normal(run, x), normal(run, x, *x.shape[1:])
-        return edm_loss(run.ddp, x, u, z, run.args.sigma_data).mean(), ""
-    run.loss = loss
-
-
-def setup_consistency(run, ckpt):
-    args = run.args
-    if args.stage == "cd":
-        if ckpt is not None:
-            run.teacher_state, source = ckpt["teacher"], f"the copy in {run.ckpt_path}"
-        elif not args.teacher:
-            raise UserError("--stage cd needs --teacher CKPT: train one first with "
-                            "python consistency.py --stage teacher (runs/cm_teacher/ckpt.pt)")
-        else:
-            t_ckpt = load_checkpoint(args.teacher, ["consistency-teacher"], "--teacher")
-            if tuple(t_ckpt["shape"]) != run.shape:
-                raise UserError(f"--teacher {args.teacher} was trained on {tuple(t_ckpt['shape'])} images, "
-                                f"{args.dataset} has {run.shape}: distil on the teacher's data set")
-            run.teacher_state, source = {k: t_ckpt[k] for k in ("args", "shape", "ema")}, args.teacher
-            refuse_other_network(run.given, t_ckpt["args"], "--stage cd's student is the teacher's network",
-                                 "the teacher has")
-        for k in NETWORK:
-            setattr(args, k, run.teacher_state["args"][k])  # the student is the teacher's network
-    elif args.teacher:  # CT learns without one; a teacher given here only draws the grid's first row
-        t_ckpt, source = load_checkpoint(args.teacher, ["consistency-teacher"], "--teacher"), args.teacher
-        run.teacher_state = {k: t_ckpt[k] for k in ("args", "shape", "ema")}
-    else:
-        run.teacher_state = None
-    run.teacher = teacher_from_state(run.teacher_state, run.device, source) if run.teacher_state else None
-    if run.teacher is not None and not all(torch.isfinite(p).all() for p in run.teacher.parameters()):
+    D_phi.to(device, memory_format=torch.channels_last).eval().requires_grad_(False)
+    if not all(torch.isfinite(p).all() for p in D_phi.parameters()):
         raise UserError(f"the teacher ({source}) holds non-finite weights (its run diverged): "
                         f"retrain the teacher with a lower --lr")
-    run.model = make_model(args, *run.shape[:2], boundary=True)
-    if args.stage == "cd" and ckpt is None:
-        # as the official code: the student starts from the teacher's weights (F_theta of both)
-        run.model.load_state_dict(run.teacher.state_dict())
-    run.target = copy.deepcopy(run.model).requires_grad_(False)  # Algorithm 2/3: theta^- <- theta
-    t_fixed = karras_times(args.N)
-
-    def loss(x, k, total):
-        if args.stage == "cd":
-            t, run.mu = t_fixed, args.mu
-        else:
-            t = karras_times(ict_N(k, total) if args.ict else ct_N(k, total, args.s0, args.s1))
-            run.mu = 0.0 if args.ict else ct_mu(k, total, args.s0, args.s1, args.mu0)
-        # Algorithms 2 and 3: n ~ U[1, N - 1] (iCT: its log-normal), then z ~ N(0, I)
-        n = mine(lambda B: draw_n(t, B, args.ict), x, run.rank, run.world)
-        z = normal(run, x, *x.shape[1:])
-        if args.stage == "cd":
-            losses, x_hat = cd_loss(run.ddp, run.target, run.teacher, x, t, n, z, args.ode_solver,
-                                    args.metric)
-            run.teacher_finite = torch.isfinite(x_hat).all()
-        else:
-            losses = ct_loss(run.ddp, run.target, x, t, n, z, args.metric, args.ict)
-        return losses.mean(), f"N {len(t) - 1}  mu {run.mu:.4f}"
-    run.loss = loss
-
-
-def refuse_other_network(given, saved, why, where):
-    """A network flag given on the command line that `saved` (a checkpoint's args) overrides is an
-    error rather than silently ignored."""
-    for k, v in given.items():
-        if tuple_if_list(v) != tuple_if_list(saved[k]):
-            flag, was = "--" + k.replace("_", "-"), saved[k]
-            was = ",".join(map(str, was)) if isinstance(was, (list, tuple)) else was
-            raise UserError(f"{why}: {where} {flag} {was}; leave out {flag}")
-
-
-def tuple_if_list(v):
-    return tuple(v) if isinstance(v, list) else v
-
-
-def train(args):
-    """Trains the stage of args; returns the exit status: 0 when done, 128 + the signal's number
-    when interrupted (the checkpoint saved)."""
-    rank, world, device = setup_distributed(args.device)
-    args.out = args.out or f"runs/cm_{args.stage}"
-    given = {k: getattr(args, k) for k in NETWORK if getattr(args, k) is not None}
-    ckpt, ckpt_path = None, None
-    if args.resume:
-        ckpt_path = args.ckpt or Path(args.out) / "ckpt.pt"
-        ckpt = load_checkpoint(ckpt_path, [METHODS[args.stage]])
-        for k in ("dataset", "image_size", "teacher"):
-            if getattr(args, k) is not None and getattr(args, k) != ckpt["args"].get(k):
-                raise UserError(f"the run was started with --{k.replace('_', '-')} {ckpt['args'].get(k)}; "
-                                f"--resume continues it as it was (leave out --{k.replace('_', '-')})")
-        refuse_other_network(given, ckpt["args"], "--resume continues the run's network", "it has")
-        keep = {k: getattr(args, k) for k in ("device", "out", "resume", "ckpt", "data_dir")}
-        if args.epochs is not None or args.steps is not None:  # a new length for the run
-            keep["epochs"], keep["steps"] = args.epochs, args.steps
-        args = argparse.Namespace(**{**ckpt["args"], **keep})
-    else:
-        args.dataset = args.dataset or "fashion-mnist"
-        args.epochs = args.epochs if args.epochs or args.steps else 10
-    if args.batch_size % world:
-        raise UserError(f"--batch-size {args.batch_size} (the global batch) must divide evenly over "
-                        f"{world} processes")
-    if Path(args.out).exists() and not Path(args.out).is_dir():
-        raise UserError(f"--out {args.out} is a file: give a folder for the run's outputs")
-    seed_everything(args.seed)  # the same on every rank: see mine()
-    dataset, info = load_dataset(args.dataset, args.data_dir, True, args.image_size,
-                                 flip=args.dataset == "cifar10")
-    run = argparse.Namespace(args=args, device=device, shape=(info.channels, info.size, info.size),
-                             saved=None, mu=None, rank=rank, world=world, given=given, ckpt_path=ckpt_path,
-                             teacher_finite=torch.tensor(True))
-    if ckpt is not None and tuple(ckpt["shape"]) != run.shape:
-        raise UserError(f"the checkpoint was trained on {tuple(ckpt['shape'])} images, {args.dataset} "
-                        f"has {run.shape}: use the same --dataset and --image-size")
-    if len(dataset) < args.batch_size:
-        raise UserError(f"{args.dataset} has {len(dataset)} images, fewer than --batch-size {args.batch_size}")
-    fill_model_defaults(args, info)
-    if args.clip_x0 is None:  # clamp samples to [-1, 1] for pixels, not for a file of float latents
-        args.clip_x0 = not (args.dataset.endswith(".pt") and dataset.images.is_floating_point())
-    (setup_teacher if args.stage == "teacher" else setup_consistency)(run, ckpt)
-    run.model.to(device, memory_format=torch.channels_last)
-    if run.target is not None:
-        run.target.to(device, memory_format=torch.channels_last)
-    run.ema = copy.deepcopy(run.model).requires_grad_(False)  # the weights that are evaluated
-    # EDM trains with Adam; the consistency paper with RAdam (Appendix C)
-    opt_class = torch.optim.Adam if args.stage == "teacher" else torch.optim.RAdam
-    run.opt = opt_class(run.model.parameters(), lr=args.lr)
-    print(f"stage {args.stage}: {sum(p.numel() for p in run.model.parameters()) / 1e6:.2f}M parameters"
-          + (f", teacher {args.teacher}" if run.teacher is not None else ""))
-    step = 0
-    if ckpt is not None:
-        for part, module in (("model", run.model), ("ema", run.ema), ("target", run.target),
-                             ("optimizer", run.opt)):
-            if module is not None:
-                load_weights(module, ckpt[part], ckpt_path, part)
-        step = run.saved = ckpt["step"]
-        torch.set_rng_state(ckpt["rng"]["torch"])
-        random.setstate(ckpt["rng"]["python"])
-        restore_device_rng(ckpt["rng"])
-        if world > 1 and device.type == "cuda":  # every rank continues rank 0's stream (device 0)
-            torch.cuda.set_rng_state(ckpt["rng"]["cuda"][0], device)
-        print(f"resumed from step {step}")
-    run.ddp = DistributedDataParallel(run.model, device_ids=[device.index] if device.type == "cuda"
-                                      else None) if world > 1 else run.model  # averages gradients
-    Path(args.out).mkdir(parents=True, exist_ok=True)
-    run.path = Path(args.out) / "ckpt.pt"
-    run.stop = []  # the number of the signal (Ctrl-C, SIGTERM) that finishes the step, saves, exits
-    handlers = {s: signal.signal(s, lambda signum, _: run.stop.append(signum))
-                for s in (signal.SIGINT, signal.SIGTERM)}
-    try:
-        step = run_epochs(run, dataset, step)
-        if rank == 0:
-            save_checkpoint(run.path, run, step)
-    finally:
-        for s, h in handlers.items():
-            signal.signal(s, h)
-        if world > 1:
-            dist.destroy_process_group()
-    print(f"{'interrupted' if run.stop else 'done'} at step {step}; checkpoint {run.path}")
-    return 128 + run.stop[0] if run.stop else 0
-
-
-def run_epochs(run, dataset, step):
-    args, device = run.args, run.device
-    per_epoch = len(dataset) // args.batch_size
-    total = args.steps or args.epochs * per_epoch
-    amp = torch.autocast("cuda", torch.bfloat16, enabled=args.bf16 and device.type == "cuda")
-    last_log = last_save = t_log = time.time()
-    seen, first = 0, None  # first: the loss of this process's first step, divergence's yardstick
-    while step < total:
-        epoch, skip = divmod(step, per_epoch)
-        for x, _ in epoch_batches(dataset, args, epoch, skip, run.rank, run.world):
-            x = x.to(device, memory_format=torch.channels_last)
-            for group in run.opt.param_groups:
-                group["lr"] = learning_rate(args, step, total)
-            with amp:
-                loss, detail = run.loss(x, step, total)
-            value = (all_sum(loss.detach(), run.world) / run.world).item()  # the same on every rank
-            first = value if first is None else first
-            if not math.isfinite(value) or value > 1000 * max(first, 1.0):
-                raise UserError(divergence(run, x, value, first, step + 1))
-            run.opt.zero_grad(set_to_none=True)
-            loss.backward()
-            if args.grad_clip > 0:
-                torch.nn.utils.clip_grad_norm_(run.model.parameters(), args.grad_clip)
-            run.opt.step()
-            step += 1
-            if run.target is not None:  # Algorithm 2/3: theta^- <- stopgrad(mu theta^- + (1 - mu) theta)
-                update_target(run.target, run.model, run.mu)
-            ema_update(run.ema, run.model, step, args.ema)
-            seen += args.batch_size
-            now = time.time()
-            if now - last_log >= args.log_every or step == total:
-                speed = seen / (now - t_log)
-                print(f"step {step}/{total}  epoch {epoch + 1}  loss {value:.4f}  {detail}  "
-                      f"{speed:.0f} img/s  {(total - step) * args.batch_size / speed / 60:.1f} min left",
-                      flush=True)
-                last_log, seen, t_log = now, 0, now
-            if now - last_save >= 60 * args.save_every and run.rank == 0:
-                save_checkpoint(run.path, run, step)
-                last_save = now
-            if step == total or stopped(run):
-                break
-        if (step % per_epoch == 0 or step == total) and run.rank == 0:  # the others wait meanwhile
-            save_checkpoint(run.path, run, step)
-            try:
-                save_epoch_grid(run, epoch)
-            except SamplingStopped:
-                print(f"stopped while drawing the grid; {run.path} holds step {step}", flush=True)
-            seen, t_log = 0, time.time()  # images/s and time left count training alone
-        if stopped(run):
-            break
-    return step
-
-
-def divergence(run, x, value, first, step):
-    """Why the run stops at `step`: the non-finite input (the batch, the teacher's ODE step) where
-    there is one, since a lower --lr cannot help then; else the loss, non-finite or absurd."""
-    kept = f"{run.path} holds step {run.saved}" if run.saved else "no checkpoint was written yet"
-    bad = torch.stack([~torch.isfinite(x).all(), ~run.teacher_finite.to(device=x.device)]).float()
-    bad_batch, bad_teacher = all_sum(bad, run.world).tolist()  # on any rank
-    if bad_batch:
-        return (f"the batch at step {step} holds non-finite values: the data set {run.args.dataset} has NaN "
-                f"or inf in it; stopped without saving, {kept}")
-    if bad_teacher:
-        return (f"the teacher's ODE step at step {step} gave non-finite values: the teacher "
-                f"({run.args.teacher}) is broken, retrain it; stopped without saving, {kept}")
-    how = f"over 1000 times the first step's {first:.4g}" if math.isfinite(value) else "not finite"
-    return (f"the loss became {value:.4g} at step {step} ({how}); stopped without saving, {kept}. "
-            f"Try a lower --lr.")
-
-
-class SamplingStopped(Exception):
-    """Ctrl-C or SIGTERM arrived while training drew its grid (the checkpoint was saved before)."""
-
-
-class Progress:
-    """A sampler's on_step(done, total): a line every few seconds, and the end of the sampling at
-    the next step once `stop` is set."""
-
-    def __init__(self, what, stop=(), every=5.0):
-        self.what, self.stop, self.every = what, stop, every
-        self.start = self.last = time.time()
-
-    def __call__(self, done, total):
-        if self.stop:
-            raise SamplingStopped
-        now = time.time()
-        if now - self.last >= self.every:
-            left = (now - self.start) / done * (total - done)
-            print(f"{self.what}: step {done}/{total}, {left:.0f} s left", flush=True)
-            self.last = now
-
-
-def fixed_noise(n, shape, device, seed=0):
-    return torch.randn(n, *shape, generator=torch.Generator().manual_seed(seed)).to(device)
-
-
-def comparison_rows(f, D_phi, n, shape, device, clip, on_step=None):
-    """n samples per row, from the same noise z: the teacher's Heun (if any), then f at 1, 2, 4 steps."""
-    z = fixed_noise(n, shape, device)
-    rows = [sample_heun(D_phi, z, on_step=on_step).clamp(-1, 1)] if D_phi is not None else []
-    for steps in (1, 2, 4):
-        g = torch.Generator(device).manual_seed(1)
-        rows.append(sample_multistep(f, z, DEFAULT_TAUS[steps], clip, g))
-    return torch.cat(rows)
-
-
-def save_epoch_grid(run, epoch, n=10):
-    """The teacher: 64 Heun samples. A consistency model: from the same noise in every column, the
-    teacher at 35 evaluations (if there is one) above the consistency model at 1, 2 and 4 steps.
-    A signal ends the teacher's sampling at its next step (SamplingStopped)."""
-    path = Path(run.args.out) / f"samples_epoch{epoch + 1:03d}.png"
-    progress = Progress(f"epoch {epoch + 1} grid", run.stop)
-    try:
-        if run.args.stage == "teacher":
-            x = sample_heun(run.ema.eval(), fixed_noise(64, run.shape, run.device), on_step=progress)
-            save_grid(x, path)
-        else:
-            save_grid(comparison_rows(run.ema.eval(), run.teacher, n, run.shape, run.device,
-                                      run.args.clip_x0, progress), path, nrow=n)
-    finally:
-        run.ema.train()
-    print(f"epoch {epoch + 1}: samples in {path}")
-
-
-# ----------------------------------------------------------------------------------------------
-# Sampling from a checkpoint
-# ----------------------------------------------------------------------------------------------
-
-def sample(args):
-    if not args.ckpt:
-        raise UserError("--sample needs --ckpt PATH (e.g. runs/cm_cd/ckpt.pt)")
-    if args.save and Path(args.save).is_dir():
-        raise UserError(f"--save {args.save} is a folder: give a file name, such as "
-                        f"{Path(args.save) / 'samples.png'}")
-    if not args.save or Path(args.save).suffix not in (".png", ".pt"):
-        raise UserError("--sample needs --save FILE.png (a grid) or FILE.pt (a tensor)")
-    if any(d.exists() and not d.is_dir() for d in Path(args.save).parents):
-        raise UserError(f"--save {args.save} lies inside a file: give a path in a folder")
-    ckpt = load_checkpoint(args.ckpt, list(WHAT))
-    train_args = argparse.Namespace(**ckpt["args"])
-    teacher = ckpt["method"] == "consistency-teacher"
-    steps = args.sampling_steps or (18 if teacher else 1)
-    if teacher:
-        karras_times(steps)  # a clear error before any work
-        if steps > MAX_HEUN_STEPS:
-            raise UserError(f"--sampling-steps {steps}: the teacher's Heun sampler takes at most "
-                            f"{MAX_HEUN_STEPS} steps (EDM uses 18 on CIFAR-10, the default)")
-        taus, what = (), f"Heun, {steps} steps = {2 * steps - 1} evaluations"
-    else:
-        taus = check_taus(args.taus, steps)
-        what = f"{steps} step{'s' if steps > 1 else ''}" + (f", taus {', '.join(f'{t:g}' for t in taus)}" if taus else "")
-    device = pick_device(args.device)
-    shape = tuple(ckpt["shape"])
-    model = make_model(train_args, *shape[:2], boundary=not teacher)
-    load_weights(model, ckpt["ema"], args.ckpt, "EMA")
-    model.to(device, memory_format=torch.channels_last).eval()
-    if not all(torch.isfinite(p).all() for p in model.parameters()):
-        raise UserError(f"{args.ckpt} holds non-finite weights (its run diverged): retrain with a lower --lr")
-    start, xs = time.time(), []
-    for i in range(0, args.n, 256):
-        g = torch.Generator(device).manual_seed(args.seed + i)
-        z = torch.randn(min(256, args.n - i), *shape, device=device, generator=g)
-        batch = f"images {i + 1}-{i + len(z)} of {args.n}"
-        xs.append(draw(model, z, steps, taus, train_args.clip_x0, g, Progress(batch)).cpu())
-        print(f"{batch} ({what})", flush=True)
-    x = torch.cat(xs)
-    if not torch.isfinite(x).all():
-        raise UserError(f"the samples of {args.ckpt} came out non-finite: the checkpoint is broken, retrain it")
-    x = x.clamp(-1, 1) if train_args.clip_x0 else x
-    print(f"{args.n} samples in {time.time() - start:.2f} s")
-    Path(args.save).parent.mkdir(parents=True, exist_ok=True)
-    if args.save.endswith(".pt"):
-        torch.save(x, args.save)
-    else:
-        save_grid(x, args.save)
-    print(f"saved {args.save}")
-
-
-# ----------------------------------------------------------------------------------------------
-# Command line
-# ----------------------------------------------------------------------------------------------
-
-def positive_int(s):
-    v = int(s)
-    if v <= 0:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {s}")
-    return v
-
-
-def int_list(s):
-    v = tuple(int(x) for x in s.split(",") if x.strip())
-    if not v or min(v) <= 0:
-        raise argparse.ArgumentTypeError(f"must be comma-separated positive integers such as 1,2,2, "
-                                         f"got {s!r}")
-    return v
-
-
-def non_negative_int(s):
-    v = int(s)
-    if v < 0:
-        raise argparse.ArgumentTypeError(f"must be 0 (off) or a positive integer, got {s}")
-    return v
-
-
-def float_list(s):
-    return tuple(float(x) for x in s.split(",") if x.strip())
+    t = karras_times(N).to(device, torch.float32)  # x_{t_{n+1}} from one data image, n = 1..N - 1
+    x_next = x.to(device) + view(t[2:], x) * fixed_noise(N - 1, x.shape[1:], device)
+    if not torch.isfinite(ode_step(D_phi, x_next, t[2:], t[1:-1])).all():
+        raise UserError(f"the teacher's ODE step gave non-finite values: the teacher ({source}) is broken, "
+                        f"retrain it")
+    return D_phi
 
 
 def fill_model_defaults(args, info):
@@ -872,31 +841,120 @@ def fill_model_defaults(args, info):
     args.sigma_data = args.sigma_data or 0.5
 
 
-def parse_args(argv=None):
+def train(args, p):
+    rank, world, device = setup_processes(args.device)
+    method, keys, ckpt = METHODS[args.stage], KEYS[:4] if args.stage == "teacher" else KEYS, None
+    given = {k: getattr(args, k) for k in NETWORK if getattr(args, k) is not None}
+    if args.resume:
+        ckpt = load_checkpoint(args.ckpt or Path(args.out) / "ckpt.pt", [method], keys)
+        args = resumed_args(p, args, ckpt)
+    seed_everything(args.seed)  # the same on every process: see Draws
+    dataset, info = load_dataset(args.dataset, args.data_dir, True, args.image_size,
+                                 flip=args.dataset == "cifar10")
+    shape = (info.channels, info.size, info.size)
+    if ckpt is not None and tuple(ckpt["shape"]) != shape:
+        raise UserError(f"the checkpoint was trained on {tuple(ckpt['shape'])} images, "
+                        f"{args.dataset} now has {shape}: resume on the data it was trained on")
+    if len(dataset) < args.batch_size:
+        raise UserError(f"{args.dataset} has {len(dataset)} images, fewer than --batch-size {args.batch_size}")
+    state, source = teacher_state(args, ckpt, shape, given)
+    for k in NETWORK if args.stage == "cd" else ():
+        setattr(args, k, state["args"][k])
+    fill_model_defaults(args, info)
+    if args.clip_x0 is None:  # clamp samples to [-1, 1] for pixels, not for a file of float latents
+        args.clip_x0 = not (args.dataset.endswith(".pt") and dataset.images.is_floating_point())
+    model = make_model(args, *shape[:2], boundary=args.stage != "teacher")
+    model.to(device, memory_format=torch.channels_last)
+    teacher = state and load_teacher(state, dataset[0][0][None], args.N, device, source)
+    if args.stage == "cd" and ckpt is None:  # as the official code: the student starts as the teacher
+        model.load_state_dict(teacher.state_dict())
+    target = copy.deepcopy(model).requires_grad_(False)  # Algorithms 2 and 3, line 1: theta^- <- theta
+    if ckpt is not None and args.stage != "teacher":
+        load_weights(target, ckpt["target"], args.ckpt or Path(args.out) / "ckpt.pt", "target")
+    # EDM trains with Adam; the consistency paper with RAdam (Appendix C)
+    opt = (torch.optim.Adam if args.stage == "teacher" else torch.optim.RAdam)(model.parameters(), lr=args.lr)
+    print(f"stage {args.stage}: {sum(w.numel() for w in model.parameters()) / 1e6:.2f}M parameters"
+          + (f", teacher {source}" if teacher else ""))
+    out = out_folder(args.out)
+    run = Run(args=args, method=method, model=model, ema=copy.deepcopy(model).requires_grad_(False), opt=opt,
+              dataset=dataset, device=device, rank=rank, world=world, stop=[], path=out / "ckpt.pt",
+              extra=lambda: {"shape": list(shape), "teacher": state,
+                             "target": None if args.stage == "teacher" else target.state_dict()})
+    run.pictures = lambda epoch, progress: pictures(run.ema, teacher, args, shape, device, epoch, progress)
+    with signals_to(run.stop):
+        prepare(run, ckpt)
+        K = args.steps or args.epochs * (len(dataset) // args.batch_size)
+        if args.stage == "teacher":
+            run.loss = lambda batch, draws: teacher_step(run.net, batch[0], args.sigma_data, draws)
+        else:
+            algorithm = (Distillation(run.net, target, teacher, args.N, args.mu, args.ode_solver, args.metric)
+                         if args.stage == "cd" else
+                         Training(run.net, target, K, args.metric, args.ict, args.s0, args.s1, args.mu0))
+            run.loss = lambda batch, draws: algorithm.loss(batch[0], run.step, draws)
+            run.after_step = lambda step: algorithm.update_target(step - 1)  # k: the step just taken
+        train_loop(run)
+        save(run)
+    finish(run)
+
+
+def sample(args):
+    if not args.ckpt:
+        raise UserError("--sample needs --ckpt PATH (e.g. runs/cm_cd/ckpt.pt)")
+    if args.save and Path(args.save).is_dir():
+        raise UserError(f"--save {args.save} is a folder: give a file name, such as "
+                        f"{Path(args.save) / 'samples.png'}")
+    if args.save and any(d.exists() and not d.is_dir() for d in Path(args.save).parents):
+        raise UserError(f"--save {args.save} lies inside a file: give a path in a folder")
+    check_save(args.save)
+    ckpt = load_checkpoint(args.ckpt, list(METHODS.values()), KEYS[:4])
+    train_args = argparse.Namespace(**ckpt["args"])
+    teacher = ckpt["method"] == "consistency-teacher"
+    steps = args.sampling_steps or (18 if teacher else 1)
+    if teacher:
+        karras_times(steps)  # a clear error before any work
+        if steps > MAX_HEUN_STEPS:
+            raise UserError(f"--sampling-steps {steps}: the teacher's Heun sampler takes at most "
+                            f"{MAX_HEUN_STEPS} steps (EDM uses 18 on CIFAR-10, the default)")
+        taus, what = (), f"Heun, {steps} steps = {2 * steps - 1} evaluations"
+    else:
+        taus = check_taus(args.taus, steps)
+        what = f"{steps} step{'s' if steps > 1 else ''}" + (f", taus {as_flag(taus)}" if taus else "")
+    device = pick_device(args.device)
+    shape = tuple(ckpt["shape"])
+    model = make_model(train_args, *shape[:2], boundary=not teacher)
+    load_weights(model, ckpt["ema"], args.ckpt, "EMA")
+    model.to(device, memory_format=torch.channels_last).eval()
+    if not all(torch.isfinite(w).all() for w in model.parameters()):
+        raise UserError(f"{args.ckpt} holds non-finite weights (its run diverged): retrain with a lower --lr")
+    start, xs = time.time(), []
+    for i in range(0, args.n, 256):
+        g = torch.Generator(device).manual_seed(args.seed + i)
+        z = torch.randn(min(256, args.n - i), *shape, device=device, generator=g)
+        batch = f"images {i + 1}-{i + len(z)} of {args.n}"
+        xs.append(draw(model, z, steps, taus, train_args.clip_x0, g, Progress(batch)).cpu())
+        print(f"{batch} ({what})", flush=True)
+    x = torch.cat(xs)
+    if not torch.isfinite(x).all():
+        raise UserError(f"the samples of {args.ckpt} came out non-finite: the checkpoint is broken, retrain it")
+    x = x.clamp(-1, 1) if train_args.clip_x0 else x
+    print(f"{args.n} samples in {time.time() - start:.2f} s")
+    if args.save.endswith(".pt"):
+        torch.save(x, args.save)
+    else:
+        save_grid(x, args.save)
+    print(f"saved {args.save}")
+
+
+def parser():
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    shared_flags(p, None, lr=None, warmup=1000)  # --out and --lr: the stage's defaults, in parse_args
     p.add_argument("--stage", choices=["teacher", "cd", "ct"], default="cd",
                    help="teacher: EDM diffusion; cd: distil it (Algorithm 2); ct: train alone (Algorithm 3)")
-    p.add_argument("--dataset", help="mnist | fashion-mnist (default) | cifar10 | PATH")
-    p.add_argument("--data-dir", default="./data")
-    p.add_argument("--image-size", type=positive_int, help="for image folders")
-    length = p.add_mutually_exclusive_group()
-    length.add_argument("--epochs", type=positive_int)
-    length.add_argument("--steps", type=positive_int, help="training steps")
-    p.add_argument("--batch-size", type=positive_int, default=128)
-    p.add_argument("--lr", type=float, help="default 1e-3 (teacher, EDM), 4e-4 (cd, ct: the paper)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--device", default="auto")
-    p.add_argument("--out", help="default runs/cm_STAGE")
-    p.add_argument("--resume", action="store_true", help="continue OUT/ckpt.pt (or --ckpt)")
-    p.add_argument("--sample", action="store_true", help="only sample from --ckpt")
-    p.add_argument("--ckpt")
-    p.add_argument("--n", type=positive_int, default=64)
-    p.add_argument("--save")
     p.add_argument("--sampling-steps", type=positive_int,
                    help="consistency model: steps of Algorithm 1 (default 1); teacher: Heun steps (18)")
-    p.add_argument("--taus", type=float_list, help="tau_1,...,tau_{k-1} for k > 1 steps, decreasing")
-    # consistency
+    p.add_argument("--taus", type=lambda s: tuple(float(x) for x in s.split(",") if x.strip()),
+                   help="tau_1,...,tau_{k-1} for k > 1 steps, decreasing")
     p.add_argument("--teacher", help="a --stage teacher checkpoint (cd; ct: only for the grid)")
     p.add_argument("--N", type=int, default=18, help="cd: points of the discretisation")
     p.add_argument("--mu", type=float, default=0.95, help="cd: EMA decay of the target theta^-")
@@ -909,25 +967,21 @@ def parse_args(argv=None):
     p.add_argument("--sigma-data", type=float, help="the data's std (default 0.5, EDM's for pixels)")
     p.add_argument("--clip-x0", action=argparse.BooleanOptionalAction,
                    help="clamp samples to [-1, 1] (default: yes for images, no for float latents)")
-    # network and optimisation
     p.add_argument("--width", type=positive_int, help="U-Net base channels")
     p.add_argument("--mults", type=int_list, help="channel multipliers per level, e.g. 1,2,2")
     p.add_argument("--res-blocks", type=positive_int, help="residual blocks per level (default 2)")
     p.add_argument("--attn", type=int_list, help="resolutions with self-attention, e.g. 7")
     p.add_argument("--dropout", type=float)
-    p.add_argument("--warmup", type=non_negative_int, default=1000,
-                   help="learning-rate warm-up steps (0: off)")
-    p.add_argument("--lr-decay", choices=["none", "cosine"], default="none")
-    p.add_argument("--ema", type=float, default=0.9999, help="EMA decay of the evaluated weights")
-    p.add_argument("--grad-clip", type=float, default=1.0, help="gradient norm clip (0: off)")
-    p.add_argument("--bf16", action="store_true", help="bfloat16 autocast on CUDA")
-    p.add_argument("--log-every", type=float, default=5.0, help="seconds")
-    p.add_argument("--save-every", type=float, default=5.0, help="minutes between checkpoints")
+    return p
+
+
+def parse_args(argv=None, p=None):
+    p = p or parser()
+    known = p.parse_known_args(argv)[0]  # the stage's defaults (which --resume compares with)
+    p.set_defaults(out=f"runs/cm_{known.stage}", lr=1e-3 if known.stage == "teacher" else 4e-4,
+                   metric="huber" if known.ict else "l2")
     args = p.parse_args(argv)
-    if args.lr is None:
-        args.lr = 1e-3 if args.stage == "teacher" else 4e-4
-    if not args.lr > 0:
-        p.error(f"--lr must be positive, got {args.lr}")
+    check_shared_flags(p, args)
     if args.N < 2:
         p.error(f"--N must be at least 2 (eps and T), got {args.N}")
     if not 0 <= args.mu < 1 or not 0 <= args.mu0 < 1:
@@ -938,27 +992,15 @@ def parse_args(argv=None):
         p.error(f"--sigma-data must be positive, got {args.sigma_data}")
     if args.dropout is not None and not 0 <= args.dropout < 1:
         p.error(f"--dropout must lie in [0, 1), got {args.dropout}")
-    if not 0 <= args.ema < 1:
-        p.error(f"--ema must lie in [0, 1), got {args.ema}")
-    if not args.grad_clip >= 0:
-        p.error(f"--grad-clip must be 0 (off) or positive, got {args.grad_clip}")
     if args.ict and args.stage != "ct":
         p.error("--ict improves consistency training: use it with --stage ct")
-    args.metric = args.metric or ("huber" if args.ict else "l2")
     return args
 
 
 def main(argv=None):
-    args = parse_args(argv)
-    try:
-        status = sample(args) if args.sample else train(args)
-    except UserError as e:
-        sys.exit(f"error: {e}")
-    except KeyboardInterrupt:  # Ctrl-C while sampling, or before training's handlers are set
-        print("interrupted: nothing saved", file=sys.stderr)
-        sys.exit(130)
-    if status:  # 128 + the signal's number: an interrupted run, its checkpoint saved
-        sys.exit(status)
+    p = parser()
+    args = parse_args(argv, p)
+    run_command(sample if args.sample else lambda a: train(a, p), args)
 
 
 if __name__ == "__main__":

@@ -2,7 +2,6 @@
 the ODE step and the exact consistency function of a Gaussian, the CT schedules, the target
 network, EDM's and iCT's weights and log-normal draws, Algorithm 1, CD and CT learning a 2-D
 mixture, and the command line."""
-import argparse
 import math
 import os
 import signal
@@ -136,7 +135,7 @@ def test_cd_loss_of_the_exact_consistency_function_is_near_zero_and_of_a_wrong_o
     torch.manual_seed(0)
     x = M + S * torch.randn(512, 1, 4, 4)
     t = cm.karras_times(18)
-    n, z = cm.draw_n(t, 512, ict=False), torch.randn(x.shape)
+    n, z = cm.draw_n(t, cm.Draws(512, "cpu"), ict=False), torch.randn(x.shape)
     exact, _ = cm.cd_loss(Exact(), Exact(), gaussian_denoiser, x, t, n, z, "heun", "l2")
     wrong, _ = cm.cd_loss(Denoiser(), Denoiser(), gaussian_denoiser, x, t, n, z, "heun", "l2")
     assert exact.mean() < wrong.mean() / 100 and wrong.mean() > 1e-3, (exact.mean(), wrong.mean())
@@ -174,7 +173,8 @@ def test_the_target_gets_no_gradient_and_follows_the_ema():
     f_minus = cm.Preconditioned(unet(), boundary=True)
     x = torch.rand(4, 1, 8, 8) * 2 - 1
     t = cm.karras_times(10)
-    losses = cm.ct_loss(f, f_minus, x, t, cm.draw_n(t, 4, False), torch.randn(x.shape), "l2", ict=False)
+    n = cm.draw_n(t, cm.Draws(4, "cpu"), False)
+    losses = cm.ct_loss(f, f_minus, x, t, n, torch.randn(x.shape), "l2", ict=False)
     losses.mean().backward()
     assert all(p.grad is None for p in f_minus.parameters())
     assert all(p.grad is not None for p in f.parameters() if p.requires_grad)
@@ -233,12 +233,9 @@ def test_edm_lambda_by_value_and_the_noisy_input():
 
 
 def test_the_teacher_draws_ln_t_from_n_of_minus_1_2_and_1_2_squared():
-    args = argparse.Namespace(width=8, mults=(1, 2), res_blocks=1, attn=(4,), dropout=0.0, sigma_data=0.5)
-    run = argparse.Namespace(args=args, shape=(1, 8, 8), rank=0, world=1)
-    cm.setup_teacher(run, None)
-    run.ddp = D = Recorder(lambda x_t: torch.zeros_like(x_t))
+    D = Recorder(lambda x_t: torch.zeros_like(x_t))
     torch.manual_seed(0)
-    run.loss(torch.zeros(40000, 1, 1, 1), 0, 1)
+    cm.teacher_step(D, torch.zeros(40000, 1, 1, 1), 0.5, cm.Draws(40000, "cpu"))
     ln_t = D.calls[0][1].log()
     assert ln_t.mean().item() == pytest.approx(-1.2, abs=0.02)
     assert ln_t.std().item() == pytest.approx(1.2, abs=0.02)
@@ -280,10 +277,10 @@ def test_ict_draws_n_from_the_papers_erf_differences_which_bin_a_log_normal():
     w = cm.ict_n_weights(t).double()
     assert torch.allclose(w / w.sum(), p, atol=1e-6)
     torch.manual_seed(0)
-    n = cm.draw_n(t, 200000, ict=True)
+    n = cm.draw_n(t, cm.Draws(200000, "cpu"), ict=True)
     assert n.min() >= 1 and n.max() <= 10
     assert torch.allclose(torch.bincount(n - 1, minlength=10) / len(n), p.float(), atol=4e-3)
-    n = cm.draw_n(t, 100000, ict=False)  # Algorithms 2 and 3: n ~ U[1, N - 1]
+    n = cm.draw_n(t, cm.Draws(100000, "cpu"), ict=False)  # Algorithms 2 and 3: n ~ U[1, N - 1]
     assert torch.allclose(torch.bincount(n, minlength=11)[1:] / len(n), torch.full((10,), 0.1), atol=4e-3)
 
 
@@ -379,25 +376,16 @@ def train_2d(stage, steps=1500):
     f_minus = cm.Preconditioned(MLP(), boundary=True).requires_grad_(False)
     f_minus.load_state_dict(f.state_dict())
     opt = torch.optim.Adam(f.parameters(), lr=2e-3)
+    if stage == "cd":
+        algorithm = cm.Distillation(f, f_minus, mixture_denoiser, N=18, mu=0.95)
+    else:  # Algorithm 3 with Appendix C's schedules (s1 = 20 for a short run), or iCT
+        algorithm = cm.Training(f, f_minus, steps, "huber" if stage == "ict" else "l2", stage == "ict", s1=20)
     for k in range(steps):
-        x = mixture(256, g)
-        if stage == "cd":
-            t = cm.karras_times(18)
-            n, z = cm.draw_n(t, 256, False), torch.randn(x.shape)
-            losses, _ = cm.cd_loss(f, f_minus, mixture_denoiser, x, t, n, z, "heun", "l2")
-            mu = 0.95
-        elif stage == "ct":  # Algorithm 3 with Appendix C's schedules (s1 = 20 for a short run)
-            t = cm.karras_times(cm.ct_N(k, steps, 2, 20))
-            losses = cm.ct_loss(f, f_minus, x, t, cm.draw_n(t, 256, False), torch.randn(x.shape), "l2", False)
-            mu = cm.ct_mu(k, steps, 2, 20, 0.9)
-        else:  # iCT
-            t = cm.karras_times(cm.ict_N(k, steps))
-            losses = cm.ct_loss(f, f_minus, x, t, cm.draw_n(t, 256, True), torch.randn(x.shape), "huber", True)
-            mu = 0.0
+        loss = algorithm.loss(mixture(256, g), k, cm.Draws(256, "cpu"))
         opt.zero_grad()
-        losses.mean().backward()
+        loss.backward()
         opt.step()
-        cm.update_target(f_minus, f, mu)
+        algorithm.update_target(k)
     return f
 
 
@@ -548,8 +536,8 @@ def test_bad_input(data, teacher, distilled, tmp_path):
               "--device", "cpu"]
     cases = [
         (argv("cd", data, out), "--stage cd needs --teacher CKPT"),
-        (argv("cd", data, out, "--teacher", str(other)), "is a checkpoint of ddpm, not of consistency.py --stage teacher"),
-        (argv("cd", data, out, "--teacher", str(distilled / "ckpt.pt")), "--stage cd, not of consistency.py --stage teacher"),
+        (argv("cd", data, out, "--teacher", str(other)), "is a checkpoint of ddpm, not of consistency-teacher"),
+        (argv("cd", data, out, "--teacher", str(distilled / "ckpt.pt")), "consistency-cd, not of consistency-teacher"),
         (argv("cd", data, out, "--teacher", str(tmp_path / "none.pt")), "no checkpoint at"),
         (sample + ["--sampling-steps", "3", "--taus", "0.5,2"], "decrease"),
         (sample + ["--sampling-steps", "2", "--taus", "100"], "lie in"),
@@ -576,7 +564,7 @@ def test_a_teacher_of_other_images_and_resume_on_other_data(data, teacher, disti
     assert msg and "was trained on (1, 8, 8) images" in msg
     msg = exit_message(["--stage", "cd", "--resume", "--out", str(distilled), "--dataset",
                         str(tmp_path / "small.pt")])
-    assert msg and "--dataset" in msg and "leave out" in msg
+    assert msg and "--dataset" in msg and "leave the flag out" in msg
 
 
 def test_damaged_and_incomplete_checkpoints_and_out_are_named(data, teacher, tmp_path):
@@ -589,7 +577,7 @@ def test_damaged_and_incomplete_checkpoints_and_out_are_named(data, teacher, tmp
     del ckpt["ema"]
     torch.save(ckpt, tmp_path / "no_ema.pt")
     msg = exit_message(["--sample", "--ckpt", str(tmp_path / "no_ema.pt"), *save])
-    assert msg and "incomplete consistency.py checkpoint: no ema" in msg
+    assert msg and "incomplete consistency-teacher checkpoint: no ema" in msg
     (tmp_path / "file").write_text("")
     msg = exit_message(argv("teacher", data, tmp_path / "file", steps="1"))
     assert msg and "is a file" in msg
@@ -604,11 +592,11 @@ def parse_error(args, capsys):
 
 def test_flags_out_of_range_are_one_line_from_parse_args(capsys):
     for args, words in [(["--grad-clip", "-1"], "--grad-clip must be 0 (off) or positive, got -1.0"),
-                        (["--ema", "2"], "--ema must lie in [0, 1), got 2.0"),
-                        (["--ema", "-1"], "--ema must lie in [0, 1)"),
+                        (["--ema", "2"], "--ema must be in [0, 1), got 2.0"),
+                        (["--ema", "-1"], "--ema must be in [0, 1)"),
                         (["--dropout", "2"], "--dropout must lie in [0, 1), got 2.0"),
-                        (["--mults", "0,1"], "positive integers such as 1,2,2"),
-                        (["--warmup", "-1"], "must be 0 (off) or a positive integer")]:
+                        (["--mults", "0,1"], "must be a positive integer, got '0'"),
+                        (["--warmup", "-1"], "--warmup must be 0 or more, got -1")]:
         assert words in parse_error(args, capsys), args
     args = cm.parse_args(["--warmup", "0", "--grad-clip", "0"])
     assert [cm.learning_rate(args, k, 1000) for k in (0, 1)] == [args.lr, args.lr]  # no warm-up
@@ -632,8 +620,8 @@ def test_grad_clip_0_is_off_and_the_default_clips_at_1(data, tmp_path, monkeypat
 def test_a_diverging_teacher_stops_without_saving(data, tmp_path):
     """--lr 1e9: the loss stays finite but grows by many orders of magnitude, which is divergence too."""
     msg = exit_message(argv("teacher", data, tmp_path / "run", "--lr", "1e9", "--grad-clip", "0", steps="3"))
-    assert msg and "over 1000 times the first step's" in msg and "Try a lower --lr" in msg, msg
-    assert "no checkpoint was written yet" in msg and not (tmp_path / "run" / "ckpt.pt").exists()
+    assert msg and "diverged" in msg and "try a lower --lr" in msg, msg
+    assert "has written no checkpoint yet" in msg and not (tmp_path / "run" / "ckpt.pt").exists()
 
 
 def test_non_finite_data_and_teachers_are_named_not_the_lr(data, teacher, tmp_path):
@@ -641,7 +629,7 @@ def test_non_finite_data_and_teachers_are_named_not_the_lr(data, teacher, tmp_pa
     x[5, 0, 3, 3] = float("nan")
     torch.save(x, tmp_path / "nan.pt")
     msg = exit_message(argv("teacher", tmp_path / "nan.pt", tmp_path / "a", steps="2"))
-    assert msg and "holds non-finite values: the data set" in msg and "--lr" not in msg, msg
+    assert msg and "the data hold NaN or inf" in msg and "--lr" not in msg, msg
     ckpt = load(teacher)
     ckpt["ema"] = {k: torch.full_like(v, float("nan")) if v.is_floating_point() else v
                    for k, v in ckpt["ema"].items()}
@@ -653,12 +641,12 @@ def test_non_finite_data_and_teachers_are_named_not_the_lr(data, teacher, tmp_pa
     ckpt["ema"][last] = torch.full_like(ckpt["ema"][last], 3e38)
     torch.save(ckpt, tmp_path / "inf_teacher.pt")
     msg = exit_message(argv("cd", data, tmp_path / "c", "--teacher", str(tmp_path / "inf_teacher.pt")))
-    assert msg and "the teacher's ODE step at step 1 gave non-finite values" in msg and "--lr" not in msg, msg
+    assert msg and "the teacher's ODE step gave non-finite values" in msg and "--lr" not in msg, msg
 
 
 def test_network_flags_the_teacher_or_the_checkpoint_sets_are_refused(data, teacher, distilled, tmp_path):
     msg = exit_message(["--stage", "cd", "--resume", "--out", str(distilled), "--width", "16"])
-    assert msg and "--resume continues the run's network: it has --width 8; leave out --width" in msg, msg
+    assert msg and "--resume continues the run with its --width 8, not 16" in msg, msg
     msg = exit_message(argv("cd", data, tmp_path / "run", "--teacher", str(teacher), "--mults", "1,2,2"))
     assert msg and "--stage cd's student is the teacher's network: the teacher has --mults 1,2" in msg, msg
     assert not (tmp_path / "run").exists()
@@ -716,13 +704,13 @@ def test_checkpoints_missing_parts_name_them(teacher, distilled, tmp_path):
     (tmp_path / "run").mkdir()
     torch.save(ckpt, tmp_path / "run" / "ckpt.pt")
     msg = exit_message(["--stage", "cd", "--resume", "--out", str(tmp_path / "run")])
-    assert msg and "incomplete consistency.py checkpoint: no teacher, target" in msg, msg
+    assert msg and "incomplete consistency-cd checkpoint: no teacher, target" in msg, msg
     save = ["--save", str(tmp_path / "x.png"), "--device", "cpu"]
     ckpt = load(teacher)
     del ckpt["args"]
     torch.save(ckpt, tmp_path / "no_args.pt")
     msg = exit_message(["--sample", "--ckpt", str(tmp_path / "no_args.pt"), *save])
-    assert msg and "incomplete consistency.py checkpoint: no args" in msg, msg
+    assert msg and "incomplete consistency-teacher checkpoint: no args" in msg, msg
     ckpt = load(teacher)
     ckpt["args"]["width"] = 16  # weights of another network than its args describe
     torch.save(ckpt, tmp_path / "other.pt")
