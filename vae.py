@@ -25,35 +25,37 @@ KL term in closed form (Appendix B).
 L is only a bound. The importance-weighted estimate of Burda, Grosse & Salakhutdinov 2016
 (arXiv:1509.00519), log 1/K sum_k p(x, z_k) / q(z_k | x) with z_k ~ q(z | x), rises with K toward
 log p(x); after training both are printed, and their gap is the price of the Gaussian q.
-
-The course's autoencoder applications: anomaly detection (train without one class, score test
-images by -ELBO, report the ROC AUC) and unsupervised retrieval (nearest neighbours in mu-space).
+Applications of the autoencoder: anomaly detection (train without one class, score test images by
+-ELBO, report the ROC AUC) and retrieval (nearest neighbours in mu-space).
 
 Run:
     python vae.py                                    # Fashion-MNIST, MLP, latent 20, 10 epochs
     python vae.py --latent-dim 2 --out runs/vae2d    # the learned manifold of Figure 4
     python vae.py --anomaly-class 8 --out runs/vae-bags   # no bags in training; AUC of -ELBO
     python vae.py --retrieval 10                     # 10 nearest test neighbours in mu-space
-    torchrun --standalone --nproc_per_node 8 vae.py --dataset cifar10 --arch conv   # 8 GPUs
     python vae.py --dataset cifar10 --arch conv      # Gaussian decoder
+    torchrun --standalone --nproc_per_node 8 vae.py --dataset cifar10 --arch conv   # 8 GPUs
     python vae.py --sample --ckpt runs/vae/ckpt.pt --n 64 --save samples.png
-The default run takes about 7 s per epoch on 2 CPU cores (under 2 minutes in all): test ELBO
--246.6 nats per image; on 500 test images the importance-weighted bound (K = 1000) is -242.9. Both
-are Bernoulli pseudo-likelihoods of grey values, not densities (see README.md).
+The default run takes about 7 s per epoch on 2 CPU cores: test ELBO -246.6 nats per image; on 500
+test images the importance-weighted bound (K = 1000) is -242.9. Both are Bernoulli
+pseudo-likelihoods of grey values, not densities (see docs/vae.md).
 
 Outputs in --out (runs/vae): samples_epochNNN.png (decoder means at fixed z ~ N(0, I)), recon.png
-(test images above, reconstructions below), interpolation.png (between pairs of test images),
-manifold.png (with --latent-dim 2), retrieval.png (with --retrieval), ckpt.pt; the train and test
--ELBO in nats per image each epoch, then the importance-weighted log-likelihood.
+(test images above, reconstructions below), interpolation.png, manifold.png (with --latent-dim 2),
+retrieval.png (with --retrieval), ckpt.pt; the test -ELBO in nats per image each epoch, then the
+importance-weighted log-likelihood.
 
 Differences from the paper:
 - Adam (lr 1e-3, batch 128) instead of Adagrad (batch 100) with weight decay, as most code does.
 - The loss is averaged over the minibatch, Eq. 8 divided by the data set size N.
-- The Bernoulli decoder is fitted to grey values in [0, 1], not to binarised images.
-- The Gaussian decoder has one learned variance shared by all pixels, not a per-pixel output.
+- The Bernoulli decoder is fitted to grey values in [0, 1], not to binarised images (--binarize:
+  stochastically binarised, a fresh draw each step, as Burda et al.).
+- The Gaussian decoder has one learned variance shared by all pixels, not a per-pixel output, and
+  it learns at 10 x lr.
 - --arch conv, a convolutional encoder and decoder, is not in the paper (its nets are MLPs).
 """
 import argparse
+import contextlib
 import math
 import os
 import random
@@ -61,6 +63,7 @@ import signal
 import sys
 import time
 from pathlib import Path
+from signal import SIGINT, SIGTERM
 
 import torch
 import torch.distributed as dist
@@ -71,11 +74,10 @@ from torch.utils.data import DataLoader, Subset, TensorDataset
 
 from common import UserError, load_dataset, pick_device, save_grid, seed_everything
 
-LOG_2PI = math.log(2 * math.pi)
+# ==== the paper ====================================================================================
+# Reparameterisation, the KL to the prior, Gaussian log-densities (no network needed)
 
-# ----------------------------------------------------------------------------------------------
-# The math without a network: reparameterisation, KL to the prior, Gaussian log-densities
-# ----------------------------------------------------------------------------------------------
+LOG_2PI = math.log(2 * math.pi)
 
 
 def reparameterize(mu, logvar, eps):
@@ -100,9 +102,7 @@ def log_prior(z):
     return -0.5 * (LOG_2PI + z.square()).sum(-1)
 
 
-# ----------------------------------------------------------------------------------------------
 # The networks: q_phi(z|x) and p_theta(x|z)
-# ----------------------------------------------------------------------------------------------
 
 class VAE(nn.Module):
     """An encoder x -> (B, 2J), the mean and log-variance of q_phi(z|x), and a decoder z -> x's
@@ -113,9 +113,7 @@ class VAE(nn.Module):
         super().__init__()
         self.encoder, self.decoder = encoder, decoder
         self.latent_dim, self.likelihood = latent_dim, likelihood
-        if likelihood == "gaussian":
-            # Note: Appendix C.2's decoder outputs a log sigma^2 per pixel; one learned variance for
-            # all pixels cannot collapse onto constant pixels and is still a proper density.
+        if likelihood == "gaussian":  # Appendix C.2 outputs a log sigma^2 per pixel; here one for all
             self.log_sigma2 = nn.Parameter(torch.zeros(()))
 
     def encode(self, x):
@@ -126,9 +124,8 @@ class VAE(nn.Module):
         """log p_theta(x|z) summed over pixels: (B, ...) and (B, J) -> (B,)."""
         out = self.decoder(z)
         if self.likelihood == "bernoulli":
-            # Appendix C.1: log p(x|z) = sum_i x_i log y_i + (1 - x_i) log(1 - y_i), y = sigmoid(out)
-            # Note: x_i are grey values in [0, 1], not binarised pixels: the usual choice for MNIST,
-            # though then p(x|z) is not normalised over [0, 1] (see the continuous Bernoulli).
+            # Appendix C.1: log p(x|z) = sum_i x_i log y_i + (1 - x_i) log(1 - y_i), y = sigmoid(out),
+            # on grey values x_i in [0, 1] (unless binarised), where p(x|z) is not normalised
             ll = -F.binary_cross_entropy_with_logits(out, (x + 1) / 2, reduction="none")
         else:
             # Appendix C.2: log p(x|z) = log N(x; mu, sigma^2 I), with x in [-1, 1]
@@ -171,9 +168,7 @@ def make_model(args, shape):
     return VAE(encoder, decoder, J, args.likelihood)
 
 
-# ----------------------------------------------------------------------------------------------
-# The objective (the SGVB estimator, Eq. 10) and the importance-weighted bound
-# ----------------------------------------------------------------------------------------------
+# The objective (the SGVB estimator, Eq. 10) and Algorithm 1
 
 def sgvb(model, x, eps):
     """Eq. 10 with L = 1: per example, log p_theta(x|z) at z = mu + sigma * eps and
@@ -181,6 +176,34 @@ def sgvb(model, x, eps):
     mu, logvar = model.encode(x)
     z = reparameterize(mu, logvar, eps)
     return model.log_p_x_given_z(x, z), kl_to_prior(mu, logvar)
+
+
+def binarize(x, n):
+    """Stochastic binarisation (Burda et al. 2016): a pixel is 1 with probability its grey value
+    p = (x + 1) / 2, as n < Phi^-1(p) for n ~ N(0, 1), so that the Bernoulli decoder is a true likelihood."""
+    return (n < torch.special.ndtri((x + 1) / 2)).float() * 2 - 1
+
+
+def training_step(model, x, latent_dim, draw, beta=1.0, binary=False):
+    """Algorithm 1, lines 3-5, for a minibatch x; the caller takes the gradient step (line 6).
+    model: called as sgvb; draw: the random draws (torch's own, or one process's share of a
+    global batch's). beta weighs the KL (beta-VAE, Higgins et al. 2017; 1: the ELBO)."""
+    # Algorithm 1, line 3: X^M <- random minibatch of M datapoints (binary: drawn afresh each step)
+    if binary:
+        x = binarize(x, draw.randn(*x.shape[1:]))
+    # Algorithm 1, line 4: eps <- random samples from p(eps) = N(0, I)
+    eps = draw.randn(latent_dim)
+    # Algorithm 1, line 5: the minibatch estimator L~^M (Eq. 8, over N) whose gradient the caller takes
+    rec, kl = model(x, eps)
+    return -(rec - beta * kl).mean()
+
+
+# Sampling from the prior, and the importance-weighted bound on log p(x)
+
+@torch.no_grad()
+def sample_prior(model, z):
+    """New images from z ~ p(z) = N(0, I): the decoder's means E[x|z], in chunks of 1024."""
+    return torch.cat([model.mean(part) for part in z.split(1024)])
 
 
 @torch.no_grad()
@@ -200,20 +223,425 @@ def iw_log_likelihood(model, x, K, generator=None):
     return torch.logsumexp(torch.cat(log_w), 0) - math.log(K)              # (B,)
 
 
-# ----------------------------------------------------------------------------------------------
-# Evaluation: test ELBO, log p(x), figures, and the autoencoder applications
-# ----------------------------------------------------------------------------------------------
+# ==== harness: the same text in every method file (tests/test_harness.py compares the copies) ====
+# Processes and devices, the random draws of a global batch, checkpoints and resume, signals, EMA,
+# the learning-rate schedule, the training loop's bookkeeping, progress lines and the shared flags.
+
+CHECK_EVERY = 10  # steps between readings of the loss and the stop flag from the device
+DIVERGED = 1000  # a loss this many times its first value (or 1) has diverged, finite or not
+
+
+def setup_processes(device_name):
+    """Rank 0 of 1, or under torchrun (RANK, WORLD_SIZE, LOCAL_RANK) one process per device: NCCL
+    on GPUs, gloo on CPUs, and only rank 0 prints. Returns (rank, world, device)."""
+    if "RANK" not in os.environ:
+        return 0, 1, pick_device(device_name)
+    rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    if rank > 0:
+        sys.stdout = open(os.devnull, "w")
+    if device_name in ("auto", "cuda") and torch.cuda.is_available():
+        device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
+        torch.cuda.set_device(device)
+    else:
+        device = pick_device("cpu" if device_name == "auto" else device_name)
+    if not dist.is_initialized():  # (a caller may have set the group up already)
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+        print(f"distributed: {world} processes ({dist.get_backend()})")
+    return rank, world, device
+
+
+class Draws:
+    """The random draws of a global batch of n: every process draws all n and keeps its slice, so
+    that N processes compute what one process computes on the whole batch."""
+
+    def __init__(self, n, device, rank=0, world=1):
+        self.n, self.device = n, device
+        self.mine = slice(rank * n // world, (rank + 1) * n // world)
+
+    def randn(self, *shape):  # (n / world, *shape)
+        return torch.randn(self.n, *shape, device=self.device)[self.mine]
+
+    def rand(self):
+        return torch.rand(self.n, device=self.device)[self.mine]
+
+    def randint(self, low, high):
+        return torch.randint(low, high, (self.n,), device=self.device)[self.mine]
+
+
+def epoch_batches(dataset, args, epoch, skip, rank=0, world=1):
+    """Epoch `epoch`'s shuffled batches from the `skip`-th on, rank r's slice of each global batch.
+    The loader has its own generator: the global RNG's draws would differ after a resume."""
+    g = torch.Generator().manual_seed(args.seed * 100003 + epoch)
+    order = torch.randperm(len(dataset), generator=g)[skip * args.batch_size:]
+    b = args.batch_size // world
+    mine = order[:len(order) // args.batch_size * args.batch_size].view(-1, world, b)[:, rank].flatten()
+    return DataLoader(Subset(dataset, mine.tolist()), b, drop_last=True, generator=g)
+
+
+@torch.no_grad()
+def ema_update(ema, model, n, max_decay):
+    """EMA of the weights, its decay warmed up as min(max_decay, (1 + n) / (10 + n))."""
+    decay = min(max_decay, (1 + n) / (10 + n))
+    for e, p in zip(ema.parameters(), model.parameters()):
+        e.lerp_(p, 1 - decay)
+
+
+def learning_rate(args, step, total):
+    """Linear warm-up over --warmup steps (a tenth of a shorter run), then constant or cosine."""
+    warmup = min(args.warmup, total // 10)
+    lr = args.lr * min(1.0, (step + 1) / warmup) if warmup else args.lr
+    return lr * 0.5 * (1 + math.cos(math.pi * step / total)) if args.lr_decay == "cosine" else lr
+
+
+def save_checkpoint(path, state):
+    """state and the RNG states, written to a temporary file, then renamed: a crash leaves no
+    broken checkpoint."""
+    rng = {"torch": torch.get_rng_state(), "python": random.getstate(),
+           "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+           "mps": torch.mps.get_rng_state() if torch.backends.mps.is_available() else None}
+    torch.save({**state, "rng": rng}, f"{path}.tmp")
+    os.replace(f"{path}.tmp", path)
+
+
+def load_checkpoint(path, methods, keys, flag="--ckpt"):
+    """A checkpoint of one of `methods` with `keys`, read as data (weights_only), or one line."""
+    if not Path(path).is_file():
+        raise UserError(f"no checkpoint at {path}: train first, or pass {flag} PATH")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise UserError(f"cannot read checkpoint {path} ({type(e).__name__}): it is damaged or "
+                        f"incomplete (a copy cut short?), or not a checkpoint at all") from None
+    method = ckpt.get("method", "unknown") if isinstance(ckpt, dict) else "unknown"
+    if method not in methods:
+        raise UserError(f"{path} is a checkpoint of {method}, not of {' or '.join(methods)}")
+    missing = [k for k in ("args", "step", "rng", *keys) if k not in ckpt]
+    if missing:
+        raise UserError(f"{path} is an incomplete {method} checkpoint: no {', '.join(missing)}")
+    return ckpt
+
+
+def restore_rng(rng, device):
+    """CUDA's states for the devices this machine has; under torchrun each rank continues rank 0's."""
+    torch.set_rng_state(rng["torch"])
+    random.setstate(rng["python"])
+    for i, state in enumerate(rng["cuda"][:torch.cuda.device_count()]):
+        torch.cuda.set_rng_state(state, i)
+    if device.type == "cuda" and rng["cuda"]:
+        torch.cuda.set_rng_state(rng["cuda"][0], device)
+    if rng["mps"] is not None and torch.backends.mps.is_available():
+        torch.mps.set_rng_state(rng["mps"])
+
+
+def resumed_args(p, args, ckpt, free=("device", "out", "resume", "ckpt", "data_dir", "log_every",
+                                      "save_every", "compile", "bf16")):
+    """The checkpoint's flags, with the `free` ones and a new length given now; any other flag
+    given now that differs from the checkpoint's is refused."""
+    saved = ckpt["args"]
+    for k, v in vars(args).items():
+        if k not in (*free, "epochs", "steps") and v not in (p.get_default(k), saved.get(k)):
+            raise UserError(f"--resume continues the run with its --{k.replace('_', '-')} {saved.get(k)}, "
+                            f"not {v}: leave the flag out, or start a new run with another --out")
+    length = ("epochs", "steps") if args.epochs or args.steps else ()
+    return argparse.Namespace(**{**saved, **{k: getattr(args, k) for k in (*free, *length)}})
+
+
+@contextlib.contextmanager
+def signals_to(stop):
+    """Ctrl-C and SIGTERM append their number to `stop`: the run ends its step, saves and exits."""
+    old = {s: signal.signal(s, lambda signum, frame: stop.append(signum)) for s in (SIGINT, SIGTERM)}
+    try:
+        yield
+    finally:
+        for s, handler in old.items():
+            signal.signal(s, handler)
+
+
+class SamplingStopped(Exception):
+    """Ctrl-C or SIGTERM arrived while a sampler ran."""
+
+
+def duration(seconds):
+    if seconds >= 5400:
+        return f"{seconds / 3600:.1f} h"
+    return f"{seconds / 60:.1f} min" if seconds >= 90 else f"{seconds:.0f} s"
+
+
+class Progress:
+    """Called after each step of a long loop: a line with the time left every few seconds, and
+    SamplingStopped at the next step once `stop` is set."""
+
+    def __init__(self, what, stop=(), every=5.0):
+        self.what, self.stop, self.every = what, stop, every
+        self.start = self.last = time.time()
+
+    def __call__(self, done, total):
+        if self.stop:
+            raise SamplingStopped
+        if time.time() - self.last >= self.every:
+            left = (time.time() - self.start) / done * (total - done)
+            print(f"{self.what}: step {done}/{total}, {duration(left)} left", flush=True)
+            self.last = time.time()
+
+
+class Run(argparse.Namespace):
+    """A training run, built in one place by the method's train(): args, model, opt, dataset,
+    device, rank, world, stop, path (of the checkpoint), method, loss(batch, draws) -> a scalar."""
+    ema = after_step = pictures = None  # an EMA model; after_step(step); pictures(epoch, progress)
+    step, saved, first, grid = 0, None, None, 0.0
+
+    def extra(self):  # what the checkpoint holds besides the shared keys
+        return {}
+
+
+def prepare(run, ckpt):
+    """A resumed run's weights, optimizer and RNG; run.net, the model as training calls it."""
+    if run.args.batch_size % run.world:
+        raise UserError(f"--batch-size {run.args.batch_size} (the global batch) must divide evenly over "
+                        f"{run.world} processes")
+    if ckpt is not None:
+        run.model.load_state_dict(ckpt["model"])
+        if run.ema is not None:
+            run.ema.load_state_dict(ckpt["ema"])
+        run.opt.load_state_dict(ckpt["optimizer"])
+        run.step = run.saved = ckpt["step"]
+        restore_rng(ckpt["rng"], run.device)
+        print(f"resumed from step {run.step}")
+    run.net = run.model
+    if run.world > 1:  # averages the gradients over the processes in backward()
+        run.net = DistributedDataParallel(run.model, [run.device.index] if run.device.type == "cuda" else None)
+    if run.args.compile:
+        run.net = torch.compile(run.net)
+
+
+def save(run):
+    if run.rank == 0 and run.saved != run.step:
+        save_checkpoint(run.path, {"method": run.method, "args": vars(run.args), "step": run.step,
+                                   "model": run.model.state_dict(), "optimizer": run.opt.state_dict(),
+                                   "ema": None if run.ema is None else run.ema.state_dict(), **run.extra()})
+    run.saved, run.last_save = run.step, time.time()
+
+
+def train_loop(run):
+    """From run.step to the end: a global batch, run.loss, a gradient step, EMA; the loss and the
+    stop flag are read from the device every CHECK_EVERY steps and at an epoch's end, its checkpoint
+    and pictures then follow."""
+    args, per_epoch = run.args, len(run.dataset) // run.args.batch_size
+    run.total, run.per_epoch = args.steps or args.epochs * per_epoch, per_epoch
+    amp = torch.autocast("cuda", torch.bfloat16, enabled=args.bf16 and run.device.type == "cuda")
+    run.last_log = run.last_save = time.time()
+    losses, run.bad_data = [], torch.zeros((), device=run.device)
+    while run.step < run.total and not run.stop:
+        epoch, skip = divmod(run.step, per_epoch)
+        for batch in epoch_batches(run.dataset, args, epoch, skip, run.rank, run.world):
+            batch = [b.to(run.device) for b in batch]
+            run.bad_data += (~torch.isfinite(batch[0])).any()
+            for group in run.opt.param_groups:
+                group["lr"] = learning_rate(args, run.step, run.total)
+            with amp:
+                loss = run.loss(batch, Draws(args.batch_size, run.device, run.rank, run.world))
+            run.opt.zero_grad(set_to_none=True)
+            loss.backward()
+            if args.grad_clip:
+                torch.nn.utils.clip_grad_norm_(run.model.parameters(), args.grad_clip)
+            run.opt.step()
+            run.step += 1
+            if run.ema is not None:
+                ema_update(run.ema, run.model, run.step, args.ema)
+            if run.after_step is not None:
+                run.after_step(run.step)
+            losses.append(loss.detach().float())
+            run.first = losses[0] if run.first is None else run.first
+            end = run.step % per_epoch == 0 or run.step == run.total
+            if (end or run.step % CHECK_EVERY == 0 or run.world == 1 and run.stop) and check(run, losses):
+                break
+            if end:
+                break
+        if run.step % per_epoch == 0 or run.step == run.total:
+            end_of_epoch(run, epoch)
+
+
+def check(run, losses):
+    """Stops a diverged run without saving; prints progress; saves every --save-every minutes.
+    Returns whether any process was asked to stop (one stopped by another exits as on SIGTERM)."""
+    stop = torch.tensor(float(len(run.stop)), device=run.device)
+    x = torch.stack([torch.stack(losses).mean(), run.first, run.bad_data, stop])
+    if run.world > 1:
+        dist.all_reduce(x)
+        x /= run.world
+    (loss, first, bad, stop), now = x.tolist(), time.time()
+    if bad or not math.isfinite(loss) or loss > DIVERGED * max(first, 1):
+        held = f"{run.path} holds step {run.saved}" if run.saved else "this run has written no checkpoint yet"
+        why = "the data hold NaN or inf" if bad else f"the loss went from {first:.3g} to {loss:.3g} " \
+            f"(diverged: try a lower --lr)"
+        raise UserError(f"stopped at step {run.step} without saving, as {why}; {held}")
+    if now - run.last_log >= run.args.log_every or stop or run.step == run.total:
+        speed = len(losses) * run.args.batch_size / (now - run.last_log)
+        left = (run.total - run.step) * (run.args.batch_size / speed + run.grid / run.per_epoch)
+        print(f"step {run.step}/{run.total}  loss {loss:.4f}  {speed:.0f} img/s  {duration(left)} left",
+              flush=True)
+        losses.clear()
+        run.last_log = now
+    if stop and not run.stop:
+        run.stop.append(SIGTERM)
+    if now - run.last_save >= 60 * run.args.save_every or stop:
+        save(run)
+    return bool(stop)
+
+
+def end_of_epoch(run, epoch):
+    save(run)
+    if run.pictures is None or run.rank > 0:  # the other processes wait meanwhile
+        return
+    start = time.time()
+    try:
+        run.pictures(epoch, Progress(f"epoch {epoch + 1} grid", run.stop))
+    except SamplingStopped:
+        print(f"stopped while drawing the grid; {run.path} holds step {run.step}")
+    run.grid, run.last_log = time.time() - start, time.time()  # img/s counts training alone
+
+
+def finish(run):
+    """The run's last line; an interrupted run, once saved, exits 128 + its signal's number."""
+    if run.world > 1:  # the others wait for rank 0's checkpoint: the next command may read it
+        dist.barrier()
+    print(f"{'interrupted' if run.stop else 'done'} at step {run.step}; checkpoint {run.path}")
+    if run.stop:
+        raise SystemExit(128 + run.stop[0])
+
+
+def positive_int(s):
+    if not s.strip().isdigit() or int(s) == 0:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {s!r}")
+    return int(s)
+
+
+def int_list(s):
+    if not s.replace(",", "").strip():
+        raise argparse.ArgumentTypeError(f"must be comma-separated integers such as 1,2,2, got {s!r}")
+    return tuple(positive_int(x) for x in s.split(",") if x.strip())
+
+
+def shared_flags(p, out, lr, batch_size=128, warmup=0, ema=0.9999, grad_clip=1.0):
+    """DESIGN.md's command line: the flags of every method file, with the method's defaults."""
+    p.add_argument("--dataset", help="mnist | fashion-mnist (default) | cifar10 | FOLDER | FILE.pt")
+    p.add_argument("--data-dir", default="./data")
+    p.add_argument("--image-size", type=positive_int, help="for image folders")
+    length = p.add_mutually_exclusive_group()
+    length.add_argument("--epochs", type=positive_int)
+    length.add_argument("--steps", type=positive_int)
+    p.add_argument("--batch-size", type=positive_int, default=batch_size)
+    p.add_argument("--lr", type=float, default=lr)
+    p.add_argument("--warmup", type=int, default=warmup, help="steps of linear warm-up (0: none)")
+    p.add_argument("--lr-decay", choices=["none", "cosine"], default="none")
+    p.add_argument("--ema", type=float, default=ema, help="EMA decay of the weights")
+    p.add_argument("--grad-clip", type=float, default=grad_clip, help="gradient norm clip (0: off)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda | mps")
+    p.add_argument("--bf16", action="store_true", help="bfloat16 autocast on CUDA")
+    p.add_argument("--compile", action="store_true", help="torch.compile the network")
+    p.add_argument("--out", default=out)
+    p.add_argument("--resume", action="store_true", help="continue OUT's checkpoint (or --ckpt)")
+    p.add_argument("--log-every", type=float, default=5.0, help="seconds between progress lines")
+    p.add_argument("--save-every", type=float, default=5.0, help="minutes between checkpoints")
+    p.add_argument("--sample", action="store_true", help="only sample from --ckpt")
+    p.add_argument("--ckpt")
+    p.add_argument("--n", type=positive_int, default=64, help="images to sample")
+    p.add_argument("--save", help="FILE.png (a grid) or FILE.pt (a tensor) for --sample")
+
+
+def check_shared_flags(p, args):
+    for flag, ok, what in [("lr", args.lr > 0, "positive"), ("warmup", args.warmup >= 0, "0 or more"),
+                           ("grad_clip", args.grad_clip >= 0, "0 (off) or positive"),
+                           ("ema", 0 <= args.ema < 1, "in [0, 1)")]:
+        if not ok:
+            p.error(f"--{flag.replace('_', '-')} must be {what}, got {getattr(args, flag)}")
+    if not args.resume:
+        args.dataset = args.dataset or "fashion-mnist"
+        args.epochs = args.epochs or (None if args.steps else 10)
+
+
+def out_folder(path):
+    if Path(path).exists() and not Path(path).is_dir():
+        raise UserError(f"--out {path} is a file: give a folder for the run's outputs")
+    Path(path).mkdir(parents=True, exist_ok=True)
+    return Path(path)
+
+
+def check_save(path):
+    if not path or Path(path).suffix not in (".png", ".pt"):
+        raise UserError("--sample needs --save FILE.png (a grid) or FILE.pt (a tensor)")
+    if Path(path).is_dir():
+        raise UserError(f"--save {path} is a folder: give a file name ending in .png or .pt")
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+
+
+def run_command(command, args):
+    """main()'s body: a user's error is one line, and so is Ctrl-C before training or while
+    sampling (status 130); the process group, if any, is closed."""
+    try:
+        command(args)
+    except UserError as e:
+        sys.exit(f"error: {e}")
+    except (KeyboardInterrupt, SamplingStopped):
+        print("interrupted: nothing saved", file=sys.stderr)
+        sys.exit(130)
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+# ==== end of harness ===============================================================================
+
+
+# ==== the command line =============================================================================
+
+KEYS = ("shape", "model", "optimizer")  # of a vae.py checkpoint, besides the harness's
+
+
+def check_data(args, info, dataset, test_set):
+    """The likelihood (Bernoulli for MNIST-like grey images, else Gaussian), the anomaly run's
+    training set (without its class) and the test set (binarised once), checked."""
+    if args.likelihood is None:
+        args.likelihood = "bernoulli" if args.dataset in ("mnist", "fashion-mnist") else "gaussian"
+    if args.likelihood == "bernoulli" and info.channels != 1:
+        raise UserError(f"--likelihood bernoulli models grey values in [0, 1] of one-channel images; "
+                        f"{info.name} has {info.channels} channels: use --likelihood gaussian")
+    if args.binarize and args.likelihood != "bernoulli":
+        raise UserError("--binarize makes binary images for a Bernoulli decoder: use --likelihood bernoulli")
+    if args.binarize:
+        test_set = binarized(test_set)
+    if args.anomaly_class is not None:
+        if info.num_classes is None:
+            raise UserError(f"--anomaly-class needs labels; {info.name} has none (use class subfolders)")
+        if not 0 <= args.anomaly_class < info.num_classes:
+            raise UserError(f"--anomaly-class must be 0..{info.num_classes - 1}, got {args.anomaly_class}")
+        labels = torch.as_tensor(dataset.labels)
+        dataset = Subset(dataset, (labels != args.anomaly_class).nonzero().flatten().tolist())
+        print(f"anomaly detection: training on {len(dataset)} images without class {args.anomaly_class}")
+    if len(dataset) < args.batch_size:
+        raise UserError(f"{args.dataset} has {len(dataset)} images, fewer than --batch-size {args.batch_size}")
+    if args.retrieval and args.retrieval >= len(test_set):
+        raise UserError(f"--retrieval {args.retrieval} needs more test images than {len(test_set)}")
+    if os.path.isdir(args.dataset):
+        print("note: an image folder has no test split, so the test numbers are on the training images")
+    return dataset, test_set
+
+
+def binarized(dataset, seed=0):
+    """The test set binarised once, with a fixed seed, so every evaluation sees the same images."""
+    x = torch.stack([dataset[i][0] for i in range(len(dataset))])
+    y = torch.as_tensor([dataset[i][1] for i in range(len(dataset))])
+    return TensorDataset(binarize(x, torch.randn(x.shape, generator=torch.Generator().manual_seed(seed))), y)
+
 
 @torch.no_grad()
 def per_image_elbo(model, dataset, device, seed=0):
     """log p(x|z) (one z per image), D_KL, mu and the label of every image in a data set."""
     g = torch.Generator(device).manual_seed(seed)
     rec, kl, mus, ys = [], [], [], []
-    for x, y in DataLoader(dataset, 500, generator=torch.Generator()):  # see epoch_batches
-        x = x.to(device)
-        mu, logvar = model.encode(x)
-        z = reparameterize(mu, logvar, torch.randn(mu.shape, generator=g, device=device))
-        rec.append(model.log_p_x_given_z(x, z).cpu())
+    for x, y in DataLoader(dataset, 500, generator=torch.Generator()):  # not the global RNG: see epoch_batches
+        mu, logvar = model.encode(x.to(device))
+        eps = torch.randn(mu.shape, generator=g, device=device)
+        rec.append(model.log_p_x_given_z(x.to(device), reparameterize(mu, logvar, eps)).cpu())
         kl.append(kl_to_prior(mu, logvar).cpu())
         mus.append(mu.cpu())
         ys.append(torch.as_tensor(y))
@@ -228,18 +656,18 @@ def roc_auc(scores, positive):
 
 @torch.no_grad()
 def save_figures(model, dataset, device, out):
+    """Reconstructions, interpolations between 4 pairs of test images in mu-space, and Figure 4's
+    manifold: a grid on the unit square through the Gaussian's inverse CDF, with --latent-dim 2."""
     n = min(16, len(dataset))
     x = torch.stack([dataset[i][0] for i in range(n)]).to(device)
     mu, _ = model.encode(x)
-    save_grid(torch.cat([x, model.mean(mu)]), out / "recon.png", nrow=n)  # originals above, E[x|mu] below
+    save_grid(torch.cat([x, model.mean(mu)]), out / "recon.png", nrow=n)
     t = torch.linspace(0, 1, 10, device=device)[:, None]
     rows = [torch.cat([x[a:a + 1], model.mean((1 - t) * mu[a] + t * mu[a + 1]), x[a + 1:a + 2]])
-            for a in range(0, n - 1, 2)[:4]]  # 4 pairs of test images, 10 steps between their mu
+            for a in range(0, n - 1, 2)[:4]]
     save_grid(torch.cat(rows), out / "interpolation.png", nrow=12)
     figures = ["recon.png", "interpolation.png"]
     if model.latent_dim == 2:
-        # Figure 4: "linearly spaced coordinates on the unit square were transformed through the
-        # inverse CDF of the Gaussian to produce values of the latent variables z"
         u = torch.special.ndtri(torch.linspace(0.05, 0.95, 20, device=device))
         z2, z1 = torch.meshgrid(u.flip(0), u, indexing="ij")
         save_grid(model.mean(torch.stack([z1, z2], -1).view(-1, 2)), out / "manifold.png", nrow=20)
@@ -263,375 +691,103 @@ def retrieval(mu, ys, dataset, K, out, queries=1000, shown=8):
 
 
 def evaluate(args, model, test_set, device, out):
-    model.eval()
+    """The test ELBO, the importance-weighted log p(x), the figures and the applications."""
     rec, kl, mu, ys = per_image_elbo(model, test_set, device)
     elbo = rec - kl
-    # a Bernoulli decoder on grey values is not a normalised density: its nats are comparable
-    # between runs, not with published log-likelihoods (those binarise the images)
-    pseudo = " (Bernoulli pseudo-likelihood on grey values)" if args.likelihood == "bernoulli" \
-        and not args.binarize else ""
-    print(f"test: ELBO {elbo.mean():.2f} nats/image (log p(x|z) {rec.mean():.2f}, "
-          f"KL {kl.mean():.2f}) on {len(elbo)} images{pseudo}")
+    grey = args.likelihood == "bernoulli" and not args.binarize  # not a density: nats comparable between runs
+    print(f"test: ELBO {elbo.mean():.2f} nats/image (log p(x|z) {rec.mean():.2f}, KL {kl.mean():.2f}) on "
+          f"{len(elbo)} images{' (Bernoulli pseudo-likelihood on grey values)' if grey else ''}")
     n = min(args.iw_images, len(test_set))
     g = torch.Generator(device).manual_seed(1)
-    log_px, start, last = [], time.time(), time.time()
+    progress, log_px = Progress("log p(x) on test images", every=args.log_every), []
     for x, _ in DataLoader(Subset(test_set, range(n)), 50, generator=torch.Generator()):
         log_px.append(iw_log_likelihood(model, x.to(device), args.iw_samples, g).cpu())
-        done = sum(map(len, log_px))
-        if time.time() - last >= args.log_every and done < n:  # K passes per image: it takes a while
-            left = (time.time() - start) / done * (n - done)
-            print(f"log p(x): {done}/{n} images, {left / 60:.1f} min left", flush=True)
-            last = time.time()
-    log_px = torch.cat(log_px)
-    print(f"test, first {n} images: ELBO {elbo[:n].mean():.2f}, log p(x) >= {log_px.mean():.2f} "
-          f"(importance-weighted, K = {args.iw_samples}); gap {log_px.mean() - elbo[:n].mean():.2f} nats")
+        progress(sum(map(len, log_px)), n)  # K passes per image: it takes a while
+    log_px = torch.cat(log_px).mean()
+    print(f"test, first {n} images: ELBO {elbo[:n].mean():.2f}, log p(x) >= {log_px:.2f} "
+          f"(importance-weighted, K = {args.iw_samples}); gap {log_px - elbo[:n].mean():.2f} nats")
     save_figures(model, test_set, device, out)
     if args.retrieval:
         retrieval(mu, ys, test_set, args.retrieval, out)
     if args.anomaly_class is not None:
-        anomalous = ys == args.anomaly_class
-        auc = roc_auc(-elbo, anomalous)
-        print(f"anomaly: class {args.anomaly_class} (unseen, {int(anomalous.sum())} images) vs the "
-              f"rest ({int((~anomalous).sum())}): -ELBO {-elbo[anomalous].mean():.1f} vs "
-              f"{-elbo[~anomalous].mean():.1f} nats; ROC AUC {auc:.3f}")
+        bad = ys == args.anomaly_class
+        print(f"anomaly: class {args.anomaly_class} (unseen, {int(bad.sum())} images) vs the rest "
+              f"({int((~bad).sum())}): -ELBO {-elbo[bad].mean():.1f} vs {-elbo[~bad].mean():.1f} nats; "
+              f"ROC AUC {roc_auc(-elbo, bad):.3f}")
 
 
-# ----------------------------------------------------------------------------------------------
-# Training: Algorithm 1, logging, checkpoints, grids
-# ----------------------------------------------------------------------------------------------
-
-def save_checkpoint(path, model, opt, step, args, shape):
-    state = {"method": "vae", "args": vars(args), "shape": list(shape), "step": step,
-             "model": model.state_dict(), "optimizer": opt.state_dict(),
-             "rng": {"torch": torch.get_rng_state(), "python": random.getstate(),
-                     "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
-                     "mps": torch.mps.get_rng_state() if torch.backends.mps.is_available() else None}}
-    tmp = Path(str(path) + ".tmp")
-    torch.save(state, tmp)
-    os.replace(tmp, path)  # atomic: a crash mid-write never leaves a broken ckpt.pt
+def pictures(model, test_set, args, device, epoch):
+    """The epoch's grid (decoder means at fixed z ~ N(0, I)) and its test -ELBO."""
+    rec, kl, _, _ = per_image_elbo(model, test_set, device)
+    z = torch.randn(64, args.latent_dim, generator=torch.Generator().manual_seed(0)).to(device)
+    path = Path(args.out) / f"samples_epoch{epoch + 1:03d}.png"
+    save_grid(sample_prior(model, z), path)
+    print(f"epoch {epoch + 1}: test -ELBO {(kl - rec).mean():.2f} nats/image (-log p(x|z) {-rec.mean():.2f} "
+          f"+ KL {kl.mean():.2f}); samples in {path}", flush=True)
 
 
-def restore_device_rng(rng):
-    """The CUDA generators of the devices this machine has (a checkpoint from a machine with more
-    GPUs restores the first ones), and MPS's."""
-    for i, state in enumerate(rng["cuda"][:torch.cuda.device_count()]):
-        torch.cuda.set_rng_state(state, i)
-    if rng.get("mps") is not None and torch.backends.mps.is_available():
-        torch.mps.set_rng_state(rng["mps"])
-
-
-def load_checkpoint(path):
-    if not Path(path).is_file():
-        raise UserError(f"no checkpoint at {path}: train first (python vae.py) or pass --ckpt PATH")
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise UserError(f"cannot read checkpoint {path} ({type(e).__name__}): it is damaged or "
-                        f"incomplete (a copy cut short?), or not a checkpoint at all") from None
-    if not isinstance(ckpt, dict) or ckpt.get("method") != "vae":
-        method = ckpt.get("method", "unknown") if isinstance(ckpt, dict) else "unknown"
-        raise UserError(f"{path} is a checkpoint of {method}, not of vae.py")
-    missing = [k for k in ("args", "shape", "step", "model", "optimizer", "rng") if k not in ckpt]
-    if missing:
-        raise UserError(f"{path} is an incomplete vae.py checkpoint: no {', '.join(missing)}")
-    return ckpt
-
-
-def epoch_batches(dataset, args, epoch, skip, rank=0, world=1):
-    """Epoch `epoch`'s shuffled batches from the `skip`-th on, the same order on every run; under
-    torchrun, rank r's slice r of each global batch of --batch-size."""
-    g = torch.Generator().manual_seed(args.seed * 100003 + epoch)
-    order = torch.randperm(len(dataset), generator=g)[skip * args.batch_size:]
-    b = args.batch_size // world
-    mine = order[:len(order) // args.batch_size * args.batch_size].view(-1, world, b)[:, rank].flatten()
-    # A DataLoader draws a seed from the generator it is given, else from the global RNG, which
-    # would then differ between a run resumed mid-epoch and one never stopped.
-    return DataLoader(Subset(dataset, mine.tolist()), b, drop_last=True, generator=g)
-
-
-def check_likelihood(args, info):
-    """Bernoulli for MNIST-like grey images, Gaussian for colour images and folders."""
-    if args.likelihood is None:
-        args.likelihood = "bernoulli" if args.dataset in ("mnist", "fashion-mnist") else "gaussian"
-    if args.likelihood == "bernoulli" and info.channels != 1:
-        raise UserError(f"--likelihood bernoulli models grey values in [0, 1] of one-channel images; "
-                        f"{info.name} has {info.channels} channels: use --likelihood gaussian")
-    if args.binarize and args.likelihood != "bernoulli":
-        raise UserError("--binarize makes binary images for a Bernoulli decoder: use --likelihood bernoulli")
-
-
-def binarize(x, generator=None, rank=0, world=1):
-    """Stochastic binarisation (as Burda et al. 2016 and most published MNIST likelihoods): each pixel
-    is 1 with probability its grey value, so the Bernoulli decoder is a true likelihood. Under
-    torchrun each rank draws the whole global batch's coins and keeps its slice (see sgvb_batch)."""
-    coins = torch.rand(world * len(x), *x.shape[1:], generator=generator, device=x.device)
-    return (coins[rank * len(x):(rank + 1) * len(x)] < (x + 1) / 2).float() * 2 - 1
-
-
-def binarized(dataset, seed=0):
-    """The test set binarised once, with a fixed seed, so every evaluation sees the same images."""
-    x = torch.stack([dataset[i][0] for i in range(len(dataset))])
-    y = torch.as_tensor([dataset[i][1] for i in range(len(dataset))])
-    return TensorDataset(binarize(x, torch.Generator().manual_seed(seed)), y)
-
-
-# ----------------------------------------------------------------------------------------------
-# Many GPUs (torchrun): one process per device; without torchrun, one process and none of this
-# ----------------------------------------------------------------------------------------------
-
-def setup_distributed(device_name):
-    """torchrun sets RANK, WORLD_SIZE and LOCAL_RANK; without them this is rank 0 of 1. NCCL on
-    GPUs, gloo on CPUs. Ranks > 0 print nothing. Returns (rank, world, device)."""
-    if "RANK" not in os.environ:
-        return 0, 1, pick_device(device_name)
-    rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
-    if rank > 0:
-        sys.stdout = open(os.devnull, "w")
-    if device_name in ("auto", "cuda") and torch.cuda.is_available():
-        device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
-        torch.cuda.set_device(device)
-    else:
-        device = pick_device("cpu" if device_name == "auto" else device_name)
-    if not dist.is_initialized():  # (a caller may have set the group up already)
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    print(f"distributed: {world} processes ({dist.get_backend()})")
-    return rank, world, device
-
-
-def all_sum(x, world):
-    """The sum of a tensor over all ranks (itself for one process)."""
-    if world > 1:
-        x = x.clone()
-        dist.all_reduce(x)
-    return x
-
-
-def stopped(stop, ranks, device):
-    """Whether Ctrl-C or SIGTERM reached any rank: all ranks then stop after the same step."""
-    if ranks.world > 1 and all_sum(torch.tensor(float(len(stop)), device=device), ranks.world).item():
-        stop.append(signal.SIGTERM)  # every rank's list then says so; a rank not signalled exits 143
-    return bool(stop)
-
-
-def diverged(loss, first):
-    """The loss is non-finite, or finite but absurd: over 1000 x the first step's (at least 1). A run
-    at 1e22 stays finite, trains nothing and would sample noise."""
-    return not math.isfinite(loss) or loss > 1000 * max(first, 1.0)
-
-
-def divergence_error(loss, first, batch, step, kept, ranks, device, data="the data set has NaN or inf in it"):
-    """What a diverged loss means: a batch holding NaN or inf on any rank (a lower --lr cannot help
-    that), or else training that blew up."""
-    bad = sum(float(not torch.isfinite(x).all()) for x in batch if x.is_floating_point())
-    if all_sum(torch.tensor(bad, device=device), ranks.world).item():
-        return UserError(f"the batch at step {step} holds non-finite values: {data}; stopped without "
-                         f"saving ({kept})")
-    scale = f" (over 1000 x the first step's {first:.4g})" if math.isfinite(loss) else ""
-    return UserError(f"the loss became {loss:.4g}{scale} at step {step}; stopped without saving ({kept}). "
-                     f"Try a lower --lr.")
-
-
-# ----------------------------------------------------------------------------------------------
-# Training loop
-# ----------------------------------------------------------------------------------------------
-
-def train(args):
-    rank, world, device = setup_distributed(args.device)
+def train(args, p):
+    rank, world, device = setup_processes(args.device)
     ckpt = None
     if args.resume:
-        ckpt = load_checkpoint(args.ckpt or Path(args.out) / "ckpt.pt")
-        for k in ("dataset", "image_size"):
-            if getattr(args, k) is not None and getattr(args, k) != ckpt["args"][k]:
-                raise UserError(f"the run was trained with --{k.replace('_', '-')} {ckpt['args'][k]}; "
-                                f"--resume continues it on the same data (leave out --{k.replace('_', '-')})")
-        keep = {k: getattr(args, k) for k in ("epochs", "steps", "device", "out", "resume", "ckpt")}
-        # the evaluation flags the run was started with, unless given again
-        keep.update({k: getattr(args, k) for k in ("iw_samples", "iw_images", "retrieval")
-                     if getattr(args, k) is not None})
-        if keep["epochs"] is None and keep["steps"] is None:
-            keep["epochs"], keep["steps"] = ckpt["args"]["epochs"], ckpt["args"]["steps"]
-        args = argparse.Namespace(**{"binarize": False, **ckpt["args"], **keep})  # older runs: grey values
-    if args.batch_size % world:
-        raise UserError(f"--batch-size {args.batch_size} (the global batch) must divide evenly over "
-                        f"{world} processes")
-    seed_everything(args.seed)  # the same on every rank: every rank draws the global batch's eps
+        ckpt = load_checkpoint(args.ckpt or Path(args.out) / "ckpt.pt", ["vae"], KEYS)
+        args = resumed_args(p, args, ckpt)
+    seed_everything(args.seed)  # the same on every process: see Draws
     dataset, info = load_dataset(args.dataset, args.data_dir, True, args.image_size)
     test_set, _ = load_dataset(args.dataset, args.data_dir, False, args.image_size)
     shape = (info.channels, info.size, info.size)
     if ckpt is not None and tuple(ckpt["shape"]) != shape:
         raise UserError(f"the checkpoint was trained on {tuple(ckpt['shape'])} images, "
-                        f"{args.dataset} has {shape}: use the same --dataset and --image-size")
-    check_likelihood(args, info)
-    if args.binarize:
-        test_set = binarized(test_set)
-    if args.anomaly_class is not None:
-        if info.num_classes is None:
-            raise UserError(f"--anomaly-class needs labels; {info.name} has none (use class subfolders)")
-        if not 0 <= args.anomaly_class < info.num_classes:
-            raise UserError(f"--anomaly-class must be 0..{info.num_classes - 1}, got {args.anomaly_class}")
-        labels = torch.as_tensor(dataset.labels)
-        dataset = Subset(dataset, (labels != args.anomaly_class).nonzero().flatten().tolist())
-        print(f"anomaly detection: training on {len(dataset)} images without class {args.anomaly_class}")
-    if len(dataset) < args.batch_size:
-        raise UserError(f"{args.dataset} has {len(dataset)} images, fewer than --batch-size {args.batch_size}")
-    if args.retrieval and args.retrieval >= len(test_set):
-        raise UserError(f"--retrieval {args.retrieval} needs more test images than {len(test_set)}")
-    if os.path.isdir(args.dataset):
-        print("note: an image folder has no test split, so the test numbers are on the training images")
-
+                        f"{args.dataset} now has {shape}: resume on the data it was trained on")
+    dataset, test_set = check_data(args, info, dataset, test_set)
     # Algorithm 1, line 1: theta, phi <- Initialize parameters
     model = make_model(args, shape).to(device)
-    # Note: the Gaussian decoder's log sigma^2 learns at 10 x lr: Adam moves a weight by about lr
-    # per step, and log sigma^2 must go from 0 to log(reconstruction error), about -4, early on.
-    groups = [{"params": [p for n, p in model.named_parameters() if n != "log_sigma2"]},
-              {"params": [p for n, p in model.named_parameters() if n == "log_sigma2"], "lr": 10 * args.lr}]
-    opt = torch.optim.Adam([g for g in groups if g["params"]], lr=args.lr)
     print(f"model: {args.arch}, latent {args.latent_dim}, {args.likelihood} decoder, "
           f"{sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, beta {args.beta}")
-    per_epoch = len(dataset) // args.batch_size
-    total = args.steps or args.epochs * per_epoch
-    step = 0
-    if ckpt is not None:
-        model.load_state_dict(ckpt["model"])
-        opt.load_state_dict(ckpt["optimizer"])
-        step = ckpt["step"]
-        torch.set_rng_state(ckpt["rng"]["torch"])
-        random.setstate(ckpt["rng"]["python"])
-        restore_device_rng(ckpt["rng"])
-        if world > 1 and device.type == "cuda":  # every rank continues rank 0's stream (device 0)
-            torch.cuda.set_rng_state(ckpt["rng"]["cuda"][0], device)
-        print(f"resumed from step {step}")
-    ddp = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None) \
-        if world > 1 else model  # averages the gradients over the ranks in backward()
-    out = Path(args.out)
-    if out.exists() and not out.is_dir():
-        raise UserError(f"--out {out} is a file: give a folder for the run's outputs")
-    out.mkdir(parents=True, exist_ok=True)
-    ckpt_path = out / "ckpt.pt"
+    # Adam moves a weight by about lr a step, and log sigma^2 must go from 0 to log(reconstruction
+    # error), about -4, early on: its group's lr is 10 x the harness's (set in step_loss)
+    groups = [[p for n, p in model.named_parameters() if (n == "log_sigma2") == s] for s in (False, True)]
+    opt = torch.optim.Adam([{"params": g} for g in groups if g], lr=args.lr)
+    out = out_folder(args.out)
+    run = Run(args=args, method="vae", model=model, ema=None, opt=opt, dataset=dataset, device=device,
+              rank=rank, world=world, stop=[], path=out / "ckpt.pt", extra=lambda: {"shape": list(shape)})
 
-    stop = []  # Ctrl-C or SIGTERM (kill, timeout, a cluster's scheduler) finishes the step, saves, exits
-    handlers = {s: signal.signal(s, lambda signum, _: stop.append(signum))
-                for s in (signal.SIGINT, signal.SIGTERM)}
-    ranks = argparse.Namespace(ddp=ddp, rank=rank, world=world)
-    try:
-        step = run_epochs(args, model, opt, dataset, test_set, device, shape, step, total,
-                          per_epoch, ckpt_path, stop, ranks)
-        if rank == 0:  # Algorithm 1, line 8: return theta, phi
-            save_checkpoint(ckpt_path, model, opt, step, args, shape)
-    finally:
-        for s, h in handlers.items():
-            signal.signal(s, h)
-        if world > 1:
-            dist.destroy_process_group()
-    print(f"{'interrupted' if stop else 'done'} at step {step}; checkpoint {ckpt_path}")
-    if stop:  # 130 after Ctrl-C, 143 after SIGTERM: a script or a scheduler tells it from "done"
-        sys.exit(128 + stop[0])
+    def step_loss(batch, draws):
+        for group in opt.param_groups[1:]:
+            group["lr"] *= 10
+        return training_step(run.net, batch[0], args.latent_dim, draws, args.beta, args.binarize)
+
+    run.loss = step_loss
+    run.pictures = lambda epoch, progress: pictures(model, test_set, args, device, epoch)
+    with signals_to(run.stop):
+        prepare(run, ckpt)
+        train_loop(run)  # Algorithm 1, lines 2-7, a fixed number of steps
+        save(run)  # Algorithm 1, line 8: return theta, phi
+    finish(run)
     if rank == 0:
         try:
             evaluate(args, model, test_set, device, out)
         except KeyboardInterrupt:
-            print(f"interrupted during the evaluation; {ckpt_path} holds step {step}", file=sys.stderr)
+            print(f"interrupted during the evaluation; {run.path} holds step {run.step}", file=sys.stderr)
             sys.exit(130)
 
 
-def run_epochs(args, model, opt, dataset, test_set, device, shape, step, total, per_epoch,
-               ckpt_path, stop, ranks):
-    """The training loop. ranks: the model to call (DistributedDataParallel under torchrun), this
-    process's rank and the world size; rank 0 alone logs, saves and evaluates."""
-    last_log = last_save = time.time()
-    seen, t_log = 0, time.time()
-    saved = step or None  # the step ckpt_path holds from this run (a resumed run: where it resumed)
-    first = None  # the loss of this process's first step, the scale of the divergence rule
-    # Algorithm 1, lines 2 and 7: repeat ... until convergence (here: a fixed number of steps)
-    while step < total:
-        epoch, skip = divmod(step, per_epoch)
-        t_epoch, elbo_sum, count = time.time(), 0.0, 0
-        model.train()
-        # Algorithm 1, line 3: X^M <- random minibatch of M datapoints
-        for x, _ in epoch_batches(dataset, args, epoch, skip, ranks.rank, ranks.world):
-            x = x.to(device)
-            if args.binarize:  # a fresh binarisation every time an image is seen
-                x = binarize(x, None, ranks.rank, ranks.world)
-            # Algorithm 1, line 4: eps <- random samples from p(eps) = N(0, I) (under torchrun:
-            # drawn for the whole global batch, this rank's slice kept, as binarize's coins)
-            mine = slice(ranks.rank * len(x), (ranks.rank + 1) * len(x))
-            eps = torch.randn(ranks.world * len(x), args.latent_dim, device=device)[mine]
-            rec, kl = ranks.ddp(x, eps)  # sgvb(model, x, eps)
-            # Eq. 8 over N, and beta-VAE (Higgins et al. 2017) weighs the KL by beta (1: the ELBO)
-            loss = -(rec - args.beta * kl).mean()
-            loss_all = all_sum(loss.detach(), ranks.world) / ranks.world  # the same on every rank
-            first = loss_all.item() if first is None else first
-            if diverged(loss_all.item(), first):  # a -ELBO of hundreds of nats at the start sets the scale
-                kept = f"{ckpt_path} holds step {saved}" if saved else "this run has written no checkpoint yet"
-                raise divergence_error(loss_all.item(), first, (x,), step + 1, kept, ranks, device)
-            opt.zero_grad(set_to_none=True)
-            # Algorithm 1, line 5: g <- grad_{theta,phi} L~^M(theta, phi; X^M, eps)
-            loss.backward()
-            # Algorithm 1, line 6: theta, phi <- update parameters using g (Adam)
-            opt.step()
-            step += 1
-            elbo_sum += (rec - kl).detach().sum().item()
-            count += x.shape[0]
-            seen += args.batch_size
-            now = time.time()
-            if now - last_log >= args.log_every or step == total:
-                speed = seen / (now - t_log)
-                left = (total - step) * args.batch_size / speed
-                print(f"step {step}/{total}  epoch {epoch + 1}  loss {loss_all.item():.2f}  "
-                      f"{speed:.0f} img/s  {left / 60:.1f} min left", flush=True)
-                last_log, seen, t_log = now, 0, now
-            if now - last_save >= 60 * args.save_every and ranks.rank == 0:
-                save_checkpoint(ckpt_path, model, opt, step, args, shape)
-                last_save, saved = now, step
-            if step == total or stopped(stop, ranks, device):
-                break
-        if (step % per_epoch == 0 or step == total) and ranks.rank == 0:  # the others wait meanwhile
-            save_checkpoint(ckpt_path, model, opt, step, args, shape)
-            saved = step
-            end_of_epoch(args, model, test_set, device, epoch, time.time() - t_epoch, elbo_sum / count)
-        if stopped(stop, ranks, device):
-            break
-    return step
-
-
-@torch.no_grad()
-def end_of_epoch(args, model, test_set, device, epoch, seconds, train_elbo):
-    model.eval()
-    rec, kl, _, _ = per_image_elbo(model, test_set, device)
-    z = torch.randn(64, args.latent_dim, generator=torch.Generator().manual_seed(0)).to(device)
-    path = Path(args.out) / f"samples_epoch{epoch + 1:03d}.png"
-    save_grid(model.mean(z), path)
-    print(f"epoch {epoch + 1} ({seconds:.1f} s): train -ELBO {-train_elbo:.2f}, test -ELBO "
-          f"{(kl - rec).mean():.2f} nats/image (-log p(x|z) {-rec.mean():.2f} + KL {kl.mean():.2f}); "
-          f"samples in {path}", flush=True)
-    model.train()
-
-
-# ----------------------------------------------------------------------------------------------
-# Sampling from a checkpoint: z ~ p(z) = N(0, I), x = E[x|z]
-# ----------------------------------------------------------------------------------------------
-
-@torch.no_grad()
 def sample(args):
     if not args.ckpt:
         raise UserError("--sample needs --ckpt PATH (e.g. runs/vae/ckpt.pt)")
-    if not args.save or Path(args.save).suffix not in (".png", ".pt"):
-        raise UserError("--sample needs --save FILE.png (a grid) or FILE.pt (a tensor)")
-    ckpt = load_checkpoint(args.ckpt)
+    check_save(args.save)
+    ckpt = load_checkpoint(args.ckpt, ["vae"], KEYS)
     device = pick_device(args.device)
     model = make_model(argparse.Namespace(**ckpt["args"]), tuple(ckpt["shape"])).to(device)
     model.load_state_dict(ckpt["model"])
-    model.eval()
-    if not all(torch.isfinite(p).all() for p in model.parameters()):
+    if not all(torch.isfinite(w).all() for w in model.parameters()):
         raise UserError(f"{args.ckpt} holds non-finite weights (its run diverged): retrain with a lower --lr")
-    g = torch.Generator().manual_seed(args.seed)
-    z = torch.randn(args.n, model.latent_dim, generator=g).to(device)
+    z = torch.randn(args.n, model.latent_dim, generator=torch.Generator().manual_seed(args.seed)).to(device)
     start = time.time()
-    x = torch.cat([model.mean(zz) for zz in z.split(1024)]).cpu()
-    print(f"{args.n} samples in {time.time() - start:.3f} s")   # one decoder pass: milliseconds
+    x = sample_prior(model, z).cpu()
+    print(f"{args.n} samples in {time.time() - start:.3f} s")  # one decoder pass: milliseconds
     if not torch.isfinite(x).all():
         raise UserError(f"the samples of {args.ckpt} came out non-finite: the checkpoint is broken, retrain it")
-    Path(args.save).parent.mkdir(parents=True, exist_ok=True)
     if args.save.endswith(".pt"):
         torch.save(x, args.save)
     else:
@@ -639,37 +795,10 @@ def sample(args):
     print(f"saved {args.n} samples to {args.save}")
 
 
-# ----------------------------------------------------------------------------------------------
-# Command line
-# ----------------------------------------------------------------------------------------------
-
-def positive_int(s):
-    v = int(s)
-    if v <= 0:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {s}")
-    return v
-
-
-def parse_args(argv=None):
+def parser():
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--dataset", help="mnist | fashion-mnist (default) | cifar10 | PATH")
-    p.add_argument("--data-dir", default="./data")
-    p.add_argument("--image-size", type=positive_int, help="for image folders")
-    length = p.add_mutually_exclusive_group()
-    length.add_argument("--epochs", type=positive_int)
-    length.add_argument("--steps", type=positive_int)
-    p.add_argument("--batch-size", type=positive_int, default=128)
-    p.add_argument("--lr", type=float, default=1e-3)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--device", default="auto")
-    p.add_argument("--out", default="runs/vae")
-    p.add_argument("--resume", action="store_true", help="continue OUT/ckpt.pt (or --ckpt)")
-    p.add_argument("--sample", action="store_true", help="only sample from --ckpt")
-    p.add_argument("--ckpt")
-    p.add_argument("--n", type=positive_int, default=64)
-    p.add_argument("--save")
-    # VAE
+    shared_flags(p, "runs/vae", lr=1e-3, grad_clip=0.0)
     p.add_argument("--latent-dim", type=positive_int, default=20, help="J, the size of z")
     p.add_argument("--arch", choices=["mlp", "conv"], default="mlp")
     p.add_argument("--hidden", type=positive_int, default=500, help="hidden units (Sec. 5: 500)")
@@ -678,34 +807,28 @@ def parse_args(argv=None):
     p.add_argument("--beta", type=float, default=1.0, help="KL weight (beta-VAE)")
     p.add_argument("--binarize", action="store_true",
                    help="stochastically binarised images: a true Bernoulli likelihood (Burda et al.)")
-    p.add_argument("--iw-samples", type=positive_int, help="K of the IW bound (default 1000)")
-    p.add_argument("--iw-images", type=positive_int, help="test images for log p(x) (default 500)")
+    p.add_argument("--iw-samples", type=positive_int, default=1000, help="K of the importance-weighted bound")
+    p.add_argument("--iw-images", type=positive_int, default=500, help="test images for log p(x)")
     p.add_argument("--anomaly-class", type=int, help="train without class k; AUC of -ELBO")
     p.add_argument("--retrieval", type=positive_int, metavar="K", help="K nearest neighbours in mu-space")
-    p.add_argument("--log-every", type=float, default=5.0, help="seconds")
-    p.add_argument("--save-every", type=float, default=5.0, help="minutes between checkpoints")
+    return p
+
+
+def parse_args(argv=None, p=None):
+    p = p or parser()
     args = p.parse_args(argv)
+    check_shared_flags(p, args)
     if not args.beta >= 0:
         p.error(f"--beta must be >= 0, got {args.beta}")
-    if not args.lr > 0:
-        p.error(f"--lr must be positive, got {args.lr}")
-    if not args.resume:
-        args.dataset = args.dataset or "fashion-mnist"
-        args.iw_samples, args.iw_images = args.iw_samples or 1000, args.iw_images or 500
-        if not args.sample and args.epochs is None and args.steps is None:
-            args.epochs = 10
+    if args.ema != p.get_default("ema"):
+        p.error("--ema: vae.py keeps no moving average of its weights")
     return args
 
 
 def main(argv=None):
-    args = parse_args(argv)
-    try:
-        sample(args) if args.sample else train(args)
-    except UserError as e:
-        sys.exit(f"error: {e}")
-    except KeyboardInterrupt:  # Ctrl-C where no checkpoint is at stake: sampling, or before training
-        print("interrupted: nothing saved", file=sys.stderr)
-        sys.exit(130)
+    p = parser()
+    args = parse_args(argv, p)
+    run_command(sample if args.sample else lambda a: train(a, p), args)
 
 
 if __name__ == "__main__":

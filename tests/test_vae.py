@@ -7,6 +7,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -247,6 +248,27 @@ def test_learns_small_images_elbo_improves_and_reconstructions_beat_the_mean():
     assert (recon - test).square().mean() < 0.5 * mean_image_error
 
 
+def test_training_step_is_algorithm_1_and_n_processes_compute_what_one_does():
+    torch.manual_seed(0)
+    model = vae.VAE(nn.Linear(D, 2 * J), nn.Linear(J, D), J, "bernoulli")
+    x = torch.rand(6, D) * 2 - 1
+    torch.manual_seed(1)
+    loss = vae.training_step(model, x, J, vae.Draws(6, "cpu"), beta=0.5)
+    torch.manual_seed(1)
+    rec, kl = vae.sgvb(model, x, torch.randn(6, J))  # line 4: eps ~ N(0, I), one per example
+    torch.testing.assert_close(loss, -(rec - 0.5 * kl).mean())  # line 5: -L~^M over M, KL weighed by beta
+    # binarised afresh: the same binary images and eps, whether one process or three draw them
+    parts = []
+    for rank in range(3):
+        torch.manual_seed(2)
+        parts.append(vae.training_step(model, x[2 * rank:2 * rank + 2], J, vae.Draws(6, "cpu", rank, 3), binary=True))
+    torch.manual_seed(2)
+    one = vae.training_step(model, x, J, vae.Draws(6, "cpu"), binary=True)
+    torch.testing.assert_close(torch.stack(parts).mean(), one)
+    torch.manual_seed(2)
+    assert not torch.allclose(vae.training_step(model, x, J, vae.Draws(6, "cpu")), one)  # binary differs
+
+
 def test_roc_auc():
     scores = torch.tensor([0.1, 0.4, 0.35, 0.8])
     positive = torch.tensor([False, False, True, True])
@@ -341,7 +363,7 @@ def test_bad_inputs(folder, tmp_path, capsys):
     torch.save({"method": "ddpm", "args": {}, "model": {}}, other)
     for argv in (["--sample", "--ckpt", other, "--save", tmp_path / "x.png"],
                  ["--resume", "--ckpt", other, "--out", tmp_path / "o"]):
-        assert "error: " in error_of(argv, capsys) and "checkpoint of ddpm, not of vae.py" in error_of(argv, capsys)
+        assert "error: " in error_of(argv, capsys) and "checkpoint of ddpm, not of vae" in error_of(argv, capsys)
     (tmp_path / "junk.pt").write_bytes(b"not a checkpoint")
     assert "cannot read checkpoint" in error_of(["--sample", "--ckpt", tmp_path / "junk.pt",
                                                   "--save", tmp_path / "x.png"], capsys)
@@ -382,13 +404,15 @@ def test_sigterm_saves_and_resume_keeps_the_runs_evaluation_flags(folder, tmp_pa
     assert "resumed from step 2" in out and "K = 7" in out
     assert torch.load(tmp_path / "a" / "ckpt.pt", weights_only=True)["args"]["iw_images"] == 5
     err = error_of(["--resume", "--out", tmp_path / "a", "--dataset", "mnist"], capsys)
-    assert "--dataset" in err and "leave out" in err
+    assert "--dataset" in err and "leave the flag out" in err
 
 
 def test_nonfinite_loss_and_a_diverged_checkpoint_are_named(folder, tmp_path, capsys, monkeypatch):
-    monkeypatch.setattr(vae, "sgvb", lambda model, x, eps: (torch.full((len(x),), float("nan")),) * 2)
+    real = vae.sgvb
+    monkeypatch.setattr(vae, "sgvb", lambda model, x, eps: tuple(t * float("nan") for t in real(model, x, eps)))
     err = error_of(["--dataset", folder, *TINY, "--steps", 3, "--out", tmp_path / "a"], capsys)
-    assert "the loss became nan at step 1" in err and "has written no checkpoint" in err
+    # the loss is read back from the device every 10 steps and at the run's end (step 3)
+    assert "nan" in err and "at step 3" in err and "has written no checkpoint" in err, err
     monkeypatch.undo()
     run(["--dataset", folder, *TINY, "--steps", 1, "--out", tmp_path / "b"], capsys)
     ckpt = torch.load(tmp_path / "b" / "ckpt.pt", weights_only=True)
@@ -411,7 +435,7 @@ def test_damaged_and_incomplete_checkpoints_and_out_are_named(folder, tmp_path, 
     ckpt = torch.load(tmp_path / "a" / "ckpt.pt", weights_only=True)
     del ckpt["model"]
     torch.save(ckpt, tmp_path / "no_model.pt")
-    assert "incomplete vae.py checkpoint: no model" in error_of(["--sample", "--ckpt", tmp_path / "no_model.pt",
+    assert "incomplete vae checkpoint: no model" in error_of(["--sample", "--ckpt", tmp_path / "no_model.pt",
                                                                   "--save", tmp_path / "x.png"], capsys)
     (tmp_path / "file").write_text("")
     assert "is a file" in error_of(["--dataset", folder, *TINY, "--steps", 1, "--out", tmp_path / "file"], capsys)
@@ -422,7 +446,7 @@ def test_the_log_likelihood_evaluation_says_how_far_it_is(tmp_path, capsys):
     out = run(["--dataset", root, "--image-size", "8", "--batch-size", "8", "--hidden", "16",
                "--iw-samples", "4", "--iw-images", "120", "--log-every", "0", "--steps", "1",
                "--out", tmp_path / "a"], capsys)
-    assert "log p(x): 50/120 images" in out and "log p(x): 100/120 images" in out
+    assert "log p(x) on test images: step 50/120" in out and "log p(x) on test images: step 100/120" in out
 
 
 def test_binarize_trains_and_evaluates_on_binary_images(folder, tmp_path, capsys, monkeypatch):
@@ -443,24 +467,43 @@ def test_binarize_trains_and_evaluates_on_binary_images(folder, tmp_path, capsys
     again = vae.binarized(common.load_dataset(str(folder), image_size=8)[0])
     assert torch.equal(test.tensors[0], again.tensors[0])  # the test set: binarised once, seeded
     grey = torch.full((20000,), 0.5)  # grey value 0.75 in [0, 1]: a 1 three times in four
-    assert ((vae.binarize(grey) + 1) / 2).mean().item() == pytest.approx(0.75, abs=0.01)
+    coins = ((vae.binarize(grey, torch.randn(20000, generator=gen(0))) + 1) / 2).mean().item()
+    assert coins == pytest.approx(0.75, abs=0.01)
     assert "--likelihood bernoulli" in error_of(["--dataset", folder, *TINY, "--likelihood", "gaussian",
                                                  "--binarize", "--out", tmp_path / "b"], capsys)
 
 
+def checking_run(first, world=1):
+    """A run at step 10 of 100 for the harness's check(), as a process that prints and saves nothing."""
+    run = vae.Run(args=argparse.Namespace(log_every=1e9, save_every=1e9, batch_size=8), rank=1, world=world,
+                  stop=[], path="ckpt.pt", step=10, total=100, per_epoch=10, device=torch.device("cpu"))
+    run.first, run.bad_data = torch.tensor(first), torch.zeros(())
+    run.last_log = run.last_save = time.time()
+    return run
+
+
+def diverged(loss, first):
+    try:
+        vae.check(checking_run(first), [torch.tensor(loss)])
+    except vae.UserError:
+        return True
+    return False
+
+
 def test_a_rank_stopped_by_another_ranks_signal_exits_as_after_sigterm(monkeypatch):
-    monkeypatch.setattr(vae, "all_sum", lambda x, world: x + 1)  # the other rank was interrupted
-    stop = []
-    assert vae.stopped(stop, argparse.Namespace(world=2), "cpu") and 128 + stop[0] == 143
+    # the other process was interrupted: the sum over two processes holds its stop flag
+    monkeypatch.setattr(vae.dist, "all_reduce", lambda x: x.copy_(2 * x + torch.tensor([0.0, 0, 0, 1])))
+    run = checking_run(300.0, world=2)
+    assert vae.check(run, [torch.tensor(300.0)]) and 128 + run.stop[0] == 143
 
 
 def test_the_divergence_rule_fits_a_loss_of_hundreds_of_nats():
-    assert vae.diverged(float("nan"), 550.0) and vae.diverged(float("inf"), 550.0)
+    assert diverged(float("nan"), 550.0) and diverged(float("inf"), 550.0)
     # -ELBO starts near 550 nats (28x28 Bernoulli): falling to 250, or a bump to 5,000, is training
-    assert not vae.diverged(250.0, 550.0) and not vae.diverged(5000.0, 550.0)
-    assert vae.diverged(5.6e5, 550.0) and not vae.diverged(5.4e5, 550.0)
+    assert not diverged(250.0, 550.0) and not diverged(5000.0, 550.0)
+    assert diverged(5.6e5, 550.0) and not diverged(5.4e5, 550.0)
     # a Gaussian decoder's -ELBO goes negative; the scale is then at least 1
-    assert not vae.diverged(-3000.0, -2500.0) and vae.diverged(1001.0, -2500.0)
+    assert not diverged(-3000.0, -2500.0) and diverged(1001.0, -2500.0)
 
 
 def test_a_finite_but_absurd_loss_is_divergence(folder, tmp_path, capsys, monkeypatch):
@@ -473,7 +516,8 @@ def test_a_finite_but_absurd_loss_is_divergence(folder, tmp_path, capsys, monkey
 
     monkeypatch.setattr(vae, "sgvb", sgvb_blows_up_at_step_3)
     err = error_of(["--dataset", folder, *TINY, "--steps", 6, "--out", tmp_path / "a"], capsys)
-    assert "at step 3" in err and "over 1000 x the first step's" in err and "lower --lr" in err, err
+    # read back at the epoch's end (step 4): the mean of steps 1-4, over 1000 x the first step's
+    assert "at step 4" in err and "diverged" in err and "lower --lr" in err, err
     assert not (tmp_path / "a" / "ckpt.pt").exists()
 
 
@@ -483,7 +527,7 @@ def test_a_batch_holding_nan_is_named_not_the_learning_rate(tmp_path, capsys):
     torch.save(x, tmp_path / "nan.pt")
     err = error_of(["--dataset", tmp_path / "nan.pt", "--batch-size", 8, "--hidden", 16, "--likelihood",
                     "gaussian", "--steps", 2, "--out", tmp_path / "a"], capsys)
-    assert "the batch at step 1 holds non-finite values" in err and "NaN or inf" in err, err
+    assert "the data hold NaN or inf" in err, err
     assert "lower --lr" not in err
 
 
