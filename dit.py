@@ -1,5 +1,4 @@
-"""Scalable Diffusion Models with Transformers (Peebles & Xie 2023, arXiv:2212.09748), and the
-two-stream MM-DiT of Stable Diffusion 3 (Esser et al. 2024, arXiv:2403.03206).
+"""Scalable Diffusion Models with Transformers (Peebles & Xie 2023, arXiv:2212.09748).
 
 DiT keeps DDPM's diffusion and replaces its U-Net with a Vision Transformer. The image (or an
 autoencoder's latent) is cut into p x p patches, each patch becomes a token, and a stack of
@@ -21,28 +20,17 @@ the cheapest way to buy Gflops is more tokens (a smaller p).
     5: L_hybrid = ||eps - eps_theta||^2                5: end for
          + lambda L_vlb(stopgrad(mu_theta), Sigma)
 
-MM-DiT (--arch mmdit) is the block of SD3 (Fig. 2): image tokens and text tokens each keep their
-own weights (adaLN, q/k/v, MLP) but meet in one attention over the joined sequence, so text
-changes image tokens and image tokens change text. The "text" here is the class name, cut into
-characters: a small text-to-image model whose prompt one can type. It trains with SD3's objective,
-rectified flow with logit-normal t, in rectified_flow.py's time: t = 0 is noise, t = 1 is data,
-x_t = t x_1 + (1 - t) x_0, v = x_1 - x_0 (SD3 writes z_t = (1 - t) x_data + t noise: t_SD3 = 1 - t).
-
 DiT's time runs as in DDPM: t = 1..T, and alpha_bar[t] is the paper's alpha_bar_t, alpha_bar[0] = 1
 (the official code counts t - 1 = 0..999).
 
 Run:
     python dit.py --epochs 10                                  # DiT-S/2 on Fashion-MNIST
     python dit.py --model B/4 --block in-context --steps 2000  # the paper's ablations in small
-    python dit.py --arch mmdit --epochs 10                     # MM-DiT, prompts = class names
     python dit.py --sample --ckpt runs/dit/ckpt.pt --n 64 --cfg-scale 4 --save samples.png
-    python dit.py --sample --ckpt runs/mmdit/ckpt.pt --prompt "Ankle boot" --save boots.png
     torchrun --standalone --nproc_per_node 8 dit.py --model XL/2 --batch-size 256 --bf16 ...
-    CPU recipes (15 minutes each on 2 cores, garments of every class; see README.md):
+    CPU recipe (15 minutes on 2 cores, garments of every class; see README.md):
     python dit.py --model T/4 --batch-size 64 --lr 1e-3 --warmup 100 --lr-decay cosine \\
                   --steps 1800 --ema 0.999 --sampling-steps 100
-    python dit.py --arch mmdit --model T/4 --batch-size 64 --lr 1e-3 --warmup 100 \\
-                  --lr-decay cosine --steps 1350 --ema 0.999
 
 Outputs in --out (runs/dit): samples_epochNNN.png per epoch (EMA weights, fixed noise; with
 classes one column per class and one row per guidance scale 1, 1.5, 2, 4), ckpt.pt.
@@ -85,7 +73,6 @@ MODELS = {"S": (12, 384, 6), "B": (12, 768, 12), "L": (24, 1024, 16), "XL": (28,
 BLOCKS = ("adaln-zero", "adaln", "in-context", "cross-attn")  # Fig. 3
 GUIDANCE_ROWS = (1.0, 1.5, 2.0, 4.0)  # the rows of every class-conditional grid
 FREQ_DIM = 256  # the sinusoidal time embedding's width before the MLP, as the official code
-EULER_MAX = 1000  # MM-DiT's most Euler steps, DiT's T: Euler's error, about 1 / steps, is long invisible
 
 # ----------------------------------------------------------------------------------------------
 # Diffusion (DDPM, with Nichol & Dhariwal's learned variance): no network needed
@@ -194,7 +181,7 @@ def vlb_term(out, x0, x_t, t, sch):
 
 
 # ----------------------------------------------------------------------------------------------
-# The networks: DiT (Sec. 3.2) and MM-DiT (SD3, Sec. 4)
+# The network: DiT (Sec. 3.2)
 # ----------------------------------------------------------------------------------------------
 
 def patchify(x, p):
@@ -377,108 +364,8 @@ class DiT(nn.Module):
         return unpatchify(self.final(tokens, c), self.patch, self.out_channels)
 
 
-def tokenize(prompts, length):
-    """Text -> (B, length) token ids: each UTF-8 byte of the lower-cased text is one token
-    (id = byte + 1), 0 pads. The empty prompt, all padding, is the null condition of guidance."""
-    ids = torch.zeros(len(prompts), length, dtype=torch.long)
-    for i, p in enumerate(prompts):
-        b = p.lower().encode()
-        if len(b) > length:
-            raise UserError(f"the prompt {p!r} has {len(b)} characters; this model reads at most {length}")
-        ids[i, :len(b)] = torch.tensor(list(b)) + 1
-    return ids
-
-
-class Stream(nn.Module):
-    """One modality's weights in an MM-DiT block: its adaLN, q/k/v, output projection and MLP.
-    pre_only: q/k/v alone, for the text stream of the last block, whose output nothing reads."""
-
-    def __init__(self, d, heads, mlp_ratio, qk_norm, pre_only=False):
-        super().__init__()
-        self.heads = heads
-        self.adaLN = nn.Sequential(nn.SiLU(), nn.Linear(d, (2 if pre_only else 6) * d))
-        self.zero_init = True
-        self.norm1 = nn.LayerNorm(d, elementwise_affine=False, eps=1e-6)
-        self.qkv = nn.Linear(d, 3 * d)
-        # SD3 Sec. 5.3.2: RMS-norm of q and k keeps attention logits from growing in long runs
-        self.q_norm = nn.RMSNorm(d // heads, eps=1e-6) if qk_norm else nn.Identity()
-        self.k_norm = nn.RMSNorm(d // heads, eps=1e-6) if qk_norm else nn.Identity()
-        if not pre_only:
-            self.proj = nn.Linear(d, d)
-            self.norm2 = nn.LayerNorm(d, elementwise_affine=False, eps=1e-6)
-            self.mlp = mlp(d, mlp_ratio)
-
-    def qkv_of(self, x, c):
-        mods = self.adaLN(c)[:, None].chunk(self.adaLN[-1].out_features // x.shape[-1], dim=-1)
-        # mods: shift1, scale1 (, gate1, shift2, scale2, gate2)
-        q, k, v = split_heads(self.qkv(modulate(self.norm1(x), mods[0], mods[1])), self.heads).chunk(3, -1)
-        return (self.q_norm(q), self.k_norm(k), v), mods
-
-    def update(self, x, attended, mods):
-        x = x + mods[2] * self.proj(attended)
-        return x + mods[5] * self.mlp(modulate(self.norm2(x), mods[3], mods[4]))
-
-
-class MMDiTBlock(nn.Module):
-    """SD3 Fig. 2b: two streams with their own weights and one joint attention over [text, image]."""
-
-    def __init__(self, d, heads, mlp_ratio, qk_norm, last=False):
-        super().__init__()
-        self.image = Stream(d, heads, mlp_ratio, qk_norm)
-        self.text = Stream(d, heads, mlp_ratio, qk_norm, pre_only=last)
-
-    def forward(self, x, ctx, c):  # x: (B, N, d) image tokens; ctx: (B, L, d) text tokens
-        (qx, kx, vx), mods_x = self.image.qkv_of(x, c)
-        (qc, kc, vc), mods_c = self.text.qkv_of(ctx, c)
-        joint = F.scaled_dot_product_attention(torch.cat([qc, qx], 2), torch.cat([kc, kx], 2),
-                                               torch.cat([vc, vx], 2))  # (B, heads, L + N, d / heads)
-        a_c, a_x = merge_heads(joint).split([ctx.shape[1], x.shape[1]], dim=1)
-        ctx = ctx if len(mods_c) == 2 else self.text.update(ctx, a_c, mods_c)
-        return self.image.update(x, a_x, mods_x), ctx
-
-
-class MMDiT(nn.Module):
-    """x (B, C, H, W), t (B,) in [0, 1], tokens (B, L) -> the velocity v (B, C, H, W).
-    c = t_emb + MLP(pooled text), the pooled text being the mean of the prompt's token embeddings
-    (SD3 pools a CLIP vector); the text tokens get a learned embedding and position."""
-
-    def __init__(self, in_channels, image_size, patch=2, depth=12, width=384, heads=6,
-                 text_len=16, qk_norm=True, mlp_ratio=4.0):
-        super().__init__()
-        check_shape(image_size, patch, width, heads)
-        self.patch, self.out_channels = patch, in_channels
-        self.x_embed = nn.Linear(patch * patch * in_channels, width)
-        self.register_buffer("pos_embed", pos_embed_2d(width, image_size // patch, image_size // patch),
-                             persistent=False)
-        self.t_embed = TimestepEmbedder(width)
-        self.text_embed = nn.Embedding(257, width)  # 256 byte values + padding
-        self.text_pos = nn.Parameter(torch.zeros(text_len, width))
-        self.pooled = nn.Sequential(nn.Linear(width, width), nn.SiLU(), nn.Linear(width, width))
-        self.blocks = nn.ModuleList([MMDiTBlock(width, heads, mlp_ratio, qk_norm, last=i == depth - 1)
-                                     for i in range(depth)])
-        self.final = FinalLayer(width, patch, in_channels, adaptive=True)
-        init_weights(self)
-        nn.init.normal_(self.text_pos, std=0.02)
-
-    def null_condition(self, tokens):
-        return torch.zeros_like(tokens)
-
-    def forward(self, x, t, tokens):
-        tokens_x = self.x_embed(patchify(x, self.patch)) + self.pos_embed
-        words = self.text_embed(tokens)  # (B, L, d)
-        mask = (tokens > 0).unsqueeze(-1).float()
-        pooled = (words * mask).sum(1) / mask.sum(1).clamp(min=1)  # 0 for the empty prompt
-        c = self.t_embed(1000 * t) + self.pooled(pooled)  # the time embedding expects 0..1000
-        ctx = words + self.text_pos
-        for block in self.blocks:
-            tokens_x, ctx = block(tokens_x, ctx, c)
-        return unpatchify(self.final(tokens_x, c), self.patch, self.out_channels)
-
-
 def make_model(args, shape, num_classes):
     depth, width, heads = args.depth, args.width, args.heads
-    if args.arch == "mmdit":
-        return MMDiT(shape[0], shape[-1], args.patch, depth, width, heads, args.text_len, args.qk_norm)
     return DiT(shape[0], shape[-1], args.patch, depth, width, heads, num_classes, args.learn_sigma,
                args.block)
 
@@ -487,14 +374,14 @@ def gflops(net, shape, cond):
     """Multiply-adds of one forward pass of one image, in billions, as the paper counts Gflops
     (torch's counter reports 2 flops per multiply-add; attention is counted through its matmuls)."""
     x = torch.zeros(1, *shape)
-    t = torch.full((1,), 0.5 if isinstance(net, MMDiT) else 500.0)
+    t = torch.full((1,), 500.0)
     with torch.no_grad(), sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter:
         net(x, t, cond)
     return counter.get_total_flops() / 2e9
 
 
 # ----------------------------------------------------------------------------------------------
-# Training objectives: L_hybrid for DiT, rectified flow for MM-DiT
+# The training objective: L_hybrid
 # ----------------------------------------------------------------------------------------------
 
 def hybrid_loss(model, x0, y, t, eps, sch, learn_sigma, lambda_vlb):
@@ -512,27 +399,16 @@ def hybrid_loss(model, x0, y, t, eps, sch, learn_sigma, lambda_vlb):
     return l_simple + lambda_vlb * sch.T * vlb_term(frozen_mean, x0, x_t, t, sch)
 
 
-def rf_loss(model, x1, tokens, x0, t):
-    """SD3 / rectified flow: || (x_1 - x_0) - v(x_t, t) ||^2, x_t = t x_1 + (1 - t) x_0, x_0 noise."""
-    tt = t.view(-1, 1, 1, 1)
-    return ((x1 - x0) - model(tt * x1 + (1 - tt) * x0, t, tokens)).square().flatten(1).mean(1)
-
-
 def batch_loss(model, x, y, args, sch, class_tokens, rank=0, world=1):
     """The loss of this rank's share of one global batch. Every rank draws the whole batch's t,
     noise and label dropout from the same RNG and keeps its slice, so that N processes compute
     exactly what one process computes on the joined batch."""
     b = len(x)
     mine = slice(rank * b, (rank + 1) * b)
-    # Algorithm 1, line 2: eps ~ N(0, I) (for MM-DiT: the noise x_0 of rectified flow)
+    # Algorithm 1, line 2: eps ~ N(0, I)
     eps = torch.randn(world * b, *x.shape[1:], device=x.device)[mine]
     # Algorithm 1, line 1: y = null with probability p_uncond, for classifier-free guidance
     drop = (torch.rand(world * b, device=x.device) < args.p_uncond)[mine]
-    if args.arch == "mmdit":
-        # SD3 Sec. 3.1: logit-normal t, t = sigmoid(n), n ~ N(0, 1), most weight on the middle
-        t = torch.sigmoid(torch.randn(world * b, device=x.device))[mine]
-        tokens = torch.where(drop[:, None], 0, class_tokens.to(x.device)[y])  # the empty prompt
-        return rf_loss(model, x, tokens, eps, t).mean()
     # Algorithm 1, line 2: t ~ Uniform({1, ..., T})
     t = torch.randint(1, sch.T + 1, (world * b,), device=x.device)[mine]
     if class_tokens is not None:  # class-conditional: the null label K for a fraction p_uncond
@@ -543,13 +419,13 @@ def batch_loss(model, x, y, args, sch, class_tokens, rank=0, world=1):
 
 
 # ----------------------------------------------------------------------------------------------
-# Samplers: classifier-free guidance, DDPM on a respaced chain, DDIM, Euler for MM-DiT
+# Samplers: classifier-free guidance, DDPM on a respaced chain, DDIM
 # ----------------------------------------------------------------------------------------------
 
 def guided(model, cond, scale):
     """Classifier-free guidance, DiT Sec. 3.1: eps = eps(x, null) + s (eps(x, c) - eps(x, null));
     s = 1 is the conditional model, s = 0 the unconditional one. Only the first C channels, the
-    noise (or MM-DiT's velocity), are guided: the variance channels are the conditional model's.
+    noise, are guided: the variance channels are the conditional model's.
     (The official DiT guides only 3 of its 4 latent channels, a quirk it keeps to reproduce its
     FID numbers; the standard, here, guides them all.)"""
     def f(x, t):
@@ -598,30 +474,14 @@ def sample_ddim(f, x, sch, steps, clip_x0, on_step=None):
     return x
 
 
-@torch.no_grad()
-def sample_euler(f, x, steps, on_step=None):
-    """Euler on dx/dt = v(x, t) from t = 0 (noise) to t = 1 (data)."""
-    for i in range(steps):
-        x = x + f(x, torch.full((len(x),), i / steps, device=x.device)) / steps
-        if on_step:
-            on_step(x, i + 1, steps)
-    return x
-
-
 def sampling_steps(args):
     """--sampling-steps, or the default: 250 for DDPM (as the paper evaluates), 50 for DDIM and Euler."""
-    if args.arch == "mmdit":
-        return args.sampling_steps or 50
     return args.sampling_steps or min(250 if args.sampler == "ddpm" else 50, args.T)
 
 
 def check_sampling_steps(args):
-    """A clear error before any work: DiT's chain has at most T steps, Euler at most EULER_MAX."""
-    if args.arch == "dit":
-        respace(linear_schedule(args.T), sampling_steps(args))
-    elif sampling_steps(args) > EULER_MAX:
-        raise UserError(f"--sampling-steps for MM-DiT's Euler sampler must be between 1 and {EULER_MAX}, "
-                        f"got {args.sampling_steps}")
+    """A clear error before any work: DiT's chain has at most T steps."""
+    respace(linear_schedule(args.T), sampling_steps(args))
 
 
 def draw(net, cond, n, shape, sch, args, device, seed, scale, on_step=None):
@@ -629,25 +489,23 @@ def draw(net, cond, n, shape, sch, args, device, seed, scale, on_step=None):
     g = torch.Generator(device).manual_seed(seed)
     x = torch.randn(n, *shape, device=device, generator=g)
     f, steps = guided(net, cond, scale), sampling_steps(args)
-    if args.arch == "mmdit":
-        return sample_euler(f, x, steps, on_step)
     if args.sampler == "ddim":
         return sample_ddim(f, x, sch, steps, args.clip_x0, on_step)
     return sample_ddpm(f, x, sch, steps, args.learn_sigma, args.clip_x0, g, on_step)
 
 
 def class_tokens_of(classes, args):
-    """Per class, what the network is conditioned on: the label (DiT) or the name's tokens (MM-DiT)."""
+    """Per class, what the network is conditioned on: its label."""
     if not classes:
         return None
-    return tokenize(classes, args.text_len) if args.arch == "mmdit" else torch.arange(len(classes))
+    return torch.arange(len(classes))
 
 
 def conditions(ids, class_tokens, args):
-    """Class ids -> what the network takes: the labels (DiT) or their names' tokens (MM-DiT)."""
+    """Class ids -> what the network takes: the labels."""
     if class_tokens is None:
         return None
-    return class_tokens.to(ids.device)[ids] if args.arch == "mmdit" else ids
+    return ids
 
 
 # ----------------------------------------------------------------------------------------------
@@ -754,7 +612,7 @@ def train(args):
     ckpt = None
     if args.resume:
         ckpt = load_checkpoint(args.ckpt or Path(args.out) / "ckpt.pt")
-        for flag, given in (("dataset", args.dataset), ("arch", args.arch)):
+        for flag, given in (("dataset", args.dataset),):
             if given is not None and given != ckpt["args"][flag]:
                 raise UserError(f"the run was trained with --{flag} {ckpt['args'][flag]}; --resume keeps it "
                                 f"(leave out --{flag}, or start a new run with another --out)")
@@ -782,20 +640,15 @@ def train(args):
     if len(dataset) < args.batch_size:
         raise UserError(f"{args.dataset} has {len(dataset)} images, fewer than --batch-size {args.batch_size}")
     classes = info.classes if info.num_classes else None
-    if args.arch == "mmdit" and not classes:
-        raise UserError(f"MM-DiT learns from prompts, the class names; {info.name} has no labels "
-                        f"(put its images in one subfolder per class, or train a DiT)")
     # pixels live in [-1, 1] and the predicted x_0 is clipped there; float tensors (latents) are not
     args.clip_x0 = not getattr(getattr(dataset, "images", None), "is_floating_point", bool)()
-    if classes and args.arch == "mmdit":
-        args.text_len = max(16, max(len(c.encode()) for c in classes))
     class_tokens = class_tokens_of(classes, args)
     sch = linear_schedule(args.T)
 
     model = make_model(args, shape, len(classes) if classes else None)
     cond = conditions(torch.zeros(1, dtype=torch.long), class_tokens, args)
-    print(f"model: {args.arch} {args.model} (depth {args.depth}, width {args.width}, {args.heads} heads, "
-          f"{args.block if args.arch == 'dit' else 'joint attention'}), {(shape[-1] // args.patch) ** 2} "
+    print(f"model: DiT {args.model} (depth {args.depth}, width {args.width}, {args.heads} heads, "
+          f"{args.block}), {(shape[-1] // args.patch) ** 2} "
           f"tokens, {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, "
           f"{gflops(model, shape, cond):.3f} Gflops per forward pass")
     model.to(device)
@@ -982,19 +835,13 @@ def sample(args):
     classes, shape = ckpt["classes"], tuple(ckpt["shape"])
     check_sampling_steps(train_args)
     class_tokens = class_tokens_of(classes, train_args)
-    fixed = None  # the class (DiT) or prompt (MM-DiT) of every sample; None: the classes in turn
+    fixed = None  # the class of every sample; None: the classes in turn
     if args.prompt is not None:
         if not classes:
             raise UserError(f"--prompt needs a conditional model; {args.ckpt} was trained without labels")
-        known = args.prompt.lower() in [c.lower() for c in classes]
-        if train_args.arch == "dit" and not known:
+        if args.prompt.lower() not in [c.lower() for c in classes]:
             raise UserError(f"a DiT knows only its classes: --prompt one of {', '.join(classes)}")
-        if train_args.arch == "mmdit":
-            class_tokens, fixed = tokenize([args.prompt], train_args.text_len), 0
-            if not known:
-                print(f"note: {args.prompt!r} is not a training prompt; the model has seen only the class names")
-        else:
-            fixed = [c.lower() for c in classes].index(args.prompt.lower())
+        fixed = [c.lower() for c in classes].index(args.prompt.lower())
     device = pick_device(args.device)
     ema = make_model(train_args, shape, len(classes) if classes else None)
     ema.load_state_dict(ckpt["ema"])
@@ -1067,9 +914,7 @@ def parse_args(argv=None):
     p.add_argument("--ckpt")
     p.add_argument("--n", type=positive_int, default=64)
     p.add_argument("--save")
-    p.add_argument("--prompt", help="with --sample: a class name (DiT) or any text (MM-DiT)")
-    # DiT and MM-DiT
-    p.add_argument("--arch", choices=["dit", "mmdit"], help="dit (default) | mmdit")
+    p.add_argument("--prompt", help="with --sample: a class name")
     p.add_argument("--model", type=model_name, default=("S", 2), help="S/2, S/4, B/2, L/4, XL/2, T/4, ...")
     p.add_argument("--patch", type=positive_int, help="patch size p (overrides the model name's)")
     p.add_argument("--depth", type=positive_int, help="blocks N (overrides the model's)")
@@ -1079,12 +924,10 @@ def parse_args(argv=None):
     p.add_argument("--learn-sigma", action=argparse.BooleanOptionalAction, default=True,
                    help="learned Sigma_theta and L_hybrid (DiT)")
     p.add_argument("--lambda-vlb", type=float, default=0.001)
-    p.add_argument("--qk-norm", action=argparse.BooleanOptionalAction, default=True, help="MM-DiT")
     p.add_argument("--T", type=positive_int, default=1000)
-    p.add_argument("--sampler", choices=["ddpm", "ddim"], default="ddpm", help="DiT (MM-DiT: Euler)")
+    p.add_argument("--sampler", choices=["ddpm", "ddim"], default="ddpm", help="ancestral (learned Sigma) or DDIM")
     p.add_argument("--sampling-steps", type=positive_int,
-                   help=f"default: 250 (ddpm, as the paper), 50 (ddim and Euler); at most T (DiT), "
-                        f"{EULER_MAX} (Euler)")
+                   help="default: 250 (ddpm, as the paper), 50 (ddim); at most T")
     p.add_argument("--cfg-scale", type=float, default=1.5, help="guidance s (1: none; paper's FID: 1.5)")
     p.add_argument("--p-uncond", type=float, default=0.1, help="label dropout for guidance")
     p.add_argument("--warmup", type=int, default=0, help="learning-rate warm-up steps")
@@ -1099,10 +942,7 @@ def parse_args(argv=None):
     args.model = f"{args.size}/{args.patch}"
     depth, width, heads = MODELS[args.size]
     args.depth, args.width, args.heads = args.depth or depth, args.width or width, args.heads or heads
-    args.out = args.out or f"runs/{args.arch or 'dit'}"
-    args.text_len = 16
-    if not args.resume:  # a resumed run takes its architecture from the checkpoint
-        args.arch = args.arch or "dit"
+    args.out = args.out or "runs/dit"
     if not args.resume and not args.sample:  # --sample checks against the checkpoint's T
         try:
             check_sampling_steps(args)

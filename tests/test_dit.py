@@ -1,5 +1,5 @@
-"""Tests for dit.py: the transformer's parts, the learned-variance diffusion, guidance, MM-DiT's joint
-attention, the paper's model sizes, a small learning check, many processes, and the command line."""
+"""Tests for dit.py: the transformer's parts, the learned-variance diffusion, guidance, the paper's
+model sizes, a small learning check, many processes, and the command line."""
 import argparse
 import math
 import os
@@ -315,82 +315,6 @@ def test_guidance_at_1_is_conditional_and_at_0_unconditional():
 
 
 # ----------------------------------------------------------------------------------------------
-# MM-DiT
-# ----------------------------------------------------------------------------------------------
-
-def test_tokenize():
-    ids = dit.tokenize(["Bag", ""], 5)
-    assert ids.tolist() == [[ord("b") + 1, ord("a") + 1, ord("g") + 1, 0, 0], [0] * 5]
-    with pytest.raises(dit.UserError, match="at most 5"):
-        dit.tokenize(["Ankle boot"], 5)
-
-
-def test_mmdit_joint_attention_lets_text_and_image_change_each_other():
-    torch.manual_seed(0)
-    net = perturbed(dit.MMDiT(1, 8, 2, depth=2, width=32, heads=2, text_len=8)).eval()
-    x, t = torch.randn(1, 1, 8, 8), torch.tensor([0.5])
-    # "ab" and "ba" have the same pooled vector: only attention tells them apart
-    ab, ba = dit.tokenize(["ab"], 8), dit.tokenize(["ba"], 8)
-    assert not torch.allclose(net(x, t, ab), net(x, t, ba), atol=1e-4)
-    block, c = net.blocks[0], torch.randn(1, 32)
-    ctx = torch.randn(1, 8, 32)
-    _, ctx1 = block(torch.randn(1, 16, 32), ctx, c)
-    _, ctx2 = block(torch.randn(1, 16, 32), ctx, c)
-    assert not torch.allclose(ctx1, ctx2, atol=1e-4)
-    # the last block's text stream only feeds attention
-    assert not hasattr(net.blocks[-1].text, "mlp") and hasattr(net.blocks[0].text, "mlp")
-
-
-def point_mass_velocity(x1):
-    """The exact velocity of rectified flow when the data is the single point x1:
-    E[x_1 - x_0 | x_t] = (x1 - x_t) / (1 - t), since x_t = t x1 + (1 - t) x_0."""
-    def v(x_t, t, tokens=None):
-        return (x1 - x_t) / (1 - t.view(-1, 1, 1, 1))
-    return v
-
-
-def test_rf_loss_is_zero_for_a_point_mass_exact_velocity():
-    torch.manual_seed(0)
-    x1, x0 = torch.randn(1, 1, 4, 4).expand(3, -1, -1, -1), torch.randn(3, 1, 4, 4)
-    t = torch.tensor([0.1, 0.5, 0.9])
-    v = point_mass_velocity(x1)
-    assert dit.rf_loss(v, x1, None, x0, t).abs().max() < 1e-10
-    assert (dit.rf_loss(point_mass_velocity(x1 + 0.1), x1, None, x0, t) > 1e-3).all()
-
-
-def test_euler_with_the_exact_velocity_moves_from_noise_to_the_data_point_in_a_straight_line():
-    """t = 0 is noise, t = 1 the data: after step k of n, x = (k / n) x1 + (1 - k / n) x_noise."""
-    torch.manual_seed(0)
-    x1, noise, n, path = torch.randn(1, 1, 4, 4), torch.randn(3, 1, 4, 4), 8, []
-    x = dit.sample_euler(point_mass_velocity(x1), noise.clone(), n, on_step=lambda x, k, _: path.append(x))
-    assert torch.allclose(x, x1.expand_as(x), atol=1e-5)
-    for k, x_k in enumerate(path, 1):
-        assert torch.allclose(x_k, k / n * x1 + (1 - k / n) * noise, atol=1e-5), k
-
-
-def test_mmdit_trains_at_logit_normal_t_on_the_straight_path_from_noise_to_data():
-    """SD3 Sec. 3.1: t = sigmoid(n), n ~ N(0, 1); the network sees x_t = t x_1 + (1 - t) x_0 with
-    the data x_1 (here the constant 5) and the noise x_0 ~ N(0, I)."""
-    torch.manual_seed(0)
-    seen = []
-
-    def net(x_t, t, tokens):
-        seen.append((x_t, t))
-        return torch.zeros_like(x_t)
-
-    args = dit.parse_args(["--arch", "mmdit"])
-    n = 20000
-    dit.batch_loss(net, torch.full((n, 1, 1, 1), 5.0), torch.zeros(n, dtype=torch.long), args, None,
-                   dit.tokenize(["a"], 16))
-    x_t, t = seen[0][0].flatten().double(), seen[0][1].double()
-    logit = torch.logit(t)
-    assert abs(logit.mean()) < 0.03 and abs(logit.std() - 1) < 0.03
-    x0 = (x_t - 5 * t) / (1 - t)  # the noise, if x_t is where it should be
-    assert abs(x0.mean()) < 0.03 and abs(x0.std() - 1) < 0.03
-
-
-# ----------------------------------------------------------------------------------------------
-# Learning: a tiny class-conditional DiT learns two kinds of image# ----------------------------------------------------------------------------------------------
 # Learning: a tiny class-conditional DiT learns two kinds of image
 # ----------------------------------------------------------------------------------------------
 
@@ -508,20 +432,6 @@ def test_sample_with_classes_a_prompt_and_a_tensor(trained, tmp_path):
     assert msg and "Left, Right" in msg
 
 
-def test_mmdit_trains_and_samples_a_prompt(data, tmp_path):
-    out = tmp_path / "mm"
-    dit.main(argv(data, out, "--arch", "mmdit", steps="2"))
-    ckpt = load(out / "ckpt.pt")
-    assert ckpt["args"]["arch"] == "mmdit" and ckpt["args"]["text_len"] == 16
-    png = tmp_path / "left.png"
-    dit.main(["--sample", "--ckpt", str(out / "ckpt.pt"), "--n", "4", "--save", str(png),
-              "--prompt", "Left", "--sampling-steps", "3", "--device", "cpu"])
-    assert png.is_file()
-    msg = exit_message(["--sample", "--ckpt", str(out / "ckpt.pt"), "--save", str(png),
-                        "--sampling-steps", "1000000", "--device", "cpu"])
-    assert msg and "between 1 and 1000, got 1000000" in msg
-
-
 def test_two_processes_train_as_one_process_on_the_joined_batch(data, trained, tmp_path):
     """torchrun with 2 gloo processes, a global batch of 8 (4 each): the same weights as one process."""
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
@@ -539,10 +449,9 @@ def test_two_processes_train_as_one_process_on_the_joined_batch(data, trained, t
     (["--patch", "3"], ["--patch 3", "8x8", "[1, 2, 4]"]),
     (["--grad-clip", "-1"], ["--grad-clip must be 0 (off) or positive, got -1"]),
     (["--lr", "0"], ["--lr must be positive"]),
-    (["--arch", "mmdit", "--prompt", "x"], ["--prompt is for --sample"]),
-    (["--arch", "mmdit", "--sampling-steps", "1000000"], ["Euler sampler must be between 1 and 1000"]),
+    (["--prompt", "x"], ["--prompt is for --sample"]),
     (["--sampling-steps", "21"], ["between 1 and T = 20, got 21"]),
-    (["--arch", "mmdit", "--lr", "1e9"], ["at step 2, over 1000 times", "without saving", "lower --lr"]),
+    (["--lr", "1e9"], ["at step 2", "without saving", "lower --lr"]),
 ])
 def test_bad_training_input(data, tmp_path, extra, words, capsys):
     msg = exit_message(argv(data, tmp_path / "run", *extra))
@@ -563,8 +472,6 @@ def test_prompt_for_an_unconditional_model(tmp_path):
     msg = exit_message(["--sample", "--ckpt", str(tmp_path / "run" / "ckpt.pt"), "--save",
                         str(tmp_path / "x.png"), "--prompt", "Bag", "--device", "cpu"])
     assert msg and "--prompt needs a conditional model" in msg
-    msg = exit_message(argv(tmp_path / "plain.pt", tmp_path / "mm", "--arch", "mmdit", steps="1"))
-    assert msg and "no labels" in msg
     for sampler in ("ddpm", "ddim"):  # an unconditional model samples
         dit.main(["--sample", "--ckpt", str(tmp_path / "run" / "ckpt.pt"), "--save", str(tmp_path / "x.pt"),
                   "--n", "3", "--sampler", sampler, "--sampling-steps", "2", "--device", "cpu"])
@@ -575,7 +482,8 @@ def test_prompt_for_an_unconditional_model(tmp_path):
     (torch.zeros(5, 8, 8), ["(N, C, H, W)", "(5, 8, 8)"]),
     (torch.zeros(5, 1, 8, 6), ["H = W"]),
     ({"x": torch.zeros(5, 1, 8, 8), "y": torch.zeros(4, dtype=torch.long)}, ["5 integer labels", "(4,)"]),
-    ({"x": torch.zeros(5, 1, 8, 8), "y": torch.tensor([0, 1, 2, 0, 1]), "classes": ["a", "b"]}, ["label 2", "2 class names"]),
+    ({"x": torch.zeros(5, 1, 8, 8), "y": torch.tensor([0, 1, 2, 0, 1]), "classes": ["a", "b"]},
+     ["label 2", "2 class names"]),
 ])
 def test_bad_tensor_files(tmp_path, content, words):
     torch.save(content, tmp_path / "bad.pt")
@@ -605,10 +513,10 @@ def test_non_finite_data_is_named_as_the_data_not_the_learning_rate(tmp_path):
     assert not (tmp_path / "run" / "ckpt.pt").exists()
 
 
-def test_resume_refuses_another_dataset_or_arch(data, trained, tmp_path):
+def test_resume_refuses_another_dataset(data, trained, tmp_path):
     other = tmp_path / "other.pt"
     torch.save(load(data), other)  # the same shape and classes
-    for extra, words in ((["--dataset", str(other)], "--dataset"), (["--arch", "mmdit"], "--arch dit")):
+    for extra, words in ((["--dataset", str(other)], "--dataset"),):
         msg = exit_message(["--resume", "--out", str(trained), "--device", "cpu", *extra])
         assert msg and f"trained with {words}" in msg and "--resume keeps it" in msg, msg
 
