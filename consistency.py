@@ -751,13 +751,6 @@ def check_taus(taus, steps):
     return tuple(taus)
 
 
-def draw(model, z, steps, taus, clip, generator, on_step=None):
-    """Samples from noise z: a consistency model with Algorithm 1, a teacher with Heun."""
-    if model.boundary:
-        return sample_multistep(model, z, taus, clip, generator)
-    return sample_heun(model, z, steps, on_step)
-
-
 def fixed_noise(n, shape, device, seed=0):
     return torch.randn(n, *shape, generator=torch.Generator().manual_seed(seed)).to(device)
 
@@ -813,18 +806,18 @@ def teacher_state(args, ckpt, shape, given):
     return {k: t_ckpt[k] for k in ("args", "shape", "ema")}, args.teacher
 
 
-def load_teacher(state, x, N, device, source):
+def load_teacher(state, N, device, source):
     """The teacher's D_phi (its EMA weights), frozen; non-finite weights, or ODE steps at the N
-    points from data images x, are named before any training."""
+    points that are not finite, are named before any training."""
     D_phi = make_model(argparse.Namespace(**state["args"]), *state["shape"][:2], boundary=False)
     load_weights(D_phi, state["ema"], source, "teacher")
     D_phi.to(device, memory_format=torch.channels_last).eval().requires_grad_(False)
     if not all(torch.isfinite(p).all() for p in D_phi.parameters()):
         raise UserError(f"the teacher ({source}) holds non-finite weights (its run diverged): "
                         f"retrain the teacher with a lower --lr")
-    t = karras_times(N).to(device, torch.float32)  # x_{t_{n+1}} from one data image, n = 1..N - 1
-    x_next = x.to(device) + view(t[2:], x) * fixed_noise(N - 1, x.shape[1:], device)
-    if not torch.isfinite(ode_step(D_phi, x_next, t[2:], t[1:-1])).all():
+    t = karras_times(N).to(device, torch.float32)
+    z = fixed_noise(N - 1, state["shape"], device)
+    if not torch.isfinite(ode_step(D_phi, view(t[2:], z) * z, t[2:], t[1:-1])).all():  # from x = 0, n = 1..N - 1
         raise UserError(f"the teacher's ODE step gave non-finite values: the teacher ({source}) is broken, "
                         f"retrain it")
     return D_phi
@@ -865,7 +858,7 @@ def train(args, p):
         args.clip_x0 = not (args.dataset.endswith(".pt") and dataset.images.is_floating_point())
     model = make_model(args, *shape[:2], boundary=args.stage != "teacher")
     model.to(device, memory_format=torch.channels_last)
-    teacher = state and load_teacher(state, dataset[0][0][None], args.N, device, source)
+    teacher = state and load_teacher(state, args.N, device, source)
     if args.stage == "cd" and ckpt is None:  # as the official code: the student starts as the teacher
         model.load_state_dict(teacher.state_dict())
     target = copy.deepcopy(model).requires_grad_(False)  # Algorithms 2 and 3, line 1: theta^- <- theta
@@ -931,7 +924,10 @@ def sample(args):
         g = torch.Generator(device).manual_seed(args.seed + i)
         z = torch.randn(min(256, args.n - i), *shape, device=device, generator=g)
         batch = f"images {i + 1}-{i + len(z)} of {args.n}"
-        xs.append(draw(model, z, steps, taus, train_args.clip_x0, g, Progress(batch)).cpu())
+        if teacher:
+            xs.append(sample_heun(model, z, steps, Progress(batch)).cpu())
+        else:
+            xs.append(sample_multistep(model, z, taus, train_args.clip_x0, g).cpu())
         print(f"{batch} ({what})", flush=True)
     x = torch.cat(xs)
     if not torch.isfinite(x).all():
