@@ -41,9 +41,9 @@ Run:
     python consistency.py --stage cd --teacher runs/cm_teacher/ckpt.pt --batch-size 64 \
                           --lr-decay cosine --warmup 50 --steps 700
 
-Ctrl-C or SIGTERM stops a run at the end of its current step (or of the end-of-epoch grid's current
-sampling step): it saves ckpt.pt, which --resume continues, and exits 130 or 143 (128 + the signal's
-number); a finished run exits 0.
+Ctrl-C or SIGTERM stops a run at the end of its current step (under torchrun within 10 steps; in the
+end-of-epoch grid at its next sampling step): it saves ckpt.pt, which --resume continues, and exits
+130 or 143 (128 + the signal's number); a finished run exits 0.
 
 Outputs in --out: ckpt.pt and samples_epochNNN.png per epoch, from fixed noise: the teacher's
 Heun samples (stage teacher); for cd and ct one row per sampler, the teacher at 35 evaluations
