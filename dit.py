@@ -6,7 +6,8 @@ transformer blocks predicts the noise of every patch. The time step t and the cl
 block through adaptive layer norm: a small network regresses a shift, a scale and a gate from
 c = t_emb + y_emb, and the gates start at zero, so every block starts as the identity (adaLN-Zero,
 Sec. 3.2, Fig. 3). The paper's finding: forward-pass Gflops, not parameters, predict quality, and
-the cheapest way to buy Gflops is more tokens (a smaller p).
+the cheapest way to buy Gflops is more tokens (a smaller p). (SD3's two-stream MM-DiT, trained
+with rectified flow, is mmdit.py.)
 
     Training (DDPM's Algorithm 1, with the learned     Sampling (DDPM's Algorithm 2 on a chain
     covariance of Nichol & Dhariwal 2021):             respaced to 250 steps, Sec. 4)
@@ -48,6 +49,7 @@ Ctrl-C or SIGTERM ends a training run after the current step with a checkpoint; 
 exits with status 130 (SIGINT) or 143 (SIGTERM), a finished one with 0.
 """
 import argparse
+import contextlib
 import copy
 import math
 import os
@@ -56,6 +58,7 @@ import signal
 import sys
 import time
 from pathlib import Path
+from signal import SIGINT, SIGTERM
 
 import torch
 import torch.distributed as dist
@@ -68,16 +71,14 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from common import UserError, load_dataset, pick_device, save_grid, seed_everything, timestep_embedding
 
+# ==== the paper ====================================================================================
+
 MODELS = {"S": (12, 384, 6), "B": (12, 768, 12), "L": (24, 1024, 16), "XL": (28, 1152, 16),
           "T": (6, 192, 3)}  # Table 1: (depth N, width d, heads); T is this file's CPU size
-BLOCKS = ("adaln-zero", "adaln", "in-context", "cross-attn")  # Fig. 3
-GUIDANCE_ROWS = (1.0, 1.5, 2.0, 4.0)  # the rows of every class-conditional grid
-FREQ_DIM = 256  # the sinusoidal time embedding's width before the MLP, as the official code
+FREQ_DIM = 256  # the sinusoidal time features before the time MLP, as the official code
 
-# ----------------------------------------------------------------------------------------------
-# Diffusion (DDPM, with Nichol & Dhariwal's learned variance): no network needed
-# ----------------------------------------------------------------------------------------------
 
+# Diffusion with a learned variance (DDPM, Nichol & Dhariwal 2021): no network needed
 
 class Schedule:
     """beta_t, alpha_bar_t and beta_tilde_t (DDPM Eq. 7) in float64, indexed by t (0: no noise)."""
@@ -122,33 +123,31 @@ def q_sample(x0, t, eps, sch):
 
 
 def predict_x0(x_t, t, eps, sch):
+    """DDPM Eq. 4 solved for x_0."""
     return (x_t - extract((1 - sch.alpha_bar).sqrt(), t, x_t) * eps) / extract(sch.alpha_bar.sqrt(), t, x_t)
 
 
 def q_posterior_mean(x0, x_t, t, sch):
     """DDPM Eq. 7: the mean of q(x_{t-1} | x_t, x_0)."""
-    ab, ab_prev = sch.alpha_bar[1:], sch.alpha_bar[:-1]
-    zero = torch.zeros(1, dtype=torch.float64)
+    ab, ab_prev, zero = sch.alpha_bar[1:], sch.alpha_bar[:-1], torch.zeros(1, dtype=torch.float64)
     coef_x0 = torch.cat([zero, ab_prev.sqrt() * sch.beta[1:] / (1 - ab)])
     coef_xt = torch.cat([zero, sch.alpha[1:].sqrt() * (1 - ab_prev) / (1 - ab)])
     return extract(coef_x0, t, x_t) * x0 + extract(coef_xt, t, x_t) * x_t
 
 
 def p_mean_variance(out, x_t, t, sch, learn_sigma, clip_x0=False):
-    """The reverse step p(x_{t-1} | x_t) from the network's output: (mean, log variance).
-    With learn_sigma the output is (eps, v), and Nichol & Dhariwal's Eq. 15 interpolates
-    log Sigma = v log beta_t + (1 - v) log beta_tilde_t, with v read as frac = (v + 1) / 2 (their
-    code's mapping, so that an output in [-1, 1] spans the range); without it the
-    variance is fixed to beta_t (DDPM's sigma_t^2 = beta_t)."""
+    """The reverse step p(x_{t-1} | x_t) from the network's output: (mean, log variance). With
+    learn_sigma the output is (eps, v), and Nichol & Dhariwal's Eq. 15 interpolates
+    log Sigma = f log beta_t + (1 - f) log beta_tilde_t, f = (v + 1) / 2 (their code's mapping, so
+    that an output in [-1, 1] spans the range); without it the variance is beta_t."""
     C = x_t.shape[1]
-    eps = out[:, :C]
     log_beta = extract(sch.beta.clamp(min=1e-20).log(), t, x_t)
     if learn_sigma:
-        frac = (out[:, C:] + 1) / 2
-        log_var = frac * log_beta + (1 - frac) * extract(sch.log_beta_tilde, t, x_t)
+        f = (out[:, C:] + 1) / 2
+        log_var = f * log_beta + (1 - f) * extract(sch.log_beta_tilde, t, x_t)
     else:
         log_var = log_beta.expand_as(x_t)
-    x0 = predict_x0(x_t, t, eps, sch)
+    x0 = predict_x0(x_t, t, out[:, :C], sch)
     if clip_x0:  # pixels live in [-1, 1]; latents are not clipped (the official code never clips)
         x0 = x0.clamp(-1, 1)
     return q_posterior_mean(x0, x_t, t, sch), log_var
@@ -180,9 +179,7 @@ def vlb_term(out, x0, x_t, t, sch):
     return torch.where(t == 1, nll, kl) / math.log(2)
 
 
-# ----------------------------------------------------------------------------------------------
-# The network: DiT (Sec. 3.2)
-# ----------------------------------------------------------------------------------------------
+# The network: patches, adaLN-Zero blocks and Fig. 3's other designs, DiT (Sec. 3.2)
 
 def patchify(x, p):
     """(B, C, H, W) -> (B, H/p * W/p, p * p * C): one token per p x p patch, row by row."""
@@ -192,33 +189,22 @@ def patchify(x, p):
 
 
 def unpatchify(tokens, p, C):
-    """(B, h * w, p * p * C) -> (B, C, h p, w p), the inverse of patchify (square images)."""
+    """(B, h * h, p * p * C) -> (B, C, h p, h p), the inverse of patchify."""
     B, N, _ = tokens.shape
     h = math.isqrt(N)
     x = tokens.reshape(B, h, h, p, p, C).permute(0, 5, 1, 3, 2, 4)  # (B, C, h, p, w, p)
     return x.reshape(B, C, h * p, h * p)
 
 
-def sincos_1d(dim, pos):
-    """(n,) positions -> (n, dim): [sin(pos omega_i), cos(pos omega_i)], omega_i = 10000^(-2i/dim)."""
-    omega = 10000 ** (-torch.arange(dim // 2, dtype=torch.float64) / (dim // 2))
-    angle = pos.double()[:, None] * omega[None]
-    return torch.cat([angle.sin(), angle.cos()], dim=1)
-
-
 def pos_embed_2d(dim, h, w):
-    """The fixed 2-D sine-cosine position embedding of ViT/MAE: the first half of the channels
-    encodes each token's column, the second half its row. (h * w, dim), tokens row by row."""
+    """ViT's fixed 2-D sine-cosine positions, (h * w, dim): the first half of the channels encodes
+    each token's column, the second half its row, each as [sin(pos omega_i), cos(pos omega_i)]."""
+    def sincos(d, pos):
+        omega = 10000 ** (-torch.arange(d // 2, dtype=torch.float64) / (d // 2))
+        angle = pos.double()[:, None] * omega[None]
+        return torch.cat([angle.sin(), angle.cos()], dim=1)
     rows, cols = torch.meshgrid(torch.arange(h), torch.arange(w), indexing="ij")
-    return torch.cat([sincos_1d(dim // 2, cols.flatten()), sincos_1d(dim // 2, rows.flatten())], 1).float()
-
-
-def split_heads(x, heads):  # (B, N, d) -> (B, heads, N, d / heads)
-    return x.reshape(x.shape[0], x.shape[1], heads, -1).transpose(1, 2)
-
-
-def merge_heads(x):  # (B, heads, N, d / heads) -> (B, N, d)
-    return x.transpose(1, 2).flatten(2)
+    return torch.cat([sincos(dim // 2, cols.flatten()), sincos(dim // 2, rows.flatten())], 1).float()
 
 
 def modulate(x, shift, scale):
@@ -227,57 +213,85 @@ def modulate(x, shift, scale):
 
 
 def mlp(d, ratio):
-    hidden = int(d * ratio)
-    return nn.Sequential(nn.Linear(d, hidden), nn.GELU(approximate="tanh"), nn.Linear(hidden, d))
+    return nn.Sequential(nn.Linear(d, int(d * ratio)), nn.GELU(approximate="tanh"), nn.Linear(int(d * ratio), d))
 
 
-class TimestepEmbedder(nn.Module):
-    """t -> sinusoidal features (FREQ_DIM) -> MLP -> (B, d)."""
+class Attention(nn.Module):
+    """Multi-head attention of x (B, N, d) over itself or, given ctx (B, M, d), over ctx."""
 
-    def __init__(self, d):
+    def __init__(self, d, heads, cross=False):
         super().__init__()
-        self.mlp = nn.Sequential(nn.Linear(FREQ_DIM, d), nn.SiLU(), nn.Linear(d, d))
+        self.heads = heads
+        self.qkv = nn.Linear(d, d if cross else 3 * d)  # cross-attention: q alone, k and v from ctx
+        self.kv = nn.Linear(d, 2 * d) if cross else None
+        self.proj = nn.Linear(d, d)
 
-    def forward(self, t):
-        return self.mlp(timestep_embedding(t, FREQ_DIM))
+    def split(self, a):  # (B, N, k d) -> (B, heads, N, k d / heads)
+        return a.reshape(a.shape[0], a.shape[1], self.heads, -1).transpose(1, 2)
+
+    def forward(self, x, ctx=None):
+        if ctx is None:
+            q, k, v = self.split(self.qkv(x)).chunk(3, -1)
+        else:
+            q, (k, v) = self.split(self.qkv(x)), self.split(self.kv(ctx)).chunk(2, -1)
+        return self.proj(F.scaled_dot_product_attention(q, k, v).transpose(1, 2).flatten(2))  # (B, N, d)
 
 
 class DiTBlock(nn.Module):
-    """A transformer block conditioned on c by one of Fig. 3's designs:
-    adaln-zero: shift, scale (of both layer norms) and gates alpha (of both residual branches)
-                regressed from c, the regression zero-initialised: alpha = 0, the block is the identity;
-    adaln:      shift and scale only, ordinary initialisation;
-    in-context: c's two vectors are two extra tokens of the sequence (a plain ViT block here);
-    cross-attn: the tokens also attend to the sequence (t_emb, y_emb) after self-attention."""
+    """Fig. 3, adaLN-Zero: the layer norms' shift and scale and the residual branches' gates are
+    regressed from c; init_weights zeroes the regression, so the gates are 0 and the block is the
+    identity at the start."""
+    zero_init = True
 
-    def __init__(self, d, heads, mlp_ratio, block):
+    def __init__(self, d, heads, mlp_ratio=4.0):
         super().__init__()
-        self.block, self.heads, self.adaptive = block, heads, block.startswith("adaln")
-        self.zero_init = block == "adaln-zero"  # init_weights zeroes the modulation
-        self.norm1 = nn.LayerNorm(d, elementwise_affine=not self.adaptive, eps=1e-6)
-        self.qkv, self.proj = nn.Linear(d, 3 * d), nn.Linear(d, d)
-        self.norm2 = nn.LayerNorm(d, elementwise_affine=not self.adaptive, eps=1e-6)
+        self.norm1 = nn.LayerNorm(d, elementwise_affine=False, eps=1e-6)
+        self.attn = Attention(d, heads)
+        self.norm2 = nn.LayerNorm(d, elementwise_affine=False, eps=1e-6)
         self.mlp = mlp(d, mlp_ratio)
-        if self.adaptive:
-            self.adaLN = nn.Sequential(nn.SiLU(), nn.Linear(d, (6 if block == "adaln-zero" else 4) * d))
-        if block == "cross-attn":
-            self.norm_cross = nn.LayerNorm(d, eps=1e-6)
-            self.q, self.kv, self.proj_cross = nn.Linear(d, d), nn.Linear(d, 2 * d), nn.Linear(d, d)
+        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(d, 6 * d))
 
-    def forward(self, x, c, cond):  # x: (B, N, d) tokens; c: (B, d); cond: (B, 1 or 2, d)
-        shift1 = scale1 = shift2 = scale2 = 0
-        gate1 = gate2 = 1
-        if self.adaptive:
-            mods = self.adaLN(c)[:, None].chunk(6 if self.block == "adaln-zero" else 4, dim=-1)
-            shift1, scale1, shift2, scale2 = mods[:4]
-            gate1, gate2 = mods[4:] or (1, 1)
-        q, k, v = split_heads(self.qkv(modulate(self.norm1(x), shift1, scale1)), self.heads).chunk(3, -1)
-        x = x + gate1 * self.proj(merge_heads(F.scaled_dot_product_attention(q, k, v)))
-        if self.block == "cross-attn":
-            q = split_heads(self.q(self.norm_cross(x)), self.heads)
-            k, v = split_heads(self.kv(cond), self.heads).chunk(2, -1)
-            x = x + self.proj_cross(merge_heads(F.scaled_dot_product_attention(q, k, v)))
-        return x + gate2 * self.mlp(modulate(self.norm2(x), shift2, scale2))
+    def forward(self, x, c):  # x: (B, N, d) tokens; c: (B, d)
+        shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = self.adaLN_modulation(c)[:, None].chunk(6, -1)
+        x = x + gate_msa * self.attn(modulate(self.norm1(x), shift_msa, scale_msa))
+        x = x + gate_mlp * self.mlp(modulate(self.norm2(x), shift_mlp, scale_mlp))
+        return x
+
+
+class AdaLNBlock(DiTBlock):
+    """Fig. 3, adaLN: shift and scale regressed from c, no gates, an ordinary initialisation."""
+    zero_init = False
+
+    def __init__(self, d, heads, mlp_ratio=4.0):
+        super().__init__(d, heads, mlp_ratio)
+        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(d, 4 * d))
+
+    def forward(self, x, c):
+        shift_msa, scale_msa, shift_mlp, scale_mlp = self.adaLN_modulation(c)[:, None].chunk(4, -1)
+        x = x + self.attn(modulate(self.norm1(x), shift_msa, scale_msa))
+        return x + self.mlp(modulate(self.norm2(x), shift_mlp, scale_mlp))
+
+
+class ViTBlock(nn.Module):
+    """Fig. 3, in-context conditioning: a plain ViT block, c's tokens being part of the sequence;
+    with cross=True, cross-attention: after self-attention the tokens attend to cond = (t_emb, y_emb)."""
+
+    def __init__(self, d, heads, mlp_ratio=4.0, cross=False):
+        super().__init__()
+        self.norm1, self.attn = nn.LayerNorm(d, eps=1e-6), Attention(d, heads)
+        self.norm_cross = nn.LayerNorm(d, eps=1e-6) if cross else None
+        self.cross_attn = Attention(d, heads, cross=True) if cross else None
+        self.norm2, self.mlp = nn.LayerNorm(d, eps=1e-6), mlp(d, mlp_ratio)
+
+    def forward(self, x, cond):  # x: (B, N, d); cond: (B, 1 or 2, d)
+        x = x + self.attn(self.norm1(x))
+        if self.cross_attn is not None:
+            x = x + self.cross_attn(self.norm_cross(x), cond)
+        return x + self.mlp(self.norm2(x))
+
+
+BLOCKS = {"adaln-zero": DiTBlock, "adaln": AdaLNBlock, "in-context": ViTBlock,
+          "cross-attn": lambda d, heads, mlp_ratio=4.0: ViTBlock(d, heads, mlp_ratio, cross=True)}
 
 
 class FinalLayer(nn.Module):
@@ -287,41 +301,13 @@ class FinalLayer(nn.Module):
     def __init__(self, d, patch, out_channels, adaptive):
         super().__init__()
         self.norm = nn.LayerNorm(d, elementwise_affine=not adaptive, eps=1e-6)
-        self.adaLN = nn.Sequential(nn.SiLU(), nn.Linear(d, 2 * d)) if adaptive else None
-        self.zero_init = adaptive
+        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(d, 2 * d)) if adaptive else None
+        self.zero_init = adaptive  # init_weights zeroes the modulation
         self.linear = nn.Linear(d, patch * patch * out_channels)
 
     def forward(self, x, c):
-        shift, scale = self.adaLN(c)[:, None].chunk(2, -1) if self.adaLN else (0, 0)
+        shift, scale = self.adaLN_modulation(c)[:, None].chunk(2, -1) if self.zero_init else (0, 0)
         return self.linear(modulate(self.norm(x), shift, scale))
-
-
-def init_weights(net):
-    """As the official code: Xavier-uniform linears with zero bias, N(0, 0.02) embeddings, and zero
-    for adaLN-Zero's modulation and the final layer (Sec. 3.2)."""
-    for m in net.modules():
-        if isinstance(m, nn.Linear):
-            nn.init.xavier_uniform_(m.weight)
-            nn.init.zeros_(m.bias)
-        elif isinstance(m, nn.Embedding):
-            nn.init.normal_(m.weight, std=0.02)
-    for m in net.t_embed.mlp[::2]:
-        nn.init.normal_(m.weight, std=0.02)
-    for m in net.modules():
-        if getattr(m, "zero_init", False):
-            nn.init.zeros_(m.adaLN[-1].weight)
-            nn.init.zeros_(m.adaLN[-1].bias)
-    nn.init.zeros_(net.final.linear.weight)
-    nn.init.zeros_(net.final.linear.bias)
-
-
-def check_shape(image_size, patch, width, heads):
-    if image_size % patch:
-        fits = [p for p in range(1, image_size) if image_size % p == 0]
-        raise UserError(f"--patch {patch} does not divide the {image_size}x{image_size} images: "
-                        f"use one of {fits}")
-    if width % heads or width % 4:
-        raise UserError(f"width {width} must be divisible by 4 and by the {heads} heads")
 
 
 class DiT(nn.Module):
@@ -331,108 +317,110 @@ class DiT(nn.Module):
     def __init__(self, in_channels, image_size, patch=2, depth=12, width=384, heads=6,
                  num_classes=None, learn_sigma=True, block="adaln-zero", mlp_ratio=4.0):
         super().__init__()
-        check_shape(image_size, patch, width, heads)
+        if image_size % patch:
+            fits = [p for p in range(1, image_size) if image_size % p == 0]
+            raise UserError(f"--patch {patch} does not divide the {image_size}x{image_size} images: use one of {fits}")
+        if width % heads or width % 4:
+            raise UserError(f"width {width} must be divisible by 4 and by the {heads} heads")
         self.patch, self.num_classes, self.block = patch, num_classes, block
         self.out_channels = 2 * in_channels if learn_sigma else in_channels
         self.x_embed = nn.Linear(patch * patch * in_channels, width)  # the patch embedding
-        self.register_buffer("pos_embed", pos_embed_2d(width, image_size // patch, image_size // patch),
-                             persistent=False)
-        self.t_embed = TimestepEmbedder(width)
-        # the label embedder has one extra row, y = K, the "null" class of classifier-free guidance
+        h = image_size // patch
+        self.register_buffer("pos_embed", pos_embed_2d(width, h, h), persistent=False)
+        self.t_embed = nn.Sequential(nn.Linear(FREQ_DIM, width), nn.SiLU(), nn.Linear(width, width))
+        # the label embedding has one extra row, y = K, the "null" class of classifier-free guidance
         self.y_embed = nn.Embedding(num_classes + 1, width) if num_classes else None
-        self.blocks = nn.ModuleList([DiTBlock(width, heads, mlp_ratio, block) for _ in range(depth)])
+        self.blocks = nn.ModuleList([BLOCKS[block](width, heads, mlp_ratio) for _ in range(depth)])
         self.final = FinalLayer(width, patch, self.out_channels, block.startswith("adaln"))
-        init_weights(self)
+        self.init_weights()
 
-    def null_condition(self, y):
-        return torch.full_like(y, self.num_classes)
+    def init_weights(self):
+        """As the official code: Xavier-uniform linears with zero bias, N(0, 0.02) embeddings, and zero
+        for adaLN-Zero's modulation and the final layer (Sec. 3.2)."""
+        for m in self.modules():
+            if isinstance(m, nn.Linear):
+                nn.init.xavier_uniform_(m.weight)
+                nn.init.zeros_(m.bias)
+            elif isinstance(m, nn.Embedding):
+                nn.init.normal_(m.weight, std=0.02)
+        for m in self.t_embed[::2]:
+            nn.init.normal_(m.weight, std=0.02)
+        zeroed = [m.adaLN_modulation[-1] for m in self.modules() if getattr(m, "zero_init", False)]
+        for m in (*zeroed, self.final.linear):
+            nn.init.zeros_(m.weight)
+            nn.init.zeros_(m.bias)
 
     def forward(self, x, t, y=None):
-        tokens = self.x_embed(patchify(x, self.patch)) + self.pos_embed  # (B, N, d)
-        t_emb = self.t_embed(t)
-        cond = t_emb[:, None]  # (B, 1, d): the conditioning as tokens, for in-context and cross-attn
+        N = (x.shape[-1] // self.patch) ** 2
+        x = self.x_embed(patchify(x, self.patch)) + self.pos_embed  # (B, N, d)
+        t_emb = self.t_embed(timestep_embedding(t, FREQ_DIM))  # (B, d)
+        cond = t_emb[:, None]  # (B, 1, d): the conditioning as tokens (in-context, cross-attention)
         if self.y_embed is not None:
-            y = self.null_condition(t.long()) if y is None else y
+            y = torch.full_like(t, self.num_classes).long() if y is None else y  # (B,): None is the null class
             cond = torch.stack([t_emb, self.y_embed(y)], 1)  # (B, 2, d)
-        c = cond.sum(1)  # c = t_emb + y_emb
+        c = cond.sum(1)  # (B, d): c = t_emb + y_emb
         if self.block == "in-context":
-            tokens = torch.cat([cond, tokens], 1)
+            x = torch.cat([cond, x], 1)  # (B, 1 or 2 + N, d)
         for block in self.blocks:
-            tokens = block(tokens, c, cond)
-        if self.block == "in-context":
-            tokens = tokens[:, cond.shape[1]:]  # the conditioning tokens are dropped at the end
-        return unpatchify(self.final(tokens, c), self.patch, self.out_channels)
-
-
-def make_model(args, shape, num_classes):
-    depth, width, heads = args.depth, args.width, args.heads
-    return DiT(shape[0], shape[-1], args.patch, depth, width, heads, num_classes, args.learn_sigma,
-               args.block)
+            x = block(x, c if self.block.startswith("adaln") else cond)  # (B, [1 or 2 +] N, d)
+        x = self.final(x[:, -N:], c)  # (B, N, p * p * out_channels): the conditioning tokens dropped
+        return unpatchify(x, self.patch, self.out_channels)  # (B, out_channels, H, W)
 
 
 def gflops(net, shape, cond):
     """Multiply-adds of one forward pass of one image, in billions, as the paper counts Gflops
     (torch's counter reports 2 flops per multiply-add; attention is counted through its matmuls)."""
-    x = torch.zeros(1, *shape)
-    t = torch.full((1,), 500.0)
     with torch.no_grad(), sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter:
-        net(x, t, cond)
+        net(torch.zeros(1, *shape), torch.full((1,), 500.0), cond)
     return counter.get_total_flops() / 2e9
 
 
-# ----------------------------------------------------------------------------------------------
-# The training objective: L_hybrid
-# ----------------------------------------------------------------------------------------------
+# The objective: L_hybrid (DDPM's Algorithm 1 with Nichol & Dhariwal's learned Sigma)
 
 def hybrid_loss(model, x0, y, t, eps, sch, learn_sigma, lambda_vlb):
-    """Per example: L_simple = ||eps - eps_theta(x_t, t, y)||^2 (mean over pixels) and, with
-    learn_sigma, lambda L_vlb, Nichol & Dhariwal's L_hybrid (their Eq. 16, lambda = 0.001).
-    L_vlb = sum_t L_t is estimated by T L_t at the drawn t, and trains Sigma_theta alone: the
-    mean enters it through a stop-gradient of eps_theta (their Sec. 3.1)."""
+    """Training, lines 3-5, per example: L_simple = ||eps - eps_theta(x_t, t, y)||^2 (mean over pixels)
+    and, with learn_sigma, lambda L_vlb: Nichol & Dhariwal's L_hybrid (their Eq. 16, lambda = 0.001).
+    L_vlb = sum_t L_t is estimated by T L_t at the drawn t, and trains Sigma_theta alone: the mean
+    enters it through a stop-gradient of eps_theta (their Sec. 3.1)."""
     x_t = q_sample(x0, t, eps, sch)
+    # line 3: eps_theta, v = DiT(x_t, t, y)
     out = model(x_t, t, y)
     C = x0.shape[1]
+    # line 5: L_simple ...
     l_simple = (eps - out[:, :C]).square().flatten(1).mean(1)
     if not learn_sigma:
         return l_simple
+    # line 5: ... + lambda L_vlb(stopgrad(mu_theta), Sigma_theta), Sigma_theta from v (line 4)
     frozen_mean = torch.cat([out[:, :C].detach(), out[:, C:]], dim=1)
     return l_simple + lambda_vlb * sch.T * vlb_term(frozen_mean, x0, x_t, t, sch)
 
 
-def batch_loss(model, x, y, args, sch, class_tokens, rank=0, world=1):
-    """The loss of this rank's share of one global batch. Every rank draws the whole batch's t,
-    noise and label dropout from the same RNG and keeps its slice, so that N processes compute
-    exactly what one process computes on the joined batch."""
-    b = len(x)
-    mine = slice(rank * b, (rank + 1) * b)
-    # Algorithm 1, line 2: eps ~ N(0, I)
-    eps = torch.randn(world * b, *x.shape[1:], device=x.device)[mine]
-    # Algorithm 1, line 1: y = null with probability p_uncond, for classifier-free guidance
-    drop = (torch.rand(world * b, device=x.device) < args.p_uncond)[mine]
-    # Algorithm 1, line 2: t ~ Uniform({1, ..., T})
-    t = torch.randint(1, sch.T + 1, (world * b,), device=x.device)[mine]
-    if class_tokens is not None:  # class-conditional: the null label K for a fraction p_uncond
-        y = torch.where(drop, len(class_tokens), y)
-    else:
-        y = None
-    return hybrid_loss(model, x, y, t, eps, sch, args.learn_sigma, args.lambda_vlb).mean()
+def training_step(model, x0, y, sch, draw, null=None, p_uncond=0.1, learn_sigma=True, lambda_vlb=0.001):
+    """Training, lines 1-5, for a batch x_0 with labels y (None: unconditional; `null`: the null
+    class K); the caller takes the gradient step. draw: the random draws (torch's own, or one
+    process's share of a global batch's)."""
+    # line 1: y = null with probability p_uncond, for classifier-free guidance
+    drop = draw.rand() < p_uncond
+    if y is not None:
+        y = torch.where(drop, null, y)
+    # line 2: t ~ Uniform({1, ..., T}), eps ~ N(0, I)
+    t = draw.randint(1, sch.T + 1)
+    eps = draw.randn(*x0.shape[1:])
+    return hybrid_loss(model, x0, y, t, eps, sch, learn_sigma, lambda_vlb).mean()
 
 
-# ----------------------------------------------------------------------------------------------
-# Samplers: classifier-free guidance, DDPM on a respaced chain, DDIM
-# ----------------------------------------------------------------------------------------------
+# The samplers: classifier-free guidance, DDPM on a respaced chain, DDIM
 
-def guided(model, cond, scale):
-    """Classifier-free guidance, DiT Sec. 3.1: eps = eps(x, null) + s (eps(x, c) - eps(x, null));
-    s = 1 is the conditional model, s = 0 the unconditional one. Only the first C channels, the
-    noise, are guided: the variance channels are the conditional model's.
-    (The official DiT guides only 3 of its 4 latent channels, a quirk it keeps to reproduce its
-    FID numbers; the standard, here, guides them all.)"""
+def guided(model, y, scale):
+    """Sampling, line 3, DiT Sec. 3.1: eps = eps(x, null) + s (eps(x, y) - eps(x, null)); s = 1 is the
+    conditional model, s = 0 the unconditional one. Only the first C channels, the noise, are
+    guided: the variance channels are the conditional model's. (The official DiT guides 3 of its 4
+    latent channels, a quirk it keeps to reproduce its FID numbers; here all are guided.)"""
     def f(x, t):
-        if cond is None or scale == 1:
-            return model(x, t, cond)
-        out = model(torch.cat([x, x]), torch.cat([t, t]), torch.cat([cond, model.null_condition(cond)]))
-        out_c, out_null = out.chunk(2)
+        if y is None or scale == 1:
+            return model(x, t, y)
+        out_c, out_null = model(torch.cat([x, x]), torch.cat([t, t]),
+                                torch.cat([y, torch.full_like(y, model.num_classes)])).chunk(2)
         C = x.shape[1]
         return torch.cat([out_null[:, :C] + scale * (out_c[:, :C] - out_null[:, :C]), out_c[:, C:]], 1)
     return f
@@ -440,13 +428,14 @@ def guided(model, cond, scale):
 
 @torch.no_grad()
 def sample_ddpm(f, x, sch, steps, learn_sigma, clip_x0, generator=None, on_step=None):
-    """DDPM's Algorithm 2 on the respaced chain: the network sees the original times tau_i; the
-    mean and the (learned) variance use the respaced beta_i and beta_tilde_i (Nichol & Dhariwal).
-    on_step(x, done, total), if given, is called after every step."""
+    """Sampling, lines 1-5: DDPM's Algorithm 2 on the respaced chain from x = x_T. The network sees
+    the original times tau_i; the mean and the (learned) variance use the respaced beta_i and
+    beta_tilde_i (Nichol & Dhariwal). on_step(x, done, total), if given, follows every step."""
     sch_s, taus = respace(sch, steps)
-    for i in range(len(taus), 0, -1):
+    for i in range(len(taus), 0, -1):  # line 2: for t = T, ..., 1 (respaced)
         t = torch.full((len(x),), taus[i - 1], device=x.device)
         ii = torch.full((len(x),), i, device=x.device)
+        # lines 3-4: the guided eps gives mu_theta, v gives Sigma_theta
         mean, log_var = p_mean_variance(f(x, t), x, ii, sch_s, learn_sigma, clip_x0)
         if i > 1:  # line 4: x_{t-1} = mu + Sigma^(1/2) z; the last step returns the mean
             x = mean + (0.5 * log_var).exp() * torch.randn(x.shape, device=x.device, generator=generator)
@@ -474,47 +463,17 @@ def sample_ddim(f, x, sch, steps, clip_x0, on_step=None):
     return x
 
 
-def sampling_steps(args):
-    """--sampling-steps, or the default: 250 for DDPM (as the paper evaluates), 50 for DDIM and Euler."""
-    return args.sampling_steps or min(250 if args.sampler == "ddpm" else 50, args.T)
+# ==== harness: the same text in every method file (tests/test_harness.py compares the copies) ====
+# Processes and devices, the random draws of a global batch, checkpoints and resume, signals, EMA,
+# the learning-rate schedule, the training loop's bookkeeping, progress lines and the shared flags.
+
+CHECK_EVERY = 10  # steps between readings of the loss and the stop flag from the device
+DIVERGED = 1000  # a loss this many times its first value (or 1) has diverged, finite or not
 
 
-def check_sampling_steps(args):
-    """A clear error before any work: DiT's chain has at most T steps."""
-    respace(linear_schedule(args.T), sampling_steps(args))
-
-
-def draw(net, cond, n, shape, sch, args, device, seed, scale, on_step=None):
-    """n samples from fixed noise (seed) with the sampler of args, guided at `scale`."""
-    g = torch.Generator(device).manual_seed(seed)
-    x = torch.randn(n, *shape, device=device, generator=g)
-    f, steps = guided(net, cond, scale), sampling_steps(args)
-    if args.sampler == "ddim":
-        return sample_ddim(f, x, sch, steps, args.clip_x0, on_step)
-    return sample_ddpm(f, x, sch, steps, args.learn_sigma, args.clip_x0, g, on_step)
-
-
-def class_tokens_of(classes, args):
-    """Per class, what the network is conditioned on: its label."""
-    if not classes:
-        return None
-    return torch.arange(len(classes))
-
-
-def conditions(ids, class_tokens, args):
-    """Class ids -> what the network takes: the labels."""
-    if class_tokens is None:
-        return None
-    return ids
-
-
-# ----------------------------------------------------------------------------------------------
-# Training loop: many GPUs, EMA, learning rate, logging, checkpoints, grids
-# ----------------------------------------------------------------------------------------------
-
-def setup_distributed(device_name):
-    """Many GPUs: torchrun sets RANK, WORLD_SIZE and LOCAL_RANK; without them this is one process
-    (rank 0 of 1). NCCL on GPUs, gloo on CPUs. Ranks > 0 print nothing."""
+def setup_processes(device_name):
+    """Rank 0 of 1, or under torchrun (RANK, WORLD_SIZE, LOCAL_RANK) one process per device: NCCL
+    on GPUs, gloo on CPUs, and only rank 0 prints. Returns (rank, world, device)."""
     if "RANK" not in os.environ:
         return 0, 1, pick_device(device_name)
     rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
@@ -525,316 +484,469 @@ def setup_distributed(device_name):
         torch.cuda.set_device(device)
     else:
         device = pick_device("cpu" if device_name == "auto" else device_name)
-    dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    print(f"distributed: {world} processes ({dist.get_backend()})")
+    if not dist.is_initialized():  # (a caller may have set the group up already)
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+        print(f"distributed: {world} processes ({dist.get_backend()})")
     return rank, world, device
 
 
-def all_sum(x, world):
-    """The sum of a tensor over all ranks (itself for one process)."""
-    if world > 1:
-        x = x.clone()
-        dist.all_reduce(x)
-    return x
+class Draws:
+    """The random draws of a global batch of n: every process draws all n and keeps its slice, so
+    that N processes compute what one process computes on the whole batch."""
+
+    def __init__(self, n, device, rank=0, world=1):
+        self.n, self.device = n, device
+        self.mine = slice(rank * n // world, (rank + 1) * n // world)
+
+    def randn(self, *shape):  # (n / world, *shape)
+        return torch.randn(self.n, *shape, device=self.device)[self.mine]
+
+    def rand(self):
+        return torch.rand(self.n, device=self.device)[self.mine]
+
+    def randint(self, low, high):
+        return torch.randint(low, high, (self.n,), device=self.device)[self.mine]
+
+
+def epoch_batches(dataset, args, epoch, skip, rank=0, world=1):
+    """Epoch `epoch`'s shuffled batches from the `skip`-th on, rank r's slice of each global batch.
+    The loader has its own generator: the global RNG's draws would differ after a resume."""
+    g = torch.Generator().manual_seed(args.seed * 100003 + epoch)
+    order = torch.randperm(len(dataset), generator=g)[skip * args.batch_size:]
+    b = args.batch_size // world
+    mine = order[:len(order) // args.batch_size * args.batch_size].view(-1, world, b)[:, rank].flatten()
+    return DataLoader(Subset(dataset, mine.tolist()), b, drop_last=True, generator=g)
 
 
 @torch.no_grad()
 def ema_update(ema, model, n, max_decay):
-    """EMA of the weights with a warm-up of the decay, min(max_decay, (1 + n) / (10 + n))."""
+    """EMA of the weights, its decay warmed up as min(max_decay, (1 + n) / (10 + n))."""
     decay = min(max_decay, (1 + n) / (10 + n))
     for e, p in zip(ema.parameters(), model.parameters()):
         e.lerp_(p, 1 - decay)
 
 
 def learning_rate(args, step, total):
-    """Constant (the paper), after an optional linear warm-up, or with a cosine decay to 0."""
-    lr = args.lr * min(1.0, (step + 1) / args.warmup) if args.warmup else args.lr
-    if args.lr_decay == "cosine":
-        lr *= 0.5 * (1 + math.cos(math.pi * step / total))
-    return lr
+    """Linear warm-up over --warmup steps (a tenth of a shorter run), then constant or cosine."""
+    warmup = min(args.warmup, total // 10)
+    lr = args.lr * min(1.0, (step + 1) / warmup) if warmup else args.lr
+    return lr * 0.5 * (1 + math.cos(math.pi * step / total)) if args.lr_decay == "cosine" else lr
 
 
-def save_checkpoint(path, model, ema, opt, step, args, shape, classes):
-    state = {"method": "dit", "args": vars(args), "shape": list(shape), "classes": classes,
-             "step": step, "model": model.state_dict(), "ema": ema.state_dict(),
-             "optimizer": opt.state_dict(),
-             # every rank's RNGs are in the same state (see batch_loss): rank 0's serve them all
-             "rng": {"torch": torch.get_rng_state(), "python": random.getstate(),
-                     "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
-                     "mps": torch.mps.get_rng_state() if torch.backends.mps.is_available() else None}}
-    tmp = Path(str(path) + ".tmp")
-    torch.save(state, tmp)
-    os.replace(tmp, path)  # atomic: a crash mid-write never leaves a broken ckpt.pt
+def save_checkpoint(path, state):
+    """state and the RNG states, written to a temporary file, then renamed: a crash leaves no
+    broken checkpoint."""
+    rng = {"torch": torch.get_rng_state(), "python": random.getstate(),
+           "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+           "mps": torch.mps.get_rng_state() if torch.backends.mps.is_available() else None}
+    torch.save({**state, "rng": rng}, f"{path}.tmp")
+    os.replace(f"{path}.tmp", path)
 
 
-def restore_device_rng(rng):
-    """The CUDA generators of the devices this machine has (a checkpoint from a machine with more
-    GPUs restores the first ones), and MPS's."""
-    for i, state in enumerate(rng["cuda"][:torch.cuda.device_count()]):
-        torch.cuda.set_rng_state(state, i)
-    if rng.get("mps") is not None and torch.backends.mps.is_available():
-        torch.mps.set_rng_state(rng["mps"])
-
-
-def load_checkpoint(path):
+def load_checkpoint(path, methods, keys, flag="--ckpt"):
+    """A checkpoint of one of `methods` with `keys`, read as data (weights_only), or one line."""
     if not Path(path).is_file():
-        raise UserError(f"no checkpoint at {path}: train first (python dit.py) or pass --ckpt PATH")
+        raise UserError(f"no checkpoint at {path}: train first, or pass {flag} PATH")
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
         raise UserError(f"cannot read checkpoint {path} ({type(e).__name__}): it is damaged or "
                         f"incomplete (a copy cut short?), or not a checkpoint at all") from None
-    if not isinstance(ckpt, dict) or ckpt.get("method") != "dit":
-        method = ckpt.get("method", "unknown") if isinstance(ckpt, dict) else "unknown"
-        raise UserError(f"{path} is a checkpoint of {method}, not of dit.py")
-    missing = [k for k in ("args", "shape", "classes", "step", "model", "ema", "optimizer", "rng")
-               if k not in ckpt]
+    method = ckpt.get("method", "unknown") if isinstance(ckpt, dict) else "unknown"
+    if method not in methods:
+        raise UserError(f"{path} is a checkpoint of {method}, not of {' or '.join(methods)}")
+    missing = [k for k in ("args", "step", "rng", *keys) if k not in ckpt]
     if missing:
-        raise UserError(f"{path} is an incomplete dit.py checkpoint: no {', '.join(missing)}")
+        raise UserError(f"{path} is an incomplete {method} checkpoint: no {', '.join(missing)}")
     return ckpt
 
 
-def epoch_batches(dataset, args, epoch, skip, rank, world):
-    """This rank's part of epoch `epoch`'s shuffled global batches from the `skip`-th on: the same
-    order on every run and every rank (a DistributedSampler that can start mid-epoch)."""
-    g = torch.Generator().manual_seed(args.seed * 100003 + epoch)
-    order = torch.randperm(len(dataset), generator=g)[skip * args.batch_size:]
-    n = len(order) // args.batch_size * args.batch_size
-    b = args.batch_size // world
-    mine = order[:n].view(-1, world, b)[:, rank].flatten()  # rank r: slice r of each global batch
-    # its own generator: a DataLoader otherwise draws a seed from the global RNG, and a resumed
-    # run, which starts one more loader, would then draw other t and eps
-    return DataLoader(Subset(dataset, mine.tolist()), b, drop_last=True, generator=g)
+def restore_rng(rng, device):
+    """CUDA's states for the devices this machine has; under torchrun each rank continues rank 0's."""
+    torch.set_rng_state(rng["torch"])
+    random.setstate(rng["python"])
+    for i, state in enumerate(rng["cuda"][:torch.cuda.device_count()]):
+        torch.cuda.set_rng_state(state, i)
+    if device.type == "cuda" and rng["cuda"]:
+        torch.cuda.set_rng_state(rng["cuda"][0], device)
+    if rng["mps"] is not None and torch.backends.mps.is_available():
+        torch.mps.set_rng_state(rng["mps"])
 
 
-def train(args):
-    rank, world, device = setup_distributed(args.device)
-    ckpt = None
-    if args.resume:
-        ckpt = load_checkpoint(args.ckpt or Path(args.out) / "ckpt.pt")
-        for flag, given in (("dataset", args.dataset),):
-            if given is not None and given != ckpt["args"][flag]:
-                raise UserError(f"the run was trained with --{flag} {ckpt['args'][flag]}; --resume keeps it "
-                                f"(leave out --{flag}, or start a new run with another --out)")
-        keep = {k: getattr(args, k) for k in ("device", "out", "resume", "ckpt", "data_dir", "dataset",
-                                              "image_size")
-                if getattr(args, k) is not None}
-        if args.epochs is not None or args.steps is not None:  # a new length for the run
-            keep["epochs"], keep["steps"] = args.epochs, args.steps
-        args = argparse.Namespace(**{**ckpt["args"], **keep})
-    if args.batch_size % world:
-        raise UserError(f"--batch-size {args.batch_size} (the global batch) must divide evenly over "
-                        f"{world} processes")
-    out = Path(args.out)
-    if out.exists() and not out.is_dir():
-        raise UserError(f"--out {out} is a file: give a folder for the run's outputs")
-    seed_everything(args.seed)  # the same on every rank: see batch_loss
-    if device.type == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
-    dataset, info = load_dataset(args.dataset, args.data_dir, True, args.image_size,
-                                 flip=args.dataset == "cifar10")
-    shape = (info.channels, info.size, info.size)
-    if ckpt is not None and tuple(ckpt["shape"]) != shape:
-        raise UserError(f"the checkpoint was trained on {tuple(ckpt['shape'])} data, "
-                        f"{args.dataset} has {shape}: use the same --dataset and --image-size")
-    if len(dataset) < args.batch_size:
-        raise UserError(f"{args.dataset} has {len(dataset)} images, fewer than --batch-size {args.batch_size}")
-    classes = info.classes if info.num_classes else None
-    # pixels live in [-1, 1] and the predicted x_0 is clipped there; float tensors (latents) are not
-    args.clip_x0 = not getattr(getattr(dataset, "images", None), "is_floating_point", bool)()
-    class_tokens = class_tokens_of(classes, args)
-    sch = linear_schedule(args.T)
+def resumed_args(p, args, ckpt, free=("device", "out", "resume", "ckpt", "data_dir", "log_every",
+                                      "save_every", "compile", "bf16")):
+    """The checkpoint's flags, with the `free` ones and a new length given now; any other flag
+    given now that differs from the checkpoint's is refused."""
+    saved = ckpt["args"]
+    for k, v in vars(args).items():
+        if k not in (*free, "epochs", "steps") and v not in (p.get_default(k), saved.get(k)):
+            raise UserError(f"--resume continues the run with its --{k.replace('_', '-')} {saved.get(k)}, "
+                            f"not {v}: leave the flag out, or start a new run with another --out")
+    length = ("epochs", "steps") if args.epochs or args.steps else ()
+    return argparse.Namespace(**{**saved, **{k: getattr(args, k) for k in (*free, *length)}})
 
-    model = make_model(args, shape, len(classes) if classes else None)
-    cond = conditions(torch.zeros(1, dtype=torch.long), class_tokens, args)
-    print(f"model: DiT {args.model} (depth {args.depth}, width {args.width}, {args.heads} heads, "
-          f"{args.block}), {(shape[-1] // args.patch) ** 2} "
-          f"tokens, {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, "
-          f"{gflops(model, shape, cond):.3f} Gflops per forward pass")
-    model.to(device)
-    ema = copy.deepcopy(model).requires_grad_(False)  # starts as an exact copy
-    opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0)
-    step = 0
-    if ckpt is not None:
-        model.load_state_dict(ckpt["model"])
-        ema.load_state_dict(ckpt["ema"])
-        opt.load_state_dict(ckpt["optimizer"])
-        step = ckpt["step"]
-        torch.set_rng_state(ckpt["rng"]["torch"])
-        random.setstate(ckpt["rng"]["python"])
-        restore_device_rng(ckpt["rng"])
-        if world > 1 and device.type == "cuda":  # every rank continues rank 0's stream (device 0)
-            torch.cuda.set_rng_state(ckpt["rng"]["cuda"][0], device)
-        print(f"resumed from step {step}")
-    ddp = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None) \
-        if world > 1 else model
-    out.mkdir(parents=True, exist_ok=True)
-    stop = []  # the signal: Ctrl-C or SIGTERM finishes the current step, saves, and exits 128 + it
-    handlers = {s: signal.signal(s, lambda signum, _: stop.append(signum))
-                for s in (signal.SIGINT, signal.SIGTERM)}
-    run = argparse.Namespace(args=args, model=model, ddp=ddp, ema=ema, opt=opt, sch=sch, shape=shape,
-                             classes=classes, class_tokens=class_tokens, device=device, rank=rank,
-                             world=world, path=out / "ckpt.pt", stop=stop, saved=ckpt and step)
+
+@contextlib.contextmanager
+def signals_to(stop):
+    """Ctrl-C and SIGTERM append their number to `stop`: the run ends its step, saves and exits."""
+    old = {s: signal.signal(s, lambda signum, frame: stop.append(signum)) for s in (SIGINT, SIGTERM)}
     try:
-        step = run_epochs(run, dataset, step)
-        if rank == 0:
-            save(run, step)
-        if world > 1:  # no rank exits (and has torchrun stop the others) before the checkpoint is written
-            dist.barrier()
+        yield
     finally:
-        for s, h in handlers.items():
-            signal.signal(s, h)
-        if world > 1:
-            dist.destroy_process_group()
-    if stop:
-        print(f"interrupted at step {step}; checkpoint {run.path}")
-        sys.exit(128 + stop[0])
-    print(f"done at step {step}; checkpoint {run.path}")
-
-
-def stopped(run):
-    """Whether Ctrl-C or SIGTERM reached any rank: all ranks then stop after the same step, and a
-    rank that was told only by another exits as if sent SIGTERM."""
-    if run.world > 1 and all_sum(torch.tensor(float(len(run.stop)), device=run.device), run.world).item():
-        if not run.stop:
-            run.stop.append(signal.SIGTERM)
-    return bool(run.stop)
-
-
-def save(run, step):
-    save_checkpoint(run.path, run.model, run.ema, run.opt, step, run.args, run.shape, run.classes)
-    run.saved = step
-
-
-def diverged(run, x, loss, first, step):
-    """Why the run must stop at this step: the batch (NaN or inf in the data set, which no learning
-    rate cures) or the loss, non-finite or over 1000 times max(its first value, 1) (a divergence)."""
-    kept = f"{run.path} holds step {run.saved}" if run.saved else "this run has written no checkpoint yet"
-    bad = torch.tensor(float(not torch.isfinite(x).all()), device=run.device)
-    if all_sum(bad, run.world).item():
-        return (f"the batch at step {step + 1} holds non-finite values: the data set has NaN or inf in it; "
-                f"stopped without saving ({kept})")
-    how = "" if not math.isfinite(loss) else f", over 1000 times max(its first value {first:.4g}, 1)"
-    return (f"the loss became {loss:.4g} at step {step + 1}{how}; stopped without saving ({kept}). "
-            f"Try a lower --lr.")
-
-
-def run_epochs(run, dataset, step):
-    args, device = run.args, run.device
-    per_epoch = len(dataset) // args.batch_size
-    total = args.steps or args.epochs * per_epoch
-    amp = torch.autocast("cuda", torch.bfloat16, enabled=args.bf16 and device.type == "cuda")
-    last_log = last_save = t_log = time.time()
-    seen, first = 0, None  # first: the loss of this process's first step, the divergence's yardstick
-    while step < total:
-        epoch, skip = divmod(step, per_epoch)
-        for x, y in epoch_batches(dataset, args, epoch, skip, run.rank, run.world):
-            # Algorithm 1, line 1: x_0 ~ q(x_0), with its label y
-            x, y = x.to(device), y.to(device)
-            for group in run.opt.param_groups:
-                group["lr"] = learning_rate(args, step, total)
-            with amp:
-                loss = batch_loss(run.ddp, x, y, args, run.sch, run.class_tokens, run.rank, run.world)
-            loss_all = all_sum(loss.detach(), run.world).item() / run.world  # the same on every rank
-            first = loss_all if first is None else first
-            if not loss_all <= 1000 * max(first, 1.0):  # also NaN
-                raise UserError(diverged(run, x, loss_all, first, step))
-            run.opt.zero_grad(set_to_none=True)
-            loss.backward()  # DistributedDataParallel averages the gradients over the ranks
-            if args.grad_clip:
-                torch.nn.utils.clip_grad_norm_(run.model.parameters(), args.grad_clip)
-            run.opt.step()
-            step += 1
-            ema_update(run.ema, run.model, step, args.ema)
-            seen += args.batch_size
-            now = time.time()
-            if now - last_log >= args.log_every or step == total:
-                speed = seen / (now - t_log)
-                print(f"step {step}/{total}  epoch {epoch + 1}  loss {loss_all:.4f}  "
-                      f"{speed:.0f} img/s  {(total - step) * args.batch_size / speed / 60:.1f} min left",
-                      flush=True)
-                last_log, seen, t_log = now, 0, now
-            if now - last_save >= 60 * args.save_every and run.rank == 0:
-                save(run, step)
-                last_save = now
-            if step == total or stopped(run):
-                break
-        if step % per_epoch == 0 or step == total:
-            end_of_epoch(run, step, epoch)
-        if stopped(run):
-            break
-    return step
+        for s, handler in old.items():
+            signal.signal(s, handler)
 
 
 class SamplingStopped(Exception):
-    pass
+    """Ctrl-C or SIGTERM arrived while a sampler ran."""
+
+
+def duration(seconds):
+    if seconds >= 5400:
+        return f"{seconds / 3600:.1f} h"
+    return f"{seconds / 60:.1f} min" if seconds >= 90 else f"{seconds:.0f} s"
 
 
 class Progress:
-    """Called after every sampling step: says how far sampling is every few seconds, and ends the
-    sampling at the next step once `stop` is set."""
+    """Called after each step of a long loop: a line with the time left every few seconds, and
+    SamplingStopped at the next step once `stop` is set."""
 
     def __init__(self, what, stop=(), every=5.0):
         self.what, self.stop, self.every = what, stop, every
         self.start = self.last = time.time()
 
-    def __call__(self, x, done, total):
+    def __call__(self, done, total):
         if self.stop:
             raise SamplingStopped
-        now = time.time()
-        if now - self.last >= self.every:
-            left = (now - self.start) / done * (total - done)
-            print(f"{self.what}: step {done}/{total}, {left:.0f} s left", flush=True)
-            self.last = now
+        if time.time() - self.last >= self.every:
+            left = (time.time() - self.start) / done * (total - done)
+            print(f"{self.what}: step {done}/{total}, {duration(left)} left", flush=True)
+            self.last = time.time()
 
 
-def end_of_epoch(run, step, epoch):
-    """Checkpoint, then the sample grid (rank 0): one column per class (the first 10) and one row per
-    guidance scale. The other ranks wait at their next collective call meanwhile."""
-    if run.rank > 0:
+class Run(argparse.Namespace):
+    """A training run, built in one place by the method's train(): args, model, opt, dataset,
+    device, rank, world, stop, path (of the checkpoint), method, loss(batch, draws) -> a scalar."""
+    ema = after_step = pictures = None  # an EMA model; after_step(step); pictures(epoch, progress)
+    step, saved, first, grid = 0, None, None, 0.0
+
+    def extra(self):  # what the checkpoint holds besides the shared keys
+        return {}
+
+
+def prepare(run, ckpt):
+    """A resumed run's weights, optimizer and RNG; run.net, the model as training calls it."""
+    if run.args.batch_size % run.world:
+        raise UserError(f"--batch-size {run.args.batch_size} (the global batch) must divide evenly over "
+                        f"{run.world} processes")
+    if ckpt is not None:
+        run.model.load_state_dict(ckpt["model"])
+        if run.ema is not None:
+            run.ema.load_state_dict(ckpt["ema"])
+        run.opt.load_state_dict(ckpt["optimizer"])
+        run.step = run.saved = ckpt["step"]
+        restore_rng(ckpt["rng"], run.device)
+        print(f"resumed from step {run.step}")
+    run.net = run.model
+    if run.world > 1:  # averages the gradients over the processes in backward()
+        run.net = DistributedDataParallel(run.model, [run.device.index] if run.device.type == "cuda" else None)
+    if run.args.compile:
+        run.net = torch.compile(run.net)
+
+
+def save(run):
+    if run.rank == 0 and run.saved != run.step:
+        save_checkpoint(run.path, {"method": run.method, "args": vars(run.args), "step": run.step,
+                                   "model": run.model.state_dict(), "optimizer": run.opt.state_dict(),
+                                   "ema": None if run.ema is None else run.ema.state_dict(), **run.extra()})
+    run.saved, run.last_save = run.step, time.time()
+
+
+def train_loop(run):
+    """From run.step to the end: a global batch, run.loss, a gradient step, EMA; the loss and the
+    stop flag are read from the device every CHECK_EVERY steps and at an epoch's end, its checkpoint
+    and pictures then follow."""
+    args, per_epoch = run.args, len(run.dataset) // run.args.batch_size
+    run.total, run.per_epoch = args.steps or args.epochs * per_epoch, per_epoch
+    amp = torch.autocast("cuda", torch.bfloat16, enabled=args.bf16 and run.device.type == "cuda")
+    run.last_log = run.last_save = time.time()
+    losses, run.bad_data = [], torch.zeros((), device=run.device)
+    while run.step < run.total and not run.stop:
+        epoch, skip = divmod(run.step, per_epoch)
+        for batch in epoch_batches(run.dataset, args, epoch, skip, run.rank, run.world):
+            batch = [b.to(run.device) for b in batch]
+            run.bad_data += (~torch.isfinite(batch[0])).any()
+            for group in run.opt.param_groups:
+                group["lr"] = learning_rate(args, run.step, run.total)
+            with amp:
+                loss = run.loss(batch, Draws(args.batch_size, run.device, run.rank, run.world))
+            run.opt.zero_grad(set_to_none=True)
+            loss.backward()
+            if args.grad_clip:
+                torch.nn.utils.clip_grad_norm_(run.model.parameters(), args.grad_clip)
+            run.opt.step()
+            run.step += 1
+            if run.ema is not None:
+                ema_update(run.ema, run.model, run.step, args.ema)
+            if run.after_step is not None:
+                run.after_step(run.step)
+            losses.append(loss.detach().float())
+            run.first = losses[0] if run.first is None else run.first
+            end = run.step % per_epoch == 0 or run.step == run.total
+            if (end or run.step % CHECK_EVERY == 0 or run.world == 1 and run.stop) and check(run, losses):
+                break
+            if end:
+                break
+        if run.step % per_epoch == 0 or run.step == run.total:
+            end_of_epoch(run, epoch)
+
+
+def check(run, losses):
+    """Stops a diverged run without saving; prints progress; saves every --save-every minutes.
+    Returns whether any process was asked to stop (one stopped by another exits as on SIGTERM)."""
+    stop = torch.tensor(float(len(run.stop)), device=run.device)
+    x = torch.stack([torch.stack(losses).mean(), run.first, run.bad_data, stop])
+    if run.world > 1:
+        dist.all_reduce(x)
+        x /= run.world
+    (loss, first, bad, stop), now = x.tolist(), time.time()
+    if bad or not math.isfinite(loss) or loss > DIVERGED * max(first, 1):
+        held = f"{run.path} holds step {run.saved}" if run.saved else "this run has written no checkpoint yet"
+        why = "the data hold NaN or inf" if bad else f"the loss went from {first:.3g} to {loss:.3g} " \
+            f"(diverged: try a lower --lr)"
+        raise UserError(f"stopped at step {run.step} without saving, as {why}; {held}")
+    if now - run.last_log >= run.args.log_every or stop or run.step == run.total:
+        speed = len(losses) * run.args.batch_size / (now - run.last_log)
+        left = (run.total - run.step) * (run.args.batch_size / speed + run.grid / run.per_epoch)
+        print(f"step {run.step}/{run.total}  loss {loss:.4f}  {speed:.0f} img/s  {duration(left)} left",
+              flush=True)
+        losses.clear()
+        run.last_log = now
+    if stop and not run.stop:
+        run.stop.append(SIGTERM)
+    if now - run.last_save >= 60 * run.args.save_every or stop:
+        save(run)
+    return bool(stop)
+
+
+def end_of_epoch(run, epoch):
+    save(run)
+    if run.pictures is None or run.rank > 0:  # the other processes wait meanwhile
         return
-    save(run, step)
-    run.ema.eval()
-    progress = Progress(f"epoch {epoch + 1} grid", run.stop)
-
-    def row(r):  # the grid's steps counted over all its rows
-        return lambda x, done, total: progress(x, r * total + done, len(GUIDANCE_ROWS) * total)
-
+    start = time.time()
     try:
-        if run.classes:
-            K = min(len(run.classes), 10)
-            cond = conditions(torch.arange(K, device=run.device), run.class_tokens, run.args)
-            x = torch.cat([draw(run.ema, cond, K, run.shape, run.sch, run.args, run.device, 0, s, row(r))
-                           for r, s in enumerate(GUIDANCE_ROWS)])
-            nrow, note = K, f" (rows: guidance {', '.join(map(str, GUIDANCE_ROWS))})"
-        else:
-            x = draw(run.ema, None, 64, run.shape, run.sch, run.args, run.device, 0, 1, progress)
-            nrow, note = 8, ""
+        run.pictures(epoch, Progress(f"epoch {epoch + 1} grid", run.stop))
     except SamplingStopped:
-        print(f"stopped while drawing the grid; {run.path} holds step {step}")
-        return
-    path = Path(run.args.out) / f"samples_epoch{epoch + 1:03d}.png"
+        print(f"stopped while drawing the grid; {run.path} holds step {run.step}")
+    run.grid, run.last_log = time.time() - start, time.time()  # img/s counts training alone
+
+
+def finish(run):
+    """The run's last line; an interrupted run, once saved, exits 128 + its signal's number."""
+    if run.world > 1:  # the others wait for rank 0's checkpoint: the next command may read it
+        dist.barrier()
+    print(f"{'interrupted' if run.stop else 'done'} at step {run.step}; checkpoint {run.path}")
+    if run.stop:
+        raise SystemExit(128 + run.stop[0])
+
+
+def positive_int(s):
+    if not s.strip().isdigit() or int(s) == 0:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {s!r}")
+    return int(s)
+
+
+def int_list(s):
+    if not s.replace(",", "").strip():
+        raise argparse.ArgumentTypeError(f"must be comma-separated integers such as 1,2,2, got {s!r}")
+    return tuple(positive_int(x) for x in s.split(",") if x.strip())
+
+
+def shared_flags(p, out, lr, batch_size=128, warmup=0, ema=0.9999, grad_clip=1.0):
+    """DESIGN.md's command line: the flags of every method file, with the method's defaults."""
+    p.add_argument("--dataset", help="mnist | fashion-mnist (default) | cifar10 | FOLDER | FILE.pt")
+    p.add_argument("--data-dir", default="./data")
+    p.add_argument("--image-size", type=positive_int, help="for image folders")
+    length = p.add_mutually_exclusive_group()
+    length.add_argument("--epochs", type=positive_int)
+    length.add_argument("--steps", type=positive_int)
+    p.add_argument("--batch-size", type=positive_int, default=batch_size)
+    p.add_argument("--lr", type=float, default=lr)
+    p.add_argument("--warmup", type=int, default=warmup, help="steps of linear warm-up (0: none)")
+    p.add_argument("--lr-decay", choices=["none", "cosine"], default="none")
+    p.add_argument("--ema", type=float, default=ema, help="EMA decay of the weights")
+    p.add_argument("--grad-clip", type=float, default=grad_clip, help="gradient norm clip (0: off)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda | mps")
+    p.add_argument("--bf16", action="store_true", help="bfloat16 autocast on CUDA")
+    p.add_argument("--compile", action="store_true", help="torch.compile the network")
+    p.add_argument("--out", default=out)
+    p.add_argument("--resume", action="store_true", help="continue OUT's checkpoint (or --ckpt)")
+    p.add_argument("--log-every", type=float, default=5.0, help="seconds between progress lines")
+    p.add_argument("--save-every", type=float, default=5.0, help="minutes between checkpoints")
+    p.add_argument("--sample", action="store_true", help="only sample from --ckpt")
+    p.add_argument("--ckpt")
+    p.add_argument("--n", type=positive_int, default=64, help="images to sample")
+    p.add_argument("--save", help="FILE.png (a grid) or FILE.pt (a tensor) for --sample")
+
+
+def check_shared_flags(p, args):
+    for flag, ok, what in [("lr", args.lr > 0, "positive"), ("warmup", args.warmup >= 0, "0 or more"),
+                           ("grad_clip", args.grad_clip >= 0, "0 (off) or positive"),
+                           ("ema", 0 <= args.ema < 1, "in [0, 1)")]:
+        if not ok:
+            p.error(f"--{flag.replace('_', '-')} must be {what}, got {getattr(args, flag)}")
+    if not args.resume:
+        args.dataset = args.dataset or "fashion-mnist"
+        args.epochs = args.epochs or (None if args.steps else 10)
+
+
+def out_folder(path):
+    if Path(path).exists() and not Path(path).is_dir():
+        raise UserError(f"--out {path} is a file: give a folder for the run's outputs")
+    Path(path).mkdir(parents=True, exist_ok=True)
+    return Path(path)
+
+
+def check_save(path):
+    if not path or Path(path).suffix not in (".png", ".pt"):
+        raise UserError("--sample needs --save FILE.png (a grid) or FILE.pt (a tensor)")
+    if Path(path).is_dir():
+        raise UserError(f"--save {path} is a folder: give a file name ending in .png or .pt")
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+
+
+def run_command(command, args):
+    """main()'s body: a user's error is one line, and so is Ctrl-C before training or while
+    sampling (status 130); the process group, if any, is closed."""
+    try:
+        command(args)
+    except UserError as e:
+        sys.exit(f"error: {e}")
+    except (KeyboardInterrupt, SamplingStopped):
+        print("interrupted: nothing saved", file=sys.stderr)
+        sys.exit(130)
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+# ==== end of harness ===============================================================================
+
+
+# ==== the command line =============================================================================
+
+KEYS = ("shape", "classes", "model", "ema", "optimizer")  # of a dit.py checkpoint, besides the harness's
+GUIDANCE_ROWS = (1.0, 1.5, 2.0, 4.0)  # the rows of every class-conditional grid
+
+
+def model_name(s):
+    """S/2, B/4, XL/2, T/4 ... (Table 1's size / the patch size) or a size alone (patch 2)."""
+    size, _, patch = s.upper().partition("/")
+    if size not in MODELS or (patch and not patch.isdigit()):
+        raise argparse.ArgumentTypeError(f"unknown model {s!r}: use SIZE/PATCH with SIZE one of "
+                                         f"{', '.join(MODELS)} (e.g. S/2, B/4, XL/2)")
+    return f"{size}/{patch or 2}"
+
+
+def fill_model_defaults(args):
+    """The model name's patch, depth, width and heads where no flag overrides them."""
+    size, patch = args.model.split("/")
+    depth, width, heads = MODELS[size]
+    args.patch, args.depth = args.patch or int(patch), args.depth or depth
+    args.width, args.heads = args.width or width, args.heads or heads
+
+
+def make_model(args, shape, num_classes):
+    return DiT(shape[0], shape[-1], args.patch, args.depth, args.width, args.heads, num_classes,
+               args.learn_sigma, args.block)
+
+
+def sampling_steps(args):
+    """--sampling-steps, or the default: 250 for DDPM (as the paper evaluates), 50 for DDIM."""
+    return args.sampling_steps or min(250 if args.sampler == "ddpm" else 50, args.T)
+
+
+def draw(ema, y, n, shape, sch, args, device, seed, scale, on_step=None):
+    """n samples from fixed noise (seed) of classes y (None: unconditional) with the sampler of
+    args, guided at `scale`."""
+    g = torch.Generator(device).manual_seed(seed)
+    x = torch.randn(n, *shape, device=device, generator=g)
+    f, steps = guided(ema, y, scale), sampling_steps(args)
+    if args.sampler == "ddim":
+        return sample_ddim(f, x, sch, steps, args.clip_x0, on_step)
+    return sample_ddpm(f, x, sch, steps, args.learn_sigma, args.clip_x0, g, on_step)
+
+
+def pictures(ema, classes, shape, sch, args, device, epoch, progress):
+    """The epoch's grid: one column per class (the first 10) and one row per guidance scale, or 64
+    unconditional samples."""
+    ema.eval()
+    if classes:
+        K, rows = min(len(classes), 10), []
+        for r, scale in enumerate(GUIDANCE_ROWS):  # the grid's progress counted over all its rows
+            rows.append(draw(ema, torch.arange(K, device=device), K, shape, sch, args, device, 0, scale,
+                             lambda x, done, total: progress(r * total + done, len(GUIDANCE_ROWS) * total)))
+        x, nrow, note = torch.cat(rows), K, f" (rows: guidance {', '.join(map(str, GUIDANCE_ROWS))})"
+    else:
+        x = draw(ema, None, 64, shape, sch, args, device, 0, 1, lambda x, done, total: progress(done, total))
+        nrow, note = 8, ""
+    path = Path(args.out) / f"samples_epoch{epoch + 1:03d}.png"
     save_grid(x[:, :3], path, nrow=nrow)
     print(f"epoch {epoch + 1}: samples in {path}{note}")
 
 
-# ----------------------------------------------------------------------------------------------
-# Sampling from a checkpoint
-# ----------------------------------------------------------------------------------------------
+def train(args, p):
+    rank, world, device = setup_processes(args.device)
+    ckpt = None
+    if args.resume:
+        ckpt = load_checkpoint(args.ckpt or Path(args.out) / "ckpt.pt", ["dit"], KEYS)
+        args = resumed_args(p, args, ckpt)
+    seed_everything(args.seed)  # the same on every process: see Draws
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    dataset, info = load_dataset(args.dataset, args.data_dir, True, args.image_size,
+                                 flip=args.dataset == "cifar10")
+    shape, classes = (info.channels, info.size, info.size), info.classes if info.num_classes else None
+    if ckpt is not None and tuple(ckpt["shape"]) != shape:
+        raise UserError(f"the checkpoint was trained on {tuple(ckpt['shape'])} data, {args.dataset} has "
+                        f"{shape}: resume on the data it was trained on")
+    if len(dataset) < args.batch_size:
+        raise UserError(f"{args.dataset} has {len(dataset)} images, fewer than --batch-size {args.batch_size}")
+    fill_model_defaults(args)
+    # pixels live in [-1, 1] and the predicted x_0 is clipped there; float tensors (latents) are not
+    args.clip_x0 = not getattr(getattr(dataset, "images", None), "is_floating_point", bool)()
+    sch, K = linear_schedule(args.T), len(classes) if classes else None
+    model = make_model(args, shape, K)
+    print(f"model: DiT {args.model} (depth {args.depth}, width {args.width}, {args.heads} heads, {args.block}), "
+          f"{(shape[-1] // args.patch) ** 2} tokens, {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M "
+          f"parameters, {gflops(model, shape, torch.zeros(1, dtype=torch.long) if K else None):.3f} Gflops")
+    model.to(device)
+    out = out_folder(args.out)
+    run = Run(args=args, method="dit", model=model, ema=copy.deepcopy(model).requires_grad_(False),
+              opt=torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0), dataset=dataset,
+              device=device, rank=rank, world=world, stop=[], path=out / "ckpt.pt",
+              extra=lambda: {"shape": list(shape), "classes": classes})
+    run.loss = lambda batch, draws: training_step(run.net, batch[0], batch[1] if K else None, sch, draws, K,
+                                                  args.p_uncond, args.learn_sigma, args.lambda_vlb)
+    run.pictures = lambda epoch, progress: pictures(run.ema, classes, shape, sch, args, device, epoch, progress)
+    with signals_to(run.stop):
+        prepare(run, ckpt)
+        train_loop(run)
+        save(run)
+    finish(run)
+
 
 def sample(args):
     if not args.ckpt:
         raise UserError("--sample needs --ckpt PATH (e.g. runs/dit/ckpt.pt)")
-    if not args.save or Path(args.save).suffix not in (".png", ".pt"):
-        raise UserError("--sample needs --save FILE.png (a grid) or FILE.pt (a tensor)")
-    if Path(args.save).is_dir():
-        raise UserError(f"--save {args.save} is a folder: give a file name (FILE.png or FILE.pt)")
-    ckpt = load_checkpoint(args.ckpt)
-    train_args = argparse.Namespace(**{**ckpt["args"], "sampler": args.sampler, "cfg_scale": args.cfg_scale,
-                                       "sampling_steps": args.sampling_steps})
+    try:
+        check_save(args.save)
+    except OSError as e:
+        raise UserError(f"cannot write --save {args.save} ({e.strerror}): give a file in a folder") from None
+    ckpt = load_checkpoint(args.ckpt, ["dit"], KEYS)
+    train_args = argparse.Namespace(**{**ckpt["args"], "sampler": args.sampler, "sampling_steps": args.sampling_steps})
     classes, shape = ckpt["classes"], tuple(ckpt["shape"])
-    check_sampling_steps(train_args)
-    class_tokens = class_tokens_of(classes, train_args)
+    sch = linear_schedule(train_args.T)
+    respace(sch, sampling_steps(train_args))  # a clear error before any work
     fixed = None  # the class of every sample; None: the classes in turn
     if args.prompt is not None:
         if not classes:
@@ -846,26 +958,20 @@ def sample(args):
     ema = make_model(train_args, shape, len(classes) if classes else None)
     ema.load_state_dict(ckpt["ema"])
     ema.to(device).eval()
-    if not all(torch.isfinite(p).all() for p in ema.parameters()):
+    if not all(torch.isfinite(w).all() for w in ema.parameters()):
         raise UserError(f"{args.ckpt} holds non-finite weights (its run diverged): retrain with a lower --lr")
-    try:
-        Path(args.save).parent.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise UserError(f"cannot write --save {args.save} ({e.strerror}): give a file in a folder") from None
-    sch, start, xs = linear_schedule(train_args.T), time.time(), []
+    start, chunks = time.time(), []
     for i in range(0, args.n, 256):
-        cond = None  # an unconditional model
+        y = None  # an unconditional model
         if classes:
-            ids = torch.arange(i, min(i + 256, args.n), device=device)
-            ids = ids % len(classes) if fixed is None else torch.full_like(ids, fixed)
-            cond = conditions(ids, class_tokens, train_args)
+            y = torch.arange(i, min(i + 256, args.n), device=device)
+            y = y % len(classes) if fixed is None else torch.full_like(y, fixed)
         progress = Progress(f"images {i + 1}-{min(i + 256, args.n)} of {args.n}")
-        xs.append(draw(ema, cond, min(256, args.n - i), shape, sch, train_args, device, args.seed + i,
-                       args.cfg_scale, progress).float().cpu())
-    x = torch.cat(xs)
+        chunks.append(draw(ema, y, min(256, args.n - i), shape, sch, train_args, device, args.seed + i,
+                           args.cfg_scale, lambda x, done, total: progress(done, total)).float().cpu())
+    x = torch.cat(chunks)
     if not torch.isfinite(x).all():
-        raise UserError(f"the samples of {args.ckpt} came out non-finite: the checkpoint is broken, "
-                        f"retrain it")
+        raise UserError(f"the samples of {args.ckpt} came out non-finite: the checkpoint is broken, retrain it")
     x = x.clamp(-1, 1) if train_args.clip_x0 else x
     print(f"{args.n} samples in {time.time() - start:.2f} s")
     if args.save.endswith(".pt"):
@@ -875,54 +981,18 @@ def sample(args):
     print(f"saved {args.save}")
 
 
-# ----------------------------------------------------------------------------------------------
-# Command line
-# ----------------------------------------------------------------------------------------------
-
-def positive_int(s):
-    v = int(s)
-    if v <= 0:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {s}")
-    return v
-
-
-def model_name(s):
-    """S/2, B/4, XL/2, T/4 ... (Table 1 size / patch size) or a size alone."""
-    size, _, patch = s.upper().partition("/")
-    if size not in MODELS or (patch and not patch.isdigit()):
-        raise argparse.ArgumentTypeError(f"unknown model {s!r}: use SIZE/PATCH with SIZE one of "
-                                         f"{', '.join(MODELS)} (e.g. S/2, B/4, XL/2)")
-    return size, int(patch) if patch else None
-
-
-def parse_args(argv=None):
+def parser():
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--dataset", help="mnist | fashion-mnist (default) | cifar10 | PATH | FILE.pt")
-    p.add_argument("--data-dir", default="./data")
-    p.add_argument("--image-size", type=positive_int, help="for image folders")
-    length = p.add_mutually_exclusive_group()
-    length.add_argument("--epochs", type=positive_int)
-    length.add_argument("--steps", type=positive_int)
-    p.add_argument("--batch-size", type=positive_int, default=256, help="global, over all processes")
-    p.add_argument("--lr", type=float, default=1e-4)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--device", default="auto")
-    p.add_argument("--out")
-    p.add_argument("--resume", action="store_true", help="continue OUT/ckpt.pt (or --ckpt)")
-    p.add_argument("--sample", action="store_true", help="only sample from --ckpt")
-    p.add_argument("--ckpt")
-    p.add_argument("--n", type=positive_int, default=64)
-    p.add_argument("--save")
-    p.add_argument("--prompt", help="with --sample: a class name")
-    p.add_argument("--model", type=model_name, default=("S", 2), help="S/2, S/4, B/2, L/4, XL/2, T/4, ...")
+    shared_flags(p, "runs/dit", lr=1e-4, batch_size=256)
+    p.add_argument("--model", type=model_name, default="S/2", help="S/2, S/4, B/2, L/4, XL/2, T/4, ...")
     p.add_argument("--patch", type=positive_int, help="patch size p (overrides the model name's)")
     p.add_argument("--depth", type=positive_int, help="blocks N (overrides the model's)")
     p.add_argument("--width", type=positive_int, help="hidden size d (overrides the model's)")
     p.add_argument("--heads", type=positive_int, help="attention heads (overrides the model's)")
-    p.add_argument("--block", choices=BLOCKS, default="adaln-zero", help="Fig. 3's designs (DiT)")
+    p.add_argument("--block", choices=list(BLOCKS), default="adaln-zero", help="Fig. 3's designs")
     p.add_argument("--learn-sigma", action=argparse.BooleanOptionalAction, default=True,
-                   help="learned Sigma_theta and L_hybrid (DiT)")
+                   help="learned Sigma_theta and L_hybrid")
     p.add_argument("--lambda-vlb", type=float, default=0.001)
     p.add_argument("--T", type=positive_int, default=1000)
     p.add_argument("--sampler", choices=["ddpm", "ddim"], default="ddpm", help="ancestral (learned Sigma) or DDIM")
@@ -930,55 +1000,31 @@ def parse_args(argv=None):
                    help="default: 250 (ddpm, as the paper), 50 (ddim); at most T")
     p.add_argument("--cfg-scale", type=float, default=1.5, help="guidance s (1: none; paper's FID: 1.5)")
     p.add_argument("--p-uncond", type=float, default=0.1, help="label dropout for guidance")
-    p.add_argument("--warmup", type=int, default=0, help="learning-rate warm-up steps")
-    p.add_argument("--lr-decay", choices=["none", "cosine"], default="none")
-    p.add_argument("--ema", type=float, default=0.9999)
-    p.add_argument("--grad-clip", type=float, default=1.0, help="0: off")
-    p.add_argument("--bf16", action="store_true", help="bfloat16 autocast on CUDA")
-    p.add_argument("--log-every", type=float, default=5.0, help="seconds")
-    p.add_argument("--save-every", type=float, default=5.0, help="minutes between checkpoints")
+    p.add_argument("--prompt", help="with --sample: a class name")
+    return p
+
+
+def parse_args(argv=None, p=None):
+    p = p or parser()
     args = p.parse_args(argv)
-    args.size, args.patch = args.model[0], args.patch or args.model[1] or 2
-    args.model = f"{args.size}/{args.patch}"
-    depth, width, heads = MODELS[args.size]
-    args.depth, args.width, args.heads = args.depth or depth, args.width or width, args.heads or heads
-    args.out = args.out or "runs/dit"
-    if not args.resume and not args.sample:  # --sample checks against the checkpoint's T
-        try:
-            check_sampling_steps(args)
-        except UserError as e:
-            p.error(str(e))
-    if not args.lr > 0:
-        p.error(f"--lr must be positive, got {args.lr}")
-    if args.grad_clip < 0:
-        p.error(f"--grad-clip must be 0 (off) or positive, got {args.grad_clip}")
-    for flag, value in (("--lambda-vlb", args.lambda_vlb), ("--warmup", args.warmup)):
-        if value < 0:
-            p.error(f"{flag} must be >= 0, got {value}")
+    check_shared_flags(p, args)
+    if not args.resume and not args.sample and sampling_steps(args) > args.T:  # --sample: the checkpoint's T
+        p.error(f"--sampling-steps must be between 1 and T = {args.T}, got {args.sampling_steps}")
+    if args.lambda_vlb < 0:
+        p.error(f"--lambda-vlb must be >= 0, got {args.lambda_vlb}")
     if not 0 <= args.p_uncond < 1:
         p.error(f"--p-uncond must be in [0, 1), got {args.p_uncond}")
-    if not 0 <= args.ema < 1:
-        p.error(f"--ema must be in [0, 1), got {args.ema}")
     if args.cfg_scale < 0:
         p.error(f"--cfg-scale must be >= 0, got {args.cfg_scale}")
     if args.prompt is not None and not args.sample:
         p.error("--prompt is for --sample")
-    if not args.resume:
-        args.dataset = args.dataset or "fashion-mnist"
-        if args.epochs is None and args.steps is None:
-            args.epochs = 10
     return args
 
 
 def main(argv=None):
-    args = parse_args(argv)
-    try:
-        sample(args) if args.sample else train(args)
-    except UserError as e:
-        sys.exit(f"error: {e}")
-    except KeyboardInterrupt:  # Ctrl-C while sampling, or before training set up its handlers
-        print("interrupted: nothing saved", file=sys.stderr)
-        sys.exit(130)
+    p = parser()
+    args = parse_args(argv, p)
+    run_command(sample if args.sample else lambda a: train(a, p), args)
 
 
 if __name__ == "__main__":
