@@ -48,7 +48,8 @@ Differences from the paper:
   and no learned output variance (the official loss divides L1 by a learned scalar).
 - The frozen encoder's posterior (mean, log-variance) is computed once for the data set and z_0 is
   drawn from it every step: the same z_0 distribution as encoding each batch, minus the encoder's
-  cost per step (and without flips).
+  cost per step (and without flips). The scale factor is 1 / std of z ~ q(z | x) on the first
+  training batch, with fixed noise, computed again at each checkpoint of stage 1.
 - Small networks for 28x28 images; the EMA decay warms up as in ddpm.py; an optional warm-up and
   cosine decay of the learning rate (the paper: constant).
 - Only the KL-regularised autoencoder; the paper's VQ-regularised one (a codebook in the decoder) is not here.
@@ -58,6 +59,7 @@ Differences from the paper:
   alphas_cumprod[0] = alpha_bar_1 = 1 - beta_1, not at 1.
 """
 import argparse
+import contextlib
 import copy
 import functools
 import math
@@ -67,6 +69,7 @@ import signal
 import sys
 import time
 from pathlib import Path
+from signal import SIGINT, SIGTERM
 
 import torch
 import torch.distributed as dist
@@ -75,23 +78,11 @@ import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, Subset, TensorDataset
 
-from common import (Attention, Downsample, ResBlock, UNet, Upsample, UserError, load_dataset, norm,
-                    pick_device, save_grid, seed_everything, zero)
+import common
+from common import Attention, Downsample, ResBlock, UNet, Upsample, UserError, load_dataset, pick_device, save_grid
 
-GUIDANCE_ROWS = (1.0, 1.5, 2.0, 4.0)  # the rows of every class-conditional grid
-CL = torch.channels_last  # convolutions run faster on CPUs and GPUs with channels innermost
-
-# ----------------------------------------------------------------------------------------------
+# ==== the paper ====================================================================================
 # Stage 1: the KL-regularised autoencoder (Sec. 3.1, Appendix G)
-# ----------------------------------------------------------------------------------------------
-
-
-def global_randn(shape, rank=0, world=1, device=None, generator=None):
-    """N(0, I) noise for this rank's slice of a batch: under torchrun every rank draws the whole
-    global batch's noise and keeps its slice, so N processes compute what one process would."""
-    b = shape[0]
-    return torch.randn(world * b, *shape[1:], device=device, generator=generator)[rank * b:(rank + 1) * b]
-
 
 class DiagonalGaussian:
     """q(z | x) = N(mean, diag(exp(log_var))), from the encoder's 2c output channels. The
@@ -102,9 +93,8 @@ class DiagonalGaussian:
         self.mean, log_var = moments.chunk(2, dim=1)
         self.log_var = log_var.clamp(-30.0, 20.0)
 
-    def sample(self, generator=None, rank=0, world=1):
-        # the reparameterisation trick: z = mu + sigma * eps, differentiable in mu and sigma
-        eps = global_randn(self.mean.shape, rank, world, self.mean.device, generator)
+    def sample(self, eps):
+        """The reparameterisation trick: z = mu + sigma * eps, differentiable in mu and sigma."""
         return self.mean + (0.5 * self.log_var).exp() * eps
 
     def kl(self):
@@ -134,7 +124,7 @@ class Encoder(nn.Module):
             if i < len(widths) - 1:
                 layers.append(Downsample(ch))
         layers += [ResBlock(ch, ch), Attention(ch), ResBlock(ch, ch),
-                   norm(ch), nn.SiLU(), nn.Conv2d(ch, 2 * latent_channels, 3, padding=1)]
+                   common.norm(ch), nn.SiLU(), nn.Conv2d(ch, 2 * latent_channels, 3, padding=1)]
         self.layers = nn.Sequential(*layers)
 
     def forward(self, x):
@@ -156,7 +146,7 @@ class Decoder(nn.Module):
                 ch = w
             if i > 0:
                 layers.append(Upsample(ch))
-        layers += [norm(ch), nn.SiLU(), nn.Conv2d(ch, channels, 3, padding=1)]
+        layers += [common.norm(ch), nn.SiLU(), nn.Conv2d(ch, channels, 3, padding=1)]
         self.layers = nn.Sequential(*layers)
 
     def forward(self, z):
@@ -175,38 +165,36 @@ class Autoencoder(nn.Module):
     def decode(self, z):
         return self.decoder(z)
 
-    def forward(self, x, rank=0, world=1):
-        """Stage 1's pass (one call, as DistributedDataParallel wants): the moments of q(z | x) =
-        E(x), and D(z) at z = mu + sigma * eps."""
+    def forward(self, x, eps):
+        """Stage 1's pass in one call (as DistributedDataParallel wants): the moments of
+        q(z | x) = E(x), and D(z) at z = mu + sigma * eps."""
         moments = self.encoder(x)
-        return moments, self.decoder(DiagonalGaussian(moments).sample(None, rank, world))
+        return moments, self.decoder(DiagonalGaussian(moments).sample(eps))
 
 
 def make_autoencoder(args, channels):
     return Autoencoder(channels, args.f, args.latent_channels, args.ae_width, args.ae_res_blocks)
 
 
-def autoencoder_loss(ae, x, kl_weight, l2_weight=0.0, rank=0, world=1):
-    """Stage 1's loss per image: |x - D(z)|_1 (+ l2_weight |x - D(z)|_2^2) + kl_weight KL, with
-    z ~ q(z | x); summed over pixels and latent entries, as the official loss, so that the KL weight
-    1e-6 means what it does there. Returns the loss, the reconstruction term and the KL term."""
+def autoencoder_loss(ae, x, eps, kl_weight, l2_weight=0.0):
+    """Stage 1's loss: |x - D(z)|_1 (+ l2_weight |x - D(z)|_2^2) + kl_weight KL, z = mu + sigma * eps;
+    summed over pixels and latent entries per image, as the official loss, so that the KL weight 1e-6
+    means what it does there; the mean over the batch."""
     # Stage 1, lines 2-3: q(z | x) = N(mu, diag(sigma^2)) = E(x); z = mu + sigma * eps; D(z)
-    moments, x_rec = ae(x, rank, world)
-    posterior = DiagonalGaussian(moments)
+    moments, x_rec = ae(x, eps)
     # Stage 1, line 4: L = |x - D(z)|_1 + w_KL KL(q(z | x) || N(0, I))
     rec = (x - x_rec).abs().flatten(1).sum(1)
     if l2_weight:
         rec = rec + l2_weight * (x - x_rec).square().flatten(1).sum(1)
-    kl = posterior.kl()
-    return (rec + kl_weight * kl).mean(), rec.mean(), kl.mean()
+    return (rec + kl_weight * DiagonalGaussian(moments).kl()).mean()
 
 
 @torch.no_grad()
-def scale_by_std(ae, x):
-    """The official `scale_by_std`: 1 / std of the latents z ~ q(z | x) of the first training batch.
+def scale_by_std(ae, x, eps):
+    """The official `scale_by_std`: 1 / std of the latents z = mu + sigma * eps of a training batch.
     Diffusion's schedule assumes data of about unit variance: at std 0.1 the latent would drown in
     noise 10 times sooner than the schedule means to, at std 10 barely at all."""
-    return 1.0 / ae.encode(x).sample().flatten().std().item()
+    return 1.0 / ae.encode(x).sample(eps).flatten().std().item()
 
 
 def psnr(x, x_rec):
@@ -215,9 +203,7 @@ def psnr(x, x_rec):
     return 10 * torch.log10(4 / mse.clamp(min=1e-10))
 
 
-# ----------------------------------------------------------------------------------------------
 # Stage 2: the noise schedule and the forward process on latents
-# ----------------------------------------------------------------------------------------------
 
 class Schedule:
     """beta_t, alpha_t = 1 - beta_t and alpha_bar_t = prod_{s<=t} alpha_s in float64, indexed by the
@@ -229,8 +215,7 @@ class Schedule:
     def __init__(self, T=1000, beta_1=0.0015, beta_T=0.0195):
         self.T = T
         beta = torch.linspace(beta_1 ** 0.5, beta_T ** 0.5, T, dtype=torch.float64) ** 2 * 1000 / T
-        beta = beta.clamp(max=0.999)
-        self.beta = torch.cat([torch.zeros(1, dtype=torch.float64), beta])
+        self.beta = torch.cat([torch.zeros(1, dtype=torch.float64), beta.clamp(max=0.999)])
         self.alpha = 1 - self.beta
         self.alpha_bar = torch.cumprod(self.alpha, dim=0)
 
@@ -250,9 +235,7 @@ def predict_z0(z_t, t, eps, sch):
     return (z_t - extract((1 - sch.alpha_bar).sqrt(), t, z_t) * eps) / extract(sch.alpha_bar.sqrt(), t, z_t)
 
 
-# ----------------------------------------------------------------------------------------------
 # Stage 2's network: common.UNet on the latent grid, with cross-attention to tau_theta(y)
-# ----------------------------------------------------------------------------------------------
 
 def split_heads(x, heads):  # (B, N, d) -> (B, heads, N, d / heads)
     return x.unflatten(-1, (heads, -1)).transpose(1, 2)
@@ -297,11 +280,11 @@ class SpatialTransformer(nn.Module):
 
     def __init__(self, ch, heads, context_dim):
         super().__init__()
-        self.norm, self.proj_in = norm(ch), nn.Conv2d(ch, ch, 1)
+        self.norm, self.proj_in = common.norm(ch), nn.Conv2d(ch, ch, 1)
         self.norm1, self.attn1 = nn.LayerNorm(ch), CrossAttention(ch, ch, heads)
         self.norm2, self.attn2 = nn.LayerNorm(ch), CrossAttention(ch, context_dim, heads)
         self.norm3, self.ff = nn.LayerNorm(ch), GEGLU(ch)
-        self.proj_out = zero(nn.Conv2d(ch, ch, 1))
+        self.proj_out = common.zero(nn.Conv2d(ch, ch, 1))
 
     def forward(self, x, context):
         B, C, H, W = x.shape
@@ -367,37 +350,8 @@ class LatentDiffusion(nn.Module):
         return self.unet(z_t, t, context=None if self.tau is None else self.tau(cond))
 
 
-def unet_levels(size, mults):
-    """Check that the latent grid halves len(mults) - 1 times, to no less than 2x2."""
-    if size % 2 ** (len(mults) - 1) or size >> (len(mults) - 1) < 2:
-        fits = 1
-        while size % 2 ** fits == 0 and size >> fits >= 2:
-            fits += 1
-        raise UserError(f"the {size}x{size} latent grid is too small to halve {len(mults) - 1} times for "
-                        f"--mults {','.join(map(str, mults))}: give at most {fits} multipliers "
-                        f"(e.g. --mults {','.join(map(str, (1, 2, 3, 4)[:fits]))}) or use a smaller --f")
-
-
-def unet_width_problem(width, mults, heads):
-    """Why the levels' channels (width x each multiplier) do not fit the attention heads or
-    GroupNorm's groups (common.norm), or None."""
-    for m in mults:
-        ch = width * m
-        if ch % heads:
-            return (f"--heads {heads} must divide the channels of every U-Net level: {ch} (--width {width} "
-                    f"x multiplier {m}) is not divisible by {heads}")
-        if ch % math.gcd(32, max(ch // 4, 1)):
-            return (f"--width {width} gives a U-Net level of {ch} channels (x multiplier {m}), which GroupNorm "
-                    f"cannot split into groups of 4 or more: use a multiple of 4 for --width")
-    return None
-
-
 def make_model(args, latent_shape, num_classes):
     C, size = latent_shape[0], latent_shape[-1]
-    unet_levels(size, args.mults)
-    problem = unet_width_problem(args.width, args.mults, args.heads)
-    if problem:
-        raise UserError(problem)
     block = functools.partial(SpatialTransformer, context_dim=args.context_dim) if num_classes else Attention
     unet = UNet(C, args.width, args.mults, args.res_blocks, args.attn, args.dropout, image_size=size,
                 num_heads=args.heads, attention_block=block)
@@ -408,20 +362,20 @@ def make_model(args, latent_shape, num_classes):
     return LatentDiffusion(unet, ClassEncoder(num_classes, args.context_dim))
 
 
-# ----------------------------------------------------------------------------------------------
-# Stage 2's objective (Eq. 2 with the condition of Eq. 3) and samplers
-# ----------------------------------------------------------------------------------------------
+# Stage 2's objective (Eq. 2 with the condition of Eq. 3), guidance and samplers
 
-def ldm_loss(eps_theta, z0, cond, sch, rank=0, world=1):
+def ldm_loss(eps_theta, z0, cond, t, eps, sch):
     """L_LDM = E_{E(x), y, eps ~ N(0, 1), t} || eps - eps_theta(z_t, t, tau_theta(y)) ||^2, DDPM's
     Algorithm 1 on latents (the mean over entries, L_simple up to a constant factor)."""
-    b = len(z0)
-    # Algorithm 1, line 3: t ~ Uniform({1, ..., T}) (for the global batch: see global_randn)
-    t = torch.randint(1, sch.T + 1, (world * b,), device=z0.device)[rank * b:(rank + 1) * b]
-    # Algorithm 1, line 4: eps ~ N(0, I)
-    eps = global_randn(z0.shape, rank, world, z0.device)
-    # Algorithm 1, line 5: || eps - eps_theta(sqrt(alpha_bar_t) z_0 + sqrt(1 - alpha_bar_t) eps, t, y) ||^2
-    return (eps - eps_theta(q_sample(z0, t, eps, sch), t, cond)).square().mean()
+    # Stage 2, line 3: z_t = sqrt(alpha_bar_t) z_0 + sqrt(1 - alpha_bar_t) eps
+    z_t = q_sample(z0, t, eps, sch)
+    # Stage 2, line 4: || eps - eps_theta(z_t, t, tau_theta(y)) ||^2
+    return (eps - eps_theta(z_t, t, cond)).square().mean()
+
+
+def null_condition(cond, num_classes):
+    """The "no condition" of classifier-free guidance: label K, or the empty prompt."""
+    return torch.zeros_like(cond) if cond.dim() == 2 else torch.full_like(cond, num_classes)
 
 
 def condition_table(classes, args, device):
@@ -431,11 +385,6 @@ def condition_table(classes, args, device):
         return None
     table = torch.arange(len(classes) + 1) if args.cond == "class" else tokenize(classes + [""], args.text_len)
     return table.to(device)
-
-
-def null_condition(cond, num_classes):
-    """The "no condition" of classifier-free guidance: label K, or the empty prompt."""
-    return torch.zeros_like(cond) if cond.dim() == 2 else torch.full_like(cond, num_classes)
 
 
 def guided(model, cond, scale, num_classes):
@@ -500,122 +449,49 @@ def sample_ddpm(eps_theta, z, sch, generator=None, on_step=None):
     return z
 
 
-def draw(model, cond, n, shape, sch, args, device, seed, scale, on_step=None):
-    """n latents from fixed noise (seed), guided at `scale`, with the sampler of args."""
-    g = torch.Generator(device).manual_seed(seed)
-    z = torch.randn(n, *shape, device=device, generator=g)  # z_T ~ N(0, I)
-    f = guided(model, cond, scale, args.num_classes)
-    if args.sampler == "ddpm":
-        return sample_ddpm(f, z, sch, g, on_step)
-    return sample_ddim(f, z, sch, args.sampling_steps, args.eta, g, on_step)
-
-
 def decode(decoder, z, scale):
     """x = D(z / scale): stage 2's latents back to images in [-1, 1]."""
     return decoder(z / scale).clamp(-1, 1)
 
 
-# ----------------------------------------------------------------------------------------------
-# Checkpoints, data, EMA and learning rate, shared by both stages
-# ----------------------------------------------------------------------------------------------
+# The training steps of the two stages; the caller takes the gradient step
 
-METHODS = {"ae": "ldm-ae", "ldm": "ldm"}  # the "method" of each stage's checkpoint
-
-
-def save_checkpoint(path, run, step):
-    state = {"method": METHODS[run.args.stage], "args": vars(run.args), "step": step,
-             "model": run.model.state_dict(), "optimizer": run.opt.state_dict(), **run.extra,
-             "rng": {"torch": torch.get_rng_state(), "python": random.getstate(),
-                     "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
-                     "mps": torch.mps.get_rng_state() if torch.backends.mps.is_available() else None}}
-    if run.ema is not None:
-        state["ema"] = run.ema.state_dict()
-    tmp = Path(str(path) + ".tmp")
-    torch.save(state, tmp)
-    os.replace(tmp, path)  # atomic: a crash mid-write never leaves a broken ckpt.pt
-    run.saved = step
+def stage_1_step(ae, x, latent_shape, kl_weight, l2_weight, draw):
+    """Stage 1, lines 2-4, for a batch x ~ data (line 1). draw: the random draws (torch's own, or
+    one process's share of a global batch's)."""
+    # Stage 1, line 3: eps ~ N(0, I), for z = mu + sigma * eps
+    eps = draw.randn(*latent_shape)
+    # Stage 1, lines 2-4: E(x), z, D(z), L = |x - D(z)|_1 + w_KL KL
+    return autoencoder_loss(ae, x, eps, kl_weight, l2_weight)
 
 
-def restore_device_rng(rng):
-    """The CUDA generators of the devices this machine has (a checkpoint from a machine with more
-    GPUs restores the first ones), and MPS's."""
-    for i, state in enumerate(rng["cuda"][:torch.cuda.device_count()]):
-        torch.cuda.set_rng_state(state, i)
-    if rng.get("mps") is not None and torch.backends.mps.is_available():
-        torch.mps.set_rng_state(rng["mps"])
+def stage_2_step(eps_theta, moments, y, scale, table, p_uncond, sch, draw):
+    """Stage 2, lines 1-4, for a batch of the frozen encoder's posteriors q(z | x) (their moments)
+    and labels y. table: row k is tau_theta's input for class k, the last row the null condition
+    (None: an unconditional model)."""
+    posterior = DiagonalGaussian(moments)
+    # Stage 2, line 1: z_0 = scale * z, z ~ q(z | x) = E(x)
+    z0 = scale * posterior.sample(draw.randn(*posterior.mean.shape[1:]))
+    # Stage 2, line 1: y, or the null condition with probability p_uncond (for guidance)
+    cond = None if table is None else table[torch.where(draw.rand() < p_uncond, len(table) - 1, y)]
+    # Stage 2, line 2: t ~ Uniform({1, ..., T}), eps ~ N(0, I)
+    t = draw.randint(1, sch.T + 1)
+    eps = draw.randn(*z0.shape[1:])
+    # Stage 2, lines 3-4: L_LDM
+    return ldm_loss(eps_theta, z0, cond, t, eps, sch)
 
 
-def load_checkpoint(path, method, flag="--ckpt"):
-    """A checkpoint of `method` ("ldm-ae": stage 1, "ldm": stage 2), or a clear error."""
-    if not Path(path).is_file():
-        hint = "python ldm.py --stage ae" if method == "ldm-ae" else "python ldm.py --stage ldm --ae ..."
-        raise UserError(f"no checkpoint at {path}: train it first ({hint}) or pass {flag} PATH")
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise UserError(f"cannot read checkpoint {path} ({type(e).__name__}): it is damaged or incomplete "
-                        f"(a copy cut short?), or not a checkpoint at all") from None
-    found = ckpt.get("method", "unknown") if isinstance(ckpt, dict) else "unknown"
-    if found != method:
-        what = {"ldm-ae": "ldm.py stage 1 (--stage ae)", "ldm": "ldm.py stage 2 (--stage ldm)"}
-        raise UserError(f"{flag} {path} is a checkpoint of {what.get(found, found)}, "
-                        f"not of {what[method]}")
-    missing = missing_keys(ckpt, method)
-    if missing:
-        raise UserError(f"{path} is an incomplete ldm.py checkpoint: no {', '.join(missing)}")
-    return ckpt
+# ==== harness: the same text in every method file (tests/test_harness.py compares the copies) ====
+# Processes and devices, the random draws of a global batch, checkpoints and resume, signals, EMA,
+# the learning-rate schedule, the training loop's bookkeeping, progress lines and the shared flags.
+
+CHECK_EVERY = 10  # steps between readings of the loss and the stop flag from the device
+DIVERGED = 1000  # a loss this many times its first value (or 1) has diverged, finite or not
 
 
-def missing_keys(ckpt, method):
-    """What a checkpoint of `method` lacks of what this file writes ("args.T": the "T" of its args)."""
-    need = ["args", "shape", "step", "model", "optimizer", "rng"]
-    need += ["scale"] if method == "ldm-ae" else ["ema", "classes", "ae"]
-    missing = [k for k in need if k not in ckpt]
-    if "args" in ckpt:
-        train_args = ckpt["args"] if isinstance(ckpt["args"], dict) else {}
-        names = list(vars(parser().parse_args([])))
-        if method == "ldm":  # set by stage 2's set-up
-            text = train_args.get("cond") == "text" and ckpt.get("classes")
-            names += ["num_classes"] + (["text_len"] if text else [])
-        missing += [f"args.{k}" for k in names if k not in train_args]
-    if "ae" in ckpt:
-        ae = ckpt["ae"] if isinstance(ckpt["ae"], dict) else {}
-        missing += [f"ae.{k}" for k in ("args", "decoder", "scale", "shape") if k not in ae]
-    return missing
-
-
-def load_autoencoder(args, device):
-    if not args.ae:
-        raise UserError("--encode and --decode need --ae CKPT (a stage-1 checkpoint, runs/ldm_ae/ckpt.pt)")
-    ckpt = load_checkpoint(args.ae, "ldm-ae", "--ae")
-    if ckpt["scale"] is None:
-        raise UserError(f"{args.ae} has no scale factor yet (written at the end of its first epoch): "
-                        f"train it longer (--resume)")
-    ae_args = argparse.Namespace(**ckpt["args"])
-    ae = make_autoencoder(ae_args, ckpt["shape"][0])
-    ae.load_state_dict(ckpt["model"])
-    return ae.to(device, memory_format=CL).eval(), ckpt, ae_args
-
-
-def epoch_batches(dataset, args, epoch, skip, rank=0, world=1):
-    """Epoch `epoch`'s shuffled batches from the `skip`-th on, the same order on every run; under
-    torchrun, rank r's slice r of each global batch of --batch-size."""
-    g = torch.Generator().manual_seed(args.seed * 100003 + epoch)
-    order = torch.randperm(len(dataset), generator=g)[skip * args.batch_size:]
-    b = args.batch_size // world
-    mine = order[:len(order) // args.batch_size * args.batch_size].view(-1, world, b)[:, rank].flatten()
-    # its own generator: a DataLoader otherwise draws a seed from the global RNG, and a resumed
-    # run, which starts one more loader, would then draw other noise
-    return DataLoader(Subset(dataset, mine.tolist()), b, drop_last=True, generator=g)
-
-
-# ----------------------------------------------------------------------------------------------
-# Many GPUs (torchrun): one process per device; without torchrun, one process and none of this
-# ----------------------------------------------------------------------------------------------
-
-def setup_distributed(device_name):
-    """torchrun sets RANK, WORLD_SIZE and LOCAL_RANK; without them this is rank 0 of 1. NCCL on
-    GPUs, gloo on CPUs. Ranks > 0 print nothing. Returns (rank, world, device)."""
+def setup_processes(device_name):
+    """Rank 0 of 1, or under torchrun (RANK, WORLD_SIZE, LOCAL_RANK) one process per device: NCCL
+    on GPUs, gloo on CPUs, and only rank 0 prints. Returns (rank, world, device)."""
     if "RANK" not in os.environ:
         return 0, 1, pick_device(device_name)
     rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
@@ -628,99 +504,445 @@ def setup_distributed(device_name):
         device = pick_device("cpu" if device_name == "auto" else device_name)
     if not dist.is_initialized():  # (a caller may have set the group up already)
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    print(f"distributed: {world} processes ({dist.get_backend()})")
+        print(f"distributed: {world} processes ({dist.get_backend()})")
     return rank, world, device
 
 
-def all_sum(x, world):
-    """The sum of a tensor over all ranks (itself for one process)."""
-    if world > 1:
-        x = x.clone()
-        dist.all_reduce(x)
-    return x
+class Draws:
+    """The random draws of a global batch of n: every process draws all n and keeps its slice, so
+    that N processes compute what one process computes on the whole batch."""
+
+    def __init__(self, n, device, rank=0, world=1):
+        self.n, self.device = n, device
+        self.mine = slice(rank * n // world, (rank + 1) * n // world)
+
+    def randn(self, *shape):  # (n / world, *shape)
+        return torch.randn(self.n, *shape, device=self.device)[self.mine]
+
+    def rand(self):
+        return torch.rand(self.n, device=self.device)[self.mine]
+
+    def randint(self, low, high):
+        return torch.randint(low, high, (self.n,), device=self.device)[self.mine]
 
 
-def stopped(run):
-    """Whether Ctrl-C or SIGTERM reached any rank: all ranks then stop after the same step."""
-    if run.world > 1 and all_sum(torch.tensor(float(len(run.stop)), device=run.device), run.world).item():
-        run.stop.append(signal.SIGTERM)  # every rank's list then says so; a rank not signalled exits 143
-    return bool(run.stop)
-
-
-class SamplingStopped(Exception):
-    """Ctrl-C or SIGTERM while a grid is drawn: the sampling ends at its next step."""
-
-
-def sampling_progress(what, stop, every=5.0):
-    """A sampler's on_step: a line every few seconds, and SamplingStopped once `stop` is set."""
-    start = last = time.time()
-
-    def on_step(done, total):
-        nonlocal last
-        if stop:
-            raise SamplingStopped
-        now = time.time()
-        if now - last >= every:
-            left = (now - start) / done * (total - done)
-            print(f"{what}: step {done}/{total}, {left:.0f} s left", flush=True)
-            last = now
-    return on_step
-
-
-def diverged(loss, first):
-    """The loss is non-finite, or finite but absurd: over 1000 x the first step's (at least 1). A run
-    at 1e22 stays finite, trains nothing and would sample noise."""
-    return not math.isfinite(loss) or loss > 1000 * max(first, 1.0)
-
-
-def divergence_error(run, loss, first, x, step):
-    """What a diverged loss means: a batch holding NaN or inf on any rank (a lower --lr cannot help
-    that), or else training that blew up."""
-    kept = f"{run.path} holds step {run.saved}" if run.saved else "this run has written no checkpoint yet"
-    if all_sum(torch.tensor(float(not torch.isfinite(x).all()), device=run.device), run.world).item():
-        return UserError(f"the batch at step {step} holds non-finite values: the data set has NaN or inf "
-                         f"in it; stopped without saving ({kept})")
-    scale = f" (over 1000 x the first step's {first:.4g})" if math.isfinite(loss) else ""
-    return UserError(f"the loss became {loss:.4g}{scale} at step {step}; stopped without saving ({kept}). "
-                     f"Try a lower --lr.")
+def epoch_batches(dataset, args, epoch, skip, rank=0, world=1):
+    """Epoch `epoch`'s shuffled batches from the `skip`-th on, rank r's slice of each global batch.
+    The loader has its own generator: the global RNG's draws would differ after a resume."""
+    g = torch.Generator().manual_seed(args.seed * 100003 + epoch)
+    order = torch.randperm(len(dataset), generator=g)[skip * args.batch_size:]
+    b = args.batch_size // world
+    mine = order[:len(order) // args.batch_size * args.batch_size].view(-1, world, b)[:, rank].flatten()
+    return DataLoader(Subset(dataset, mine.tolist()), b, drop_last=True, generator=g)
 
 
 @torch.no_grad()
 def ema_update(ema, model, n, max_decay):
-    """EMA of the weights with a warm-up of the decay, min(max_decay, (1 + n) / (10 + n))."""
+    """EMA of the weights, its decay warmed up as min(max_decay, (1 + n) / (10 + n))."""
     decay = min(max_decay, (1 + n) / (10 + n))
     for e, p in zip(ema.parameters(), model.parameters()):
         e.lerp_(p, 1 - decay)
 
 
 def learning_rate(args, step, total):
-    """Constant after an optional linear warm-up, or with a cosine decay to 0."""
-    lr = args.lr * min(1.0, (step + 1) / args.warmup) if args.warmup else args.lr
-    if args.lr_decay == "cosine":
-        lr *= 0.5 * (1 + math.cos(math.pi * step / total))
-    return lr
+    """Linear warm-up over --warmup steps (a tenth of a shorter run), then constant or cosine."""
+    warmup = min(args.warmup, total // 10)
+    lr = args.lr * min(1.0, (step + 1) / warmup) if warmup else args.lr
+    return lr * 0.5 * (1 + math.cos(math.pi * step / total)) if args.lr_decay == "cosine" else lr
+
+
+def save_checkpoint(path, state):
+    """state and the RNG states, written to a temporary file, then renamed: a crash leaves no
+    broken checkpoint."""
+    rng = {"torch": torch.get_rng_state(), "python": random.getstate(),
+           "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+           "mps": torch.mps.get_rng_state() if torch.backends.mps.is_available() else None}
+    torch.save({**state, "rng": rng}, f"{path}.tmp")
+    os.replace(f"{path}.tmp", path)
+
+
+def load_checkpoint(path, methods, keys, flag="--ckpt"):
+    """A checkpoint of one of `methods` with `keys`, read as data (weights_only), or one line."""
+    if not Path(path).is_file():
+        raise UserError(f"no checkpoint at {path}: train first, or pass {flag} PATH")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise UserError(f"cannot read checkpoint {path} ({type(e).__name__}): it is damaged or "
+                        f"incomplete (a copy cut short?), or not a checkpoint at all") from None
+    method = ckpt.get("method", "unknown") if isinstance(ckpt, dict) else "unknown"
+    if method not in methods:
+        raise UserError(f"{path} is a checkpoint of {method}, not of {' or '.join(methods)}")
+    missing = [k for k in ("args", "step", "rng", *keys) if k not in ckpt]
+    if missing:
+        raise UserError(f"{path} is an incomplete {method} checkpoint: no {', '.join(missing)}")
+    return ckpt
+
+
+def restore_rng(rng, device):
+    """CUDA's states for the devices this machine has; under torchrun each rank continues rank 0's."""
+    torch.set_rng_state(rng["torch"])
+    random.setstate(rng["python"])
+    for i, state in enumerate(rng["cuda"][:torch.cuda.device_count()]):
+        torch.cuda.set_rng_state(state, i)
+    if device.type == "cuda" and rng["cuda"]:
+        torch.cuda.set_rng_state(rng["cuda"][0], device)
+    if rng["mps"] is not None and torch.backends.mps.is_available():
+        torch.mps.set_rng_state(rng["mps"])
+
+
+def resumed_args(p, args, ckpt, free=("device", "out", "resume", "ckpt", "data_dir", "log_every",
+                                      "save_every", "compile", "bf16")):
+    """The checkpoint's flags, with the `free` ones and a new length given now; any other flag
+    given now that differs from the checkpoint's is refused."""
+    saved = ckpt["args"]
+    for k, v in vars(args).items():
+        if k not in (*free, "epochs", "steps") and v not in (p.get_default(k), saved.get(k)):
+            raise UserError(f"--resume continues the run with its --{k.replace('_', '-')} {saved.get(k)}, "
+                            f"not {v}: leave the flag out, or start a new run with another --out")
+    length = ("epochs", "steps") if args.epochs or args.steps else ()
+    return argparse.Namespace(**{**saved, **{k: getattr(args, k) for k in (*free, *length)}})
+
+
+@contextlib.contextmanager
+def signals_to(stop):
+    """Ctrl-C and SIGTERM append their number to `stop`: the run ends its step, saves and exits."""
+    old = {s: signal.signal(s, lambda signum, frame: stop.append(signum)) for s in (SIGINT, SIGTERM)}
+    try:
+        yield
+    finally:
+        for s, handler in old.items():
+            signal.signal(s, handler)
+
+
+class SamplingStopped(Exception):
+    """Ctrl-C or SIGTERM arrived while a sampler ran."""
+
+
+def duration(seconds):
+    if seconds >= 5400:
+        return f"{seconds / 3600:.1f} h"
+    return f"{seconds / 60:.1f} min" if seconds >= 90 else f"{seconds:.0f} s"
+
+
+class Progress:
+    """Called after each step of a long loop: a line with the time left every few seconds, and
+    SamplingStopped at the next step once `stop` is set."""
+
+    def __init__(self, what, stop=(), every=5.0):
+        self.what, self.stop, self.every = what, stop, every
+        self.start = self.last = time.time()
+
+    def __call__(self, done, total):
+        if self.stop:
+            raise SamplingStopped
+        if time.time() - self.last >= self.every:
+            left = (time.time() - self.start) / done * (total - done)
+            print(f"{self.what}: step {done}/{total}, {duration(left)} left", flush=True)
+            self.last = time.time()
+
+
+class Run(argparse.Namespace):
+    """A training run, built in one place by the method's train(): args, model, opt, dataset,
+    device, rank, world, stop, path (of the checkpoint), method, loss(batch, draws) -> a scalar."""
+    ema = after_step = pictures = None  # an EMA model; after_step(step); pictures(epoch, progress)
+    step, saved, first, grid = 0, None, None, 0.0
+
+    def extra(self):  # what the checkpoint holds besides the shared keys
+        return {}
+
+
+def prepare(run, ckpt):
+    """A resumed run's weights, optimizer and RNG; run.net, the model as training calls it."""
+    if run.args.batch_size % run.world:
+        raise UserError(f"--batch-size {run.args.batch_size} (the global batch) must divide evenly over "
+                        f"{run.world} processes")
+    if ckpt is not None:
+        run.model.load_state_dict(ckpt["model"])
+        if run.ema is not None:
+            run.ema.load_state_dict(ckpt["ema"])
+        run.opt.load_state_dict(ckpt["optimizer"])
+        run.step = run.saved = ckpt["step"]
+        restore_rng(ckpt["rng"], run.device)
+        print(f"resumed from step {run.step}")
+    run.net = run.model
+    if run.world > 1:  # averages the gradients over the processes in backward()
+        run.net = DistributedDataParallel(run.model, [run.device.index] if run.device.type == "cuda" else None)
+    if run.args.compile:
+        run.net = torch.compile(run.net)
+
+
+def save(run):
+    if run.rank == 0 and run.saved != run.step:
+        save_checkpoint(run.path, {"method": run.method, "args": vars(run.args), "step": run.step,
+                                   "model": run.model.state_dict(), "optimizer": run.opt.state_dict(),
+                                   "ema": None if run.ema is None else run.ema.state_dict(), **run.extra()})
+    run.saved, run.last_save = run.step, time.time()
+
+
+def train_loop(run):
+    """From run.step to the end: a global batch, run.loss, a gradient step, EMA; the loss and the
+    stop flag are read from the device every CHECK_EVERY steps and at an epoch's end, its checkpoint
+    and pictures then follow."""
+    args, per_epoch = run.args, len(run.dataset) // run.args.batch_size
+    run.total, run.per_epoch = args.steps or args.epochs * per_epoch, per_epoch
+    amp = torch.autocast("cuda", torch.bfloat16, enabled=args.bf16 and run.device.type == "cuda")
+    run.last_log = run.last_save = time.time()
+    losses, run.bad_data = [], torch.zeros((), device=run.device)
+    while run.step < run.total and not run.stop:
+        epoch, skip = divmod(run.step, per_epoch)
+        for batch in epoch_batches(run.dataset, args, epoch, skip, run.rank, run.world):
+            batch = [b.to(run.device) for b in batch]
+            run.bad_data += (~torch.isfinite(batch[0])).any()
+            for group in run.opt.param_groups:
+                group["lr"] = learning_rate(args, run.step, run.total)
+            with amp:
+                loss = run.loss(batch, Draws(args.batch_size, run.device, run.rank, run.world))
+            run.opt.zero_grad(set_to_none=True)
+            loss.backward()
+            if args.grad_clip:
+                torch.nn.utils.clip_grad_norm_(run.model.parameters(), args.grad_clip)
+            run.opt.step()
+            run.step += 1
+            if run.ema is not None:
+                ema_update(run.ema, run.model, run.step, args.ema)
+            if run.after_step is not None:
+                run.after_step(run.step)
+            losses.append(loss.detach().float())
+            run.first = losses[0] if run.first is None else run.first
+            end = run.step % per_epoch == 0 or run.step == run.total
+            if (end or run.step % CHECK_EVERY == 0 or run.world == 1 and run.stop) and check(run, losses):
+                break
+            if end:
+                break
+        if run.step % per_epoch == 0 or run.step == run.total:
+            end_of_epoch(run, epoch)
+
+
+def check(run, losses):
+    """Stops a diverged run without saving; prints progress; saves every --save-every minutes.
+    Returns whether any process was asked to stop (one stopped by another exits as on SIGTERM)."""
+    stop = torch.tensor(float(len(run.stop)), device=run.device)
+    x = torch.stack([torch.stack(losses).mean(), run.first, run.bad_data, stop])
+    if run.world > 1:
+        dist.all_reduce(x)
+        x /= run.world
+    (loss, first, bad, stop), now = x.tolist(), time.time()
+    if bad or not math.isfinite(loss) or loss > DIVERGED * max(first, 1):
+        held = f"{run.path} holds step {run.saved}" if run.saved else "this run has written no checkpoint yet"
+        why = "the data hold NaN or inf" if bad else f"the loss went from {first:.3g} to {loss:.3g} " \
+            f"(diverged: try a lower --lr)"
+        raise UserError(f"stopped at step {run.step} without saving, as {why}; {held}")
+    if now - run.last_log >= run.args.log_every or stop or run.step == run.total:
+        speed = len(losses) * run.args.batch_size / (now - run.last_log)
+        left = (run.total - run.step) * (run.args.batch_size / speed + run.grid / run.per_epoch)
+        print(f"step {run.step}/{run.total}  loss {loss:.4f}  {speed:.0f} img/s  {duration(left)} left",
+              flush=True)
+        losses.clear()
+        run.last_log = now
+    if stop and not run.stop:
+        run.stop.append(SIGTERM)
+    if now - run.last_save >= 60 * run.args.save_every or stop:
+        save(run)
+    return bool(stop)
+
+
+def end_of_epoch(run, epoch):
+    save(run)
+    if run.pictures is None or run.rank > 0:  # the other processes wait meanwhile
+        return
+    start = time.time()
+    try:
+        run.pictures(epoch, Progress(f"epoch {epoch + 1} grid", run.stop))
+    except SamplingStopped:
+        print(f"stopped while drawing the grid; {run.path} holds step {run.step}")
+    run.grid, run.last_log = time.time() - start, time.time()  # img/s counts training alone
+
+
+def finish(run):
+    """The run's last line; an interrupted run, once saved, exits 128 + its signal's number."""
+    if run.world > 1:  # the others wait for rank 0's checkpoint: the next command may read it
+        dist.barrier()
+    print(f"{'interrupted' if run.stop else 'done'} at step {run.step}; checkpoint {run.path}")
+    if run.stop:
+        raise SystemExit(128 + run.stop[0])
+
+
+def positive_int(s):
+    if not s.strip().isdigit() or int(s) == 0:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {s!r}")
+    return int(s)
+
+
+def int_list(s):
+    if not s.replace(",", "").strip():
+        raise argparse.ArgumentTypeError(f"must be comma-separated integers such as 1,2,2, got {s!r}")
+    return tuple(positive_int(x) for x in s.split(",") if x.strip())
+
+
+def shared_flags(p, out, lr, batch_size=128, warmup=0, ema=0.9999, grad_clip=1.0):
+    """DESIGN.md's command line: the flags of every method file, with the method's defaults."""
+    p.add_argument("--dataset", help="mnist | fashion-mnist (default) | cifar10 | FOLDER | FILE.pt")
+    p.add_argument("--data-dir", default="./data")
+    p.add_argument("--image-size", type=positive_int, help="for image folders")
+    length = p.add_mutually_exclusive_group()
+    length.add_argument("--epochs", type=positive_int)
+    length.add_argument("--steps", type=positive_int)
+    p.add_argument("--batch-size", type=positive_int, default=batch_size)
+    p.add_argument("--lr", type=float, default=lr)
+    p.add_argument("--warmup", type=int, default=warmup, help="steps of linear warm-up (0: none)")
+    p.add_argument("--lr-decay", choices=["none", "cosine"], default="none")
+    p.add_argument("--ema", type=float, default=ema, help="EMA decay of the weights")
+    p.add_argument("--grad-clip", type=float, default=grad_clip, help="gradient norm clip (0: off)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda | mps")
+    p.add_argument("--bf16", action="store_true", help="bfloat16 autocast on CUDA")
+    p.add_argument("--compile", action="store_true", help="torch.compile the network")
+    p.add_argument("--out", default=out)
+    p.add_argument("--resume", action="store_true", help="continue OUT's checkpoint (or --ckpt)")
+    p.add_argument("--log-every", type=float, default=5.0, help="seconds between progress lines")
+    p.add_argument("--save-every", type=float, default=5.0, help="minutes between checkpoints")
+    p.add_argument("--sample", action="store_true", help="only sample from --ckpt")
+    p.add_argument("--ckpt")
+    p.add_argument("--n", type=positive_int, default=64, help="images to sample")
+    p.add_argument("--save", help="FILE.png (a grid) or FILE.pt (a tensor) for --sample")
+
+
+def check_shared_flags(p, args):
+    for flag, ok, what in [("lr", args.lr > 0, "positive"), ("warmup", args.warmup >= 0, "0 or more"),
+                           ("grad_clip", args.grad_clip >= 0, "0 (off) or positive"),
+                           ("ema", 0 <= args.ema < 1, "in [0, 1)")]:
+        if not ok:
+            p.error(f"--{flag.replace('_', '-')} must be {what}, got {getattr(args, flag)}")
+    if not args.resume:
+        args.dataset = args.dataset or "fashion-mnist"
+        args.epochs = args.epochs or (None if args.steps else 10)
+
+
+def out_folder(path):
+    if Path(path).exists() and not Path(path).is_dir():
+        raise UserError(f"--out {path} is a file: give a folder for the run's outputs")
+    Path(path).mkdir(parents=True, exist_ok=True)
+    return Path(path)
+
+
+def check_save(path):
+    if not path or Path(path).suffix not in (".png", ".pt"):
+        raise UserError("--sample needs --save FILE.png (a grid) or FILE.pt (a tensor)")
+    if Path(path).is_dir():
+        raise UserError(f"--save {path} is a folder: give a file name ending in .png or .pt")
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+
+
+def run_command(command, args):
+    """main()'s body: a user's error is one line, and so is Ctrl-C before training or while
+    sampling (status 130); the process group, if any, is closed."""
+    try:
+        command(args)
+    except UserError as e:
+        sys.exit(f"error: {e}")
+    except (KeyboardInterrupt, SamplingStopped):
+        print("interrupted: nothing saved", file=sys.stderr)
+        sys.exit(130)
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+# ==== end of harness ===============================================================================
+
+
+# ==== the command line =============================================================================
+
+METHODS = {"ae": "ldm-ae", "ldm": "ldm"}  # the "method" of each stage's checkpoint
+KEYS = {"ae": ("shape", "model", "optimizer", "scale"),  # of each stage's checkpoint, besides the harness's
+        "ldm": ("shape", "model", "ema", "optimizer", "classes", "ae")}
+FREE = ("device", "out", "resume", "ckpt", "data_dir", "log_every", "save_every", "compile", "bf16")
+GUIDANCE_ROWS = (1.0, 1.5, 2.0, 4.0)  # the rows of every class-conditional grid
+CL = torch.channels_last  # convolutions run faster on CPUs and GPUs with channels innermost
+
+
+def load_stage(path, stage, flag="--ckpt"):
+    """A checkpoint of stage 1 ("ae") or 2 ("ldm") with every flag in its args and, for stage 2,
+    all of the decoder it carries; or one line."""
+    ckpt = load_checkpoint(path, [METHODS[stage]], KEYS[stage], flag)
+    names = list(vars(parser().parse_args([])))
+    if stage == "ldm":  # set by stage 2's set-up
+        names += ["num_classes"] + (["text_len"] if ckpt["args"].get("cond") == "text" and ckpt["classes"] else [])
+    missing = [f"args.{k}" for k in names if k not in ckpt["args"]]
+    if stage == "ldm":
+        missing += [f"ae.{k}" for k in ("args", "decoder", "scale", "shape") if k not in ckpt["ae"]]
+    if missing:
+        raise UserError(f"{path} is an incomplete {METHODS[stage]} checkpoint: no {', '.join(missing)}")
+    return ckpt
+
+
+def load_autoencoder(path, device, what):
+    if not path:
+        raise UserError(f"{what} needs a stage-1 autoencoder: train one with python ldm.py --stage ae, "
+                        f"then pass --ae runs/ldm_ae/ckpt.pt")
+    ckpt = load_stage(path, "ae", "--ae")
+    ae_args = argparse.Namespace(**ckpt["args"])
+    ae = make_autoencoder(ae_args, ckpt["shape"][0])
+    ae.load_state_dict(ckpt["model"])
+    return ae.to(device, memory_format=CL).eval(), ckpt, ae_args
 
 
 @torch.no_grad()
 def encode_all(ae, dataset, device, batch=500):
     """The posterior moments (mean, log-variance) of every image, and the labels, on the CPU."""
-    moments, labels, start = [], [], time.time()
-    for i, (x, y) in enumerate(DataLoader(dataset, batch)):
+    moments, labels, loader, progress = [], [], DataLoader(dataset, batch), Progress("encoding")
+    for i, (x, y) in enumerate(loader):
         moments.append(ae.encoder(x.to(device, memory_format=CL)).float().cpu())
         labels.append(y)
-        if time.time() - start > 5 and i % 20 == 0:
-            print(f"encoding: {(i + 1) * batch}/{len(dataset)} images", flush=True)
+        progress(i + 1, len(loader))
     return torch.cat(moments), torch.cat(labels)
 
 
-# ----------------------------------------------------------------------------------------------
-# Training: the two stages share one loop
-# ----------------------------------------------------------------------------------------------
+def unet_width_problem(width, mults, heads):
+    """Why the levels' channels (width x each multiplier) do not fit the attention heads or
+    GroupNorm's groups (common.norm), or None."""
+    for m in mults:
+        ch = width * m
+        if ch % heads:
+            return (f"--heads {heads} must divide the channels of every U-Net level: {ch} (--width {width} "
+                    f"x multiplier {m}) is not divisible by {heads}")
+        if ch % math.gcd(32, max(ch // 4, 1)):
+            return (f"--width {width} gives a U-Net level of {ch} channels (x multiplier {m}), which GroupNorm "
+                    f"cannot split into groups of 4 or more: use a multiple of 4 for --width")
+    return None
 
-def setup_autoencoder(args, device, ckpt):
+
+def fill_model_defaults(args, size):
+    """Stage 2's U-Net: as many levels (up to 3) as the latent grid halves to, attention at the last;
+    the latent grid must halve len(mults) - 1 times, to no less than 2x2."""
+    if args.mults is None:
+        levels = 1
+        while levels < 3 and size % 2 ** levels == 0 and size >> levels >= 4:
+            levels += 1
+        args.mults = (1, 2, 3)[:levels]
+    args.attn = args.attn or (size >> (len(args.mults) - 1),)
+    halvings = len(args.mults) - 1
+    if size % 2 ** halvings or size >> halvings < 2:
+        raise UserError(f"the {size}x{size} latent grid is too small to halve {halvings} times for --mults "
+                        f"{','.join(map(str, args.mults))}: give fewer multipliers, or use a smaller --f")
+    problem = unet_width_problem(args.width, args.mults, args.heads)
+    if problem:
+        raise UserError(problem)
+
+
+def draw(model, cond, n, shape, sch, args, device, seed, scale, on_step=None):
+    """n latents from fixed noise (seed), guided at `scale`, with the sampler of args."""
+    g = torch.Generator(device).manual_seed(seed)
+    z = torch.randn(n, *shape, device=device, generator=g)  # z_T ~ N(0, I)
+    eps_theta = guided(model, cond, scale, args.num_classes)
+    if args.sampler == "ddpm":
+        return sample_ddpm(eps_theta, z, sch, g, on_step)
+    return sample_ddim(eps_theta, z, sch, args.sampling_steps, args.eta, g, on_step)
+
+
+def autoencoder_run(args, device, rank, world):
+    """Stage 1's run: the images, the autoencoder, its loss, its scale factor and its pictures."""
     ae_levels(args.f)  # a power of 2, before any work
-    dataset, info = load_dataset(args.dataset, args.data_dir, True, args.image_size,
-                                 flip=args.dataset == "cifar10")
+    dataset, info = load_dataset(args.dataset, args.data_dir, True, args.image_size, flip=args.dataset == "cifar10")
     test, _ = load_dataset(args.dataset, args.data_dir, False, args.image_size) \
         if args.dataset in ("mnist", "fashion-mnist", "cifar10") else (dataset, info)
     if info.size % args.f:
@@ -728,275 +950,134 @@ def setup_autoencoder(args, device, ckpt):
                         f"{max(f for f in (1, 2, 4, 8, 16) if info.size % f == 0)} or --image-size "
                         f"{math.ceil(info.size / args.f) * args.f}")
     shape = (info.channels, info.size, info.size)
-    model = make_autoencoder(args, info.channels).to(device, memory_format=CL)
     latent = (args.latent_channels, info.size // args.f, info.size // args.f)
+    model = make_autoencoder(args, info.channels).to(device, memory_format=CL)
     print(f"stage 1: autoencoder f = {args.f}, {shape} -> latent {latent} "
           f"({math.prod(shape) / math.prod(latent):.1f}x fewer numbers), "
           f"{sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, KL weight {args.kl_weight:g}")
     x_test = torch.stack([test[i][0] for i in range(min(1000, len(test)))])
 
-    def loss(net, x, y, rank, world):  # net: the model, or its DistributedDataParallel wrapper
-        total, rec, kl = autoencoder_loss(net, x, args.kl_weight, args.l2_weight, rank, world)
-        return total, f"rec {rec.item():.1f}  kl {kl.item():.0f}"
+    def scale():  # from the first training batch and fixed noise; random's state (flips) kept
+        state = random.getstate()
+        x = next(iter(epoch_batches(dataset, args, 0, 0)))[0].to(device)
+        random.setstate(state)
+        eps = torch.randn(len(x), *latent, generator=torch.Generator().manual_seed(0)).to(device)
+        return scale_by_std(model, x, eps)
 
-    run = argparse.Namespace(args=args, model=model, ema=None, loss=loss, betas=(0.5, 0.9),
-                             extra={"shape": list(shape), "scale": ckpt["scale"] if ckpt else None},
-                             before_save=lambda r: autoencoder_scale(r, dataset),
-                             end_of_epoch=lambda r, epoch: autoencoder_epoch(r, epoch, x_test))
-    return run, dataset
-
-
-@torch.no_grad()
-def autoencoder_scale(run, dataset):
-    """The scale factor from the first training batch of epoch 1 (seed-fixed, so a resumed run agrees)."""
-    first = next(iter(epoch_batches(dataset, run.args, 0, 0)))[0]
-    run.extra["scale"] = scale_by_std(run.model, first.to(next(run.model.parameters()).device))
+    run = Run(args=args, method="ldm-ae", model=model, dataset=dataset, device=device, rank=rank, world=world,
+              opt=torch.optim.Adam(model.parameters(), lr=args.lr, betas=(0.5, 0.9)), stop=[],
+              path=Path(args.out) / "ckpt.pt", extra=lambda: {"shape": list(shape), "scale": scale()})
+    run.loss = lambda batch, draws: stage_1_step(run.net, batch[0].contiguous(memory_format=CL), latent,
+                                                 args.kl_weight, args.l2_weight, draws)
+    run.pictures = lambda epoch, progress: reconstructions(model, x_test, args, device, epoch)
+    return run
 
 
 @torch.no_grad()
-def autoencoder_epoch(run, epoch, x_test):
+def reconstructions(ae, x_test, args, device, epoch):
     """Test PSNR and a grid of test images over their reconstructions (posterior means)."""
-    ae, device = run.model.eval(), next(run.model.parameters()).device
     rec = torch.cat([ae.decode(ae.encode(x.to(device)).mean).cpu() for x in x_test.split(250)])
-    print(f"epoch {epoch + 1}: test PSNR {psnr(x_test, rec).mean():.2f} dB on {len(x_test)} images; "
-          f"scale factor {run.extra['scale']:.4f} (latent std {1 / run.extra['scale']:.4f})")
-    path = Path(run.args.out) / f"reconstructions_epoch{epoch + 1:03d}.png"
+    print(f"epoch {epoch + 1}: test PSNR {psnr(x_test, rec).mean():.2f} dB on {len(x_test)} images")
+    path = Path(args.out) / f"reconstructions_epoch{epoch + 1:03d}.png"
     save_grid(torch.cat([x_test[:8], rec[:8].clamp(-1, 1)]), path, nrow=8)
-    ae.train()
 
 
-def setup_latent_diffusion(args, device, ckpt):
-    if not args.ae:
-        raise UserError("stage 2 needs a stage-1 autoencoder: train one with "
-                        "python ldm.py --stage ae, then pass --ae runs/ldm_ae/ckpt.pt")
-    ae, ae_ckpt, ae_args = load_autoencoder(args, device)
-    ae.requires_grad_(False)  # frozen: stage 2 trains the U-Net and tau_theta alone
+def latent_diffusion_run(args, device, rank, world):
+    """Stage 2's run: the data set's posteriors under the frozen encoder, the U-Net and tau_theta,
+    the loss, and grids decoded by the decoder the checkpoint carries."""
+    ae, ae_ckpt, ae_args = load_autoencoder(args.ae, device, "stage 2")
     if args.dataset is None:
         args.dataset, args.image_size = ae_args.dataset, ae_args.image_size
     dataset, info = load_dataset(args.dataset, args.data_dir, True, args.image_size)
     if [info.channels, info.size, info.size] != ae_ckpt["shape"]:
         raise UserError(f"the autoencoder {args.ae} was trained on {tuple(ae_ckpt['shape'])} images, "
                         f"{args.dataset} has {(info.channels, info.size, info.size)}")
-    scale = ae_ckpt["scale"]
     moments, labels = encode_all(ae, dataset, device)
     if not torch.isfinite(moments).all():
         raise UserError(f"the latents of {args.dataset} from {args.ae} hold non-finite values: the data set "
                         f"has NaN or inf in it, or the autoencoder's weights do")
-    latents = TensorDataset(moments, labels)
     shape = (ae_args.latent_channels, info.size // ae_args.f, info.size // ae_args.f)
     classes = info.classes if info.num_classes and args.cond != "none" else None
-    args.num_classes = len(classes) if classes else None
-    fill_model_defaults(args, shape[-1])
-    if classes and args.cond == "text":
-        args.text_len = max(16, max(len(c.encode()) for c in classes))
     if args.cond == "text" and not classes:
         raise UserError(f"--cond text uses the class names as prompts; {info.name} has no labels")
-    cond_of = condition_table(classes, args, device)
+    args.num_classes = len(classes) if classes else None
+    if classes and args.cond == "text":
+        args.text_len = max(16, max(len(c.encode()) for c in classes))
+    fill_model_defaults(args, shape[-1])
+    table, sch, scale = condition_table(classes, args, device), Schedule(args.T), ae_ckpt["scale"]
     model = make_model(args, shape, args.num_classes).to(device, memory_format=CL)
-    z_std = (scale * DiagonalGaussian(moments[:args.batch_size]).sample()).std().item()
-    print(f"stage 2: latents {shape} from {args.ae} (f = {ae_args.f}), scale factor {scale:.4f} "
-          f"(scaled latent std {z_std:.3f}); U-Net {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M "
-          f"parameters, conditioning: {args.cond if classes else 'none'}")
-    ema = copy.deepcopy(model).requires_grad_(False)  # starts as an exact copy
-    sch = Schedule(args.T)
-
-    def loss(net, moments, y, rank, world):  # net: the model, or its DistributedDataParallel wrapper
-        # z_0 = scale * z, z ~ q(z | x): the frozen encoder's posterior, sampled (Sec. 3.1)
-        z0 = scale * DiagonalGaussian(moments).sample(None, rank, world)
-        cond = None
-        if classes:  # the null condition with probability p_uncond, for guidance
-            drop = torch.rand(world * len(y), device=y.device)[rank * len(y):(rank + 1) * len(y)]
-            cond = cond_of[torch.where(drop < args.p_uncond, len(classes), y)]
-        return ldm_loss(net, z0, cond, sch, rank, world), ""
-
+    print(f"stage 2: latents {shape} from {args.ae} (f = {ae_args.f}), scale factor {scale:.4f}; U-Net "
+          f"{sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, conditioning: "
+          f"{args.cond if classes else 'none'}")
     extra = {"shape": list(shape), "classes": classes,
              "ae": {"args": ae_ckpt["args"], "decoder": ae.decoder.state_dict(), "scale": scale,
                     "shape": ae_ckpt["shape"], "path": str(args.ae)}}
-    run = argparse.Namespace(args=args, model=model, ema=ema, loss=loss, betas=(0.9, 0.999), extra=extra,
-                             before_save=lambda r: None,
-                             end_of_epoch=lambda r, epoch: latent_diffusion_epoch(
-                                 r, epoch, ae.decoder, scale, shape, sch, cond_of))
-    return run, latents
+    run = Run(args=args, method="ldm", model=model, ema=copy.deepcopy(model).requires_grad_(False),
+              opt=torch.optim.Adam(model.parameters(), lr=args.lr), dataset=TensorDataset(moments, labels),
+              device=device, rank=rank, world=world, stop=[], path=Path(args.out) / "ckpt.pt", extra=lambda: extra)
+    run.loss = lambda batch, draws: stage_2_step(run.net, batch[0].contiguous(memory_format=CL), batch[1], scale,
+                                                 table, args.p_uncond, sch, draws)
+    run.pictures = lambda epoch, progress: samples_grid(run.ema, ae.decoder, scale, shape, sch, table, args,
+                                                        device, epoch, progress)
+    return run
 
 
 @torch.no_grad()
-def latent_diffusion_epoch(run, epoch, decoder, scale, shape, sch, cond_of):
-    """A grid from the EMA weights: one column per class (the first 10), one row per guidance scale.
-    Ctrl-C or SIGTERM ends it at the next sampling step (SamplingStopped)."""
-    args, device = run.args, next(run.model.parameters()).device
-    run.ema.eval()
-    if cond_of is not None:
-        K = min(args.num_classes, 10)
-        z = torch.cat([draw(run.ema, cond_of[:K], K, shape, sch, args, device, 0, s,
-                            sampling_progress(f"epoch {epoch + 1} grid, guidance {s}", run.stop))
-                       for s in GUIDANCE_ROWS])
-        nrow, note = K, f" (rows: guidance {', '.join(map(str, GUIDANCE_ROWS))})"
+def samples_grid(ema, decoder, scale, shape, sch, table, args, device, epoch, progress):
+    """A grid from the EMA weights: one column per class (the first 10), one row per guidance scale."""
+    ema.eval()
+    if table is None:
+        z, nrow, note = draw(ema, None, 64, shape, sch, args, device, 0, 1, progress), 8, ""
     else:
-        progress = sampling_progress(f"epoch {epoch + 1} grid", run.stop)
-        z, nrow, note = draw(run.ema, None, 64, shape, sch, args, device, 0, 1, progress), 8, ""
+        K = min(args.num_classes, 10)
+        z = torch.cat([draw(ema, table[:K], K, shape, sch, args, device, 0, s, progress) for s in GUIDANCE_ROWS])
+        nrow, note = K, f" (rows: guidance {', '.join(map(str, GUIDANCE_ROWS))})"
     path = Path(args.out) / f"samples_epoch{epoch + 1:03d}.png"
     save_grid(decode(decoder, z, scale), path, nrow=nrow)
     print(f"epoch {epoch + 1}: samples in {path}{note}")
 
 
-RESUME_FLAGS = ("device", "out", "resume", "ckpt", "data_dir", "epochs", "steps", "log_every", "save_every")
+def resumed(args, argv, ckpt):
+    """The harness's resumed_args, refusing also a flag given at its default value: a parser whose
+    defaults are all None tells which flags the command line gave."""
+    given = parser()
+    given.set_defaults(**dict.fromkeys(vars(args)))
+    kept = resumed_args(given, given.parse_args(argv), ckpt, FREE)
+    for k in FREE:
+        setattr(kept, k, getattr(args, k))
+    return kept
 
 
-def check_resume_flags(args, given, started):
-    """--resume continues a run as it was started: a flag given with another value than the run's
-    (other than RESUME_FLAGS) is refused rather than silently ignored."""
-    def flag(k):
-        return "--" + k.replace("_", "-")
-
-    def shown(v):  # as typed: 1,2 for a list, on/off for a switch
-        if isinstance(v, bool):
-            return "on" if v else "off"
-        return ",".join(map(str, v)) if isinstance(v, (tuple, list)) else v
-
-    changed = [k for k in sorted(given - set(RESUME_FLAGS)) if shown(getattr(args, k)) != shown(started.get(k))]
-    if changed:
-        was = ", ".join(f"{flag(k)} {shown(started.get(k))}" for k in changed)
-        raise UserError(f"the run was started with {was}; --resume continues it as it was "
-                        f"(leave out {', '.join(map(flag, changed))})")
-
-
-def train(args, given=frozenset()):
-    """given: the flags on the command line (given_flags), which --resume checks against the run's."""
-    rank, world, device = setup_distributed(args.device)
+def train(args, argv):
+    rank, world, device = setup_processes(args.device)
     args.out = args.out or ("runs/ldm_ae" if args.stage == "ae" else "runs/ldm")
     ckpt = None
     if args.resume:
-        ckpt = load_checkpoint(args.ckpt or Path(args.out) / "ckpt.pt", METHODS[args.stage])
-        check_resume_flags(args, given, ckpt["args"])
-        keep = {k: getattr(args, k) for k in RESUME_FLAGS if k not in ("epochs", "steps")}
-        if args.epochs is not None or args.steps is not None:  # a new length for the run
-            keep["epochs"], keep["steps"] = args.epochs, args.steps
-        args = argparse.Namespace(**{**ckpt["args"], **keep})
-    elif args.stage == "ae":
-        args.dataset = args.dataset or "fashion-mnist"
-    if args.batch_size % world:
-        raise UserError(f"--batch-size {args.batch_size} (the global batch) must divide evenly over "
-                        f"{world} processes")
-    seed_everything(args.seed)  # the same on every rank: see global_randn
-    run, dataset = (setup_autoencoder if args.stage == "ae" else setup_latent_diffusion)(args, device, ckpt)
-    if len(dataset) < args.batch_size:
-        raise UserError(f"{args.dataset} has {len(dataset)} images, fewer than --batch-size {args.batch_size}")
-    run.opt = torch.optim.Adam(run.model.parameters(), lr=args.lr, betas=run.betas)
-    run.device, run.path, run.saved, step = device, Path(args.out) / "ckpt.pt", None, 0
-    if ckpt is not None:
-        run.model.load_state_dict(ckpt["model"])
-        if run.ema is not None:
-            run.ema.load_state_dict(ckpt["ema"])
-        run.opt.load_state_dict(ckpt["optimizer"])
-        step = run.saved = ckpt["step"]
-        torch.set_rng_state(ckpt["rng"]["torch"])
-        random.setstate(ckpt["rng"]["python"])
-        restore_device_rng(ckpt["rng"])
-        if world > 1 and device.type == "cuda":  # every rank continues rank 0's stream (device 0)
-            torch.cuda.set_rng_state(ckpt["rng"]["cuda"][0], device)
-        print(f"resumed from step {step}")
-    run.rank, run.world = rank, world
-    run.ddp = DistributedDataParallel(run.model, device_ids=[device.index] if device.type == "cuda"
-                                      else None) if world > 1 else run.model  # averages gradients
-    if Path(args.out).exists() and not Path(args.out).is_dir():
-        raise UserError(f"--out {args.out} is a file: give a folder for the run's outputs")
-    Path(args.out).mkdir(parents=True, exist_ok=True)
-    run.stop = []  # Ctrl-C or SIGTERM finishes the current step, saves, and exits
-    handlers = {s: signal.signal(s, lambda signum, _: run.stop.append(signum))
-                for s in (signal.SIGINT, signal.SIGTERM)}
-    try:
-        step = run_epochs(run, dataset, step)
-        if rank == 0 and run.saved != step:  # (an epoch's end saved it already)
-            save_checkpoint(run.path, run, step)
-    finally:
-        for s, h in handlers.items():
-            signal.signal(s, h)
-        if world > 1:
-            dist.destroy_process_group()
-    print(f"{'interrupted' if run.stop else 'done'} at step {step}; checkpoint {run.path}")
-    if run.stop:  # 130 after Ctrl-C, 143 after SIGTERM: a script or a scheduler tells it from "done"
-        sys.exit(128 + run.stop[0])
+        ckpt = load_stage(args.ckpt or Path(args.out) / "ckpt.pt", args.stage)
+        args = resumed(args, argv, ckpt)
+    common.seed_everything(args.seed)  # the same on every process: see Draws
+    out_folder(args.out)
+    run = (autoencoder_run if args.stage == "ae" else latent_diffusion_run)(args, device, rank, world)
+    if len(run.dataset) < args.batch_size:
+        raise UserError(f"{args.dataset} has {len(run.dataset)} images, fewer than --batch-size {args.batch_size}")
+    with signals_to(run.stop):
+        prepare(run, ckpt)
+        train_loop(run)
+        save(run)
+    finish(run)
 
 
-def run_epochs(run, dataset, step):
-    args, device = run.args, run.device
-    per_epoch = len(dataset) // args.batch_size
-    total = args.steps or args.epochs * per_epoch
-    amp = torch.autocast("cuda", torch.bfloat16, enabled=args.bf16 and device.type == "cuda")
-    last_log = last_save = t_log = time.time()
-    seen, first = 0, None  # first: the loss of this process's first step, the divergence rule's scale
-    while step < total:
-        epoch, skip = divmod(step, per_epoch)
-        for x, y in epoch_batches(dataset, args, epoch, skip, run.rank, run.world):
-            for group in run.opt.param_groups:
-                group["lr"] = learning_rate(args, step, total)
-            with amp:
-                loss, detail = run.loss(run.ddp, x.to(device, memory_format=CL), y.to(device), run.rank, run.world)
-            loss_all = all_sum(loss.detach(), run.world) / run.world  # the same on every rank
-            first = loss_all.item() if first is None else first
-            if diverged(loss_all.item(), first):
-                raise divergence_error(run, loss_all.item(), first, x, step + 1)
-            run.opt.zero_grad(set_to_none=True)
-            loss.backward()
-            if args.grad_clip:  # 0: no clipping (clip_grad_norm_ to 0 would zero every gradient)
-                torch.nn.utils.clip_grad_norm_(run.model.parameters(), args.grad_clip)
-            run.opt.step()
-            step += 1
-            if run.ema is not None:
-                ema_update(run.ema, run.model, step, args.ema)
-            seen += args.batch_size
-            now = time.time()
-            if now - last_log >= args.log_every or step == total:
-                speed = seen / (now - t_log)
-                print(f"step {step}/{total}  epoch {epoch + 1}  loss {loss_all.item():.4f}  {detail}  "
-                      f"{speed:.0f} img/s  {(total - step) * args.batch_size / speed / 60:.1f} min left",
-                      flush=True)
-                last_log, seen, t_log = now, 0, now
-            if now - last_save >= 60 * args.save_every and run.rank == 0:
-                save_checkpoint(run.path, run, step)
-                last_save = now
-            if step == total or stopped(run):
-                break
-        if (step % per_epoch == 0 or step == total) and run.rank == 0:  # the others wait meanwhile
-            run.before_save(run)  # what the checkpoint carries beyond the weights (stage 1: the scale)
-            save_checkpoint(run.path, run, step)  # before the grid: a kill while it is drawn loses nothing
-            try:
-                run.end_of_epoch(run, epoch)
-            except SamplingStopped:
-                print(f"stopped while drawing the grid; {run.path} holds step {step}")
-            seen, t_log = 0, time.time()  # images/s and time left count training alone
-        if stopped(run):
-            break
-    return step
-
-
-# ----------------------------------------------------------------------------------------------
-# Sampling from a stage-2 checkpoint; encoding and decoding with a stage-1 checkpoint
-# ----------------------------------------------------------------------------------------------
-
-def decoder_of(ae_state, device):
-    """The stage-1 decoder, from a stage-2 checkpoint's "ae" entry, and its scale factor."""
-    ae_args = argparse.Namespace(**ae_state["args"])
-    decoder = Decoder(ae_state["shape"][0], ae_args.f, ae_args.latent_channels, ae_args.ae_width,
-                      ae_args.ae_res_blocks)
-    decoder.load_state_dict(ae_state["decoder"])
-    return decoder.to(device, memory_format=CL).eval(), ae_state["scale"]
-
-
-def check_save(args, what):
+def check_output(path, what):
     """--save names a file that can be written, before any work."""
-    if not args.save or Path(args.save).suffix not in (".png", ".pt"):
+    if not path or Path(path).suffix not in (".png", ".pt"):
         raise UserError(f"{what} needs --save FILE.png (a grid) or FILE.pt (a tensor)")
-    save = Path(args.save)
-    if save.is_dir():
-        raise UserError(f"--save {save} is a folder: name a file in it, e.g. --save {save / 'samples.png'}")
-    for parent in save.parents:
+    for parent in Path(path).parents:
         if parent.exists() and not parent.is_dir():
-            raise UserError(f"--save {save}: {parent} is a file, not a folder")
+            raise UserError(f"--save {path}: {parent} is a file, not a folder")
+    check_save(path)
 
 
 def write(x, path, nrow=None):
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
     if path.endswith(".pt"):
         torch.save(x, path)
     else:
@@ -1008,12 +1089,12 @@ def write(x, path, nrow=None):
 def sample(args):
     if not args.ckpt:
         raise UserError("--sample needs --ckpt PATH (a stage-2 checkpoint, e.g. runs/ldm/ckpt.pt)")
-    check_save(args, "--sample")
-    ckpt = load_checkpoint(args.ckpt, "ldm")
+    check_output(args.save, "--sample")
+    ckpt = load_stage(args.ckpt, "ldm")
     steps = args.sampling_steps or min(50, ckpt["args"]["T"])
     train_args = argparse.Namespace(**{**ckpt["args"], "sampler": args.sampler, "eta": args.eta,
                                        "sampling_steps": steps})
-    classes, shape = ckpt["classes"], tuple(ckpt["shape"])
+    classes, shape, ae = ckpt["classes"], tuple(ckpt["shape"]), ckpt["ae"]
     if args.cfg_scale != 1 and not classes:
         raise UserError(f"--cfg-scale needs a conditional model; {args.ckpt} was trained without labels")
     sch = Schedule(train_args.T)
@@ -1025,15 +1106,17 @@ def sample(args):
     ema.to(device, memory_format=CL).eval()
     if not all(torch.isfinite(p).all() for p in ema.parameters()):
         raise UserError(f"{args.ckpt} holds non-finite weights (its run diverged): retrain with a lower --lr")
-    decoder, scale = decoder_of(ckpt["ae"], device)
-    cond_of = condition_table(classes, train_args, device)
+    decoder = make_autoencoder(argparse.Namespace(**ae["args"]), ae["shape"][0]).decoder
+    decoder.load_state_dict(ae["decoder"])
+    decoder.to(device, memory_format=CL).eval()
+    table = condition_table(classes, train_args, device)
     start, xs = time.time(), []
     for i in range(0, args.n, 256):
         ids = torch.arange(i, min(i + 256, args.n), device=device)
-        cond = cond_of[ids % len(classes)] if classes else None
-        z = draw(ema, cond, len(ids), shape, sch, train_args, device, args.seed + i, args.cfg_scale)
-        xs.append(decode(decoder, z, scale).float().cpu())
-        print(f"sampling: {i + len(ids)}/{args.n} images, {time.time() - start:.0f} s", flush=True)
+        progress = Progress(f"images {i + 1}-{i + len(ids)} of {args.n}")
+        cond = table[ids % len(classes)] if classes else None
+        z = draw(ema, cond, len(ids), shape, sch, train_args, device, args.seed + i, args.cfg_scale, progress)
+        xs.append(decode(decoder, z, ae["scale"]).float().cpu())
     x = torch.cat(xs)
     if not torch.isfinite(x).all():
         raise UserError(f"the samples of {args.ckpt} came out non-finite: the checkpoint is broken, retrain it")
@@ -1045,11 +1128,11 @@ def sample(args):
 def encode(args):
     """Writes {"x": scale * z with z ~ q(z | x), "y": labels, "classes": names}: a data set for
     any method file (--dataset latents.pt)."""
-    check_save(args, "--encode")
+    check_output(args.save, "--encode")
     if not args.save.endswith(".pt"):
         raise UserError("--encode writes a tensor file: --save latents.pt")
     device = pick_device(args.device)
-    ae, ckpt, ae_args = load_autoencoder(args, device)
+    ae, ckpt, ae_args = load_autoencoder(args.ae, device, "--encode")
     name = args.dataset or ae_args.dataset
     dataset, info = load_dataset(name, args.data_dir, args.split == "train",
                                  args.image_size if args.dataset else ae_args.image_size)
@@ -1057,10 +1140,10 @@ def encode(args):
         raise UserError(f"{args.ae} was trained on {tuple(ckpt['shape'])} images, {name} has "
                         f"{(info.channels, info.size, info.size)}")
     moments, labels = encode_all(ae, dataset, device)
-    g = torch.Generator().manual_seed(args.seed)
-    z = ckpt["scale"] * DiagonalGaussian(moments).sample(g)
+    posterior = DiagonalGaussian(moments)
+    eps = torch.randn(posterior.mean.shape, generator=torch.Generator().manual_seed(args.seed))
+    z = ckpt["scale"] * posterior.sample(eps)
     out = {"x": z, "y": labels, "classes": info.classes} if info.num_classes else {"x": z}
-    Path(args.save).parent.mkdir(parents=True, exist_ok=True)
     torch.save(out, args.save)
     print(f"saved {args.save}: {len(z)} latents {tuple(z.shape[1:])} of {name} ({args.split}), "
           f"std {z.std():.3f} (scale factor {ckpt['scale']:.4f})")
@@ -1069,14 +1152,13 @@ def encode(args):
 @torch.no_grad()
 def decode_file(args):
     """Latents in a tensor file (a tensor or {"x": ...}, scaled as --encode writes them) -> images."""
-    check_save(args, "--decode")
+    check_output(args.save, "--decode")
     if not args.ckpt or not Path(args.ckpt).is_file():
         raise UserError(f"--decode needs --ckpt LATENTS.pt (sampled or encoded latents), got {args.ckpt}")
     device = pick_device(args.device)
-    ae, ckpt, ae_args = load_autoencoder(args, device)
+    ae, ckpt, ae_args = load_autoencoder(args.ae, device, "--decode")
     z = read_latents(args.ckpt, (ae_args.latent_channels, ckpt["shape"][-1] // ae_args.f), args.ae)
-    x = torch.cat([decode(ae.decoder, zb.to(device), ckpt["scale"]).cpu() for zb in z.split(256)])
-    write(x, args.save)
+    write(torch.cat([decode(ae.decoder, zb.to(device), ckpt["scale"]).cpu() for zb in z.split(256)]), args.save)
 
 
 def read_latents(path, shape, ae_path):
@@ -1095,70 +1177,22 @@ def read_latents(path, shape, ae_path):
     if not torch.is_tensor(z) or z.ndim != 4 or tuple(z.shape[1:]) != (c, h, h) or not len(z):
         got = tuple(z.shape) if torch.is_tensor(z) else f"a {type(z).__name__}"
         raise UserError(f"{path} must hold latents (N, {c}, {h}, {h}) for {ae_path}, got {got}")
-    z = z.float()
-    if not torch.isfinite(z).all():
+    if not torch.isfinite(z.float()).all():
         raise UserError(f"{path} holds non-finite latents (NaN or inf): whatever wrote them diverged; "
                         f"sample or encode them again")
-    return z
-
-
-# ----------------------------------------------------------------------------------------------
-# Command line
-# ----------------------------------------------------------------------------------------------
-
-def positive_int(s):
-    v = int(s)
-    if v <= 0:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {s}")
-    return v
-
-
-def int_list(s):
-    """Comma-separated positive integers such as 1,2,2."""
-    try:
-        v = tuple(int(x) for x in s.split(",") if x.strip())
-    except ValueError:
-        v = ()
-    if not v or min(v) <= 0:
-        raise argparse.ArgumentTypeError(f"must be comma-separated positive integers such as 1,2,2, got {s!r}")
-    return v
-
-
-def fill_model_defaults(args, size):
-    """Stage 2's U-Net: as many levels (up to 3) as the latent grid halves to, attention at the last."""
-    if args.mults is None:
-        levels = 1
-        while levels < 3 and size % 2 ** levels == 0 and size >> levels >= 4:
-            levels += 1
-        args.mults = (1, 2, 3)[:levels]
-    args.attn = args.attn or (size >> (len(args.mults) - 1),)
+    return z.float()
 
 
 def parser():
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    shared_flags(p, None, lr=2e-4)  # --out: runs/ldm_ae (stage 1) or runs/ldm (stage 2)
     p.add_argument("--stage", choices=["ae", "ldm"], default="ldm",
                    help="ae: train the autoencoder; ldm: diffusion on its latents (needs --ae)")
-    p.add_argument("--dataset", help="mnist | fashion-mnist (default) | cifar10 | PATH")
-    p.add_argument("--data-dir", default="./data")
-    p.add_argument("--image-size", type=positive_int, help="for image folders")
-    length = p.add_mutually_exclusive_group()
-    length.add_argument("--epochs", type=positive_int)
-    length.add_argument("--steps", type=positive_int)
-    p.add_argument("--batch-size", type=positive_int, default=128)
-    p.add_argument("--lr", type=float, default=2e-4)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--device", default="auto")
-    p.add_argument("--out", help="default runs/ldm_ae (stage 1), runs/ldm (stage 2)")
-    p.add_argument("--resume", action="store_true", help="continue OUT/ckpt.pt (or --ckpt)")
-    p.add_argument("--sample", action="store_true", help="only sample from --ckpt (stage 2)")
     p.add_argument("--encode", action="store_true", help="write the scaled latents of --dataset")
     p.add_argument("--decode", action="store_true", help="turn the latents in --ckpt into images")
     p.add_argument("--split", choices=["train", "test"], default="train", help="for --encode")
-    p.add_argument("--ckpt")
     p.add_argument("--ae", help="a stage-1 checkpoint (stage 2, --encode, --decode)")
-    p.add_argument("--n", type=positive_int, default=64)
-    p.add_argument("--save")
     # stage 1
     p.add_argument("--f", type=positive_int, default=4, help="downsampling factor (2, 4, 8, ...)")
     p.add_argument("--latent-channels", type=positive_int, default=3, help="c, the latent's channels")
@@ -1175,87 +1209,57 @@ def parser():
     p.add_argument("--heads", type=positive_int, default=4)
     p.add_argument("--dropout", type=float, default=0.0)
     p.add_argument("--cond", choices=["class", "text", "none"], default="class",
-                   help="tau_theta: an embedding of the label, a transformer over the class name, "
-                        "or no condition (an unconditional LDM)")
+                   help="tau_theta: an embedding of the label, a transformer over the class name, or none")
     p.add_argument("--context-dim", type=positive_int, default=128, help="the width of tau_theta(y)")
     p.add_argument("--p-uncond", type=float, default=0.1, help="how often training drops the condition")
     p.add_argument("--sampler", choices=["ddpm", "ddim"], default="ddim")
     p.add_argument("--sampling-steps", type=positive_int, help="DDIM steps (default 50, or T if smaller)")
     p.add_argument("--eta", type=float, default=0.0, help="DDIM eta")
     p.add_argument("--cfg-scale", type=float, default=1.0, help="classifier-free guidance scale s")
-    p.add_argument("--warmup", type=int, default=0, help="steps of linear learning-rate warm-up")
-    p.add_argument("--lr-decay", choices=["none", "cosine"], default="none")
-    p.add_argument("--ema", type=float, default=0.9999)
-    p.add_argument("--grad-clip", type=float, default=1.0, help="0: no clipping")
-    p.add_argument("--bf16", action="store_true", help="bfloat16 autocast on CUDA")
-    p.add_argument("--log-every", type=float, default=5.0, help="seconds")
-    p.add_argument("--save-every", type=float, default=5.0, help="minutes between checkpoints")
     return p
 
 
-def parse_args(argv=None):
-    p = parser()
+def parse_args(argv=None, p=None):
+    p = p or parser()
     args = p.parse_args(argv)
+    dataset = args.dataset
+    check_shared_flags(p, args)
+    if args.stage == "ldm" or args.encode:  # the autoencoder's data set, unless --dataset names another
+        args.dataset = dataset
     if sum((args.sample, args.encode, args.decode)) > 1:
         p.error("choose one of --sample, --encode, --decode")
-    if not args.lr > 0:
-        p.error(f"--lr must be positive, got {args.lr}")
-    if not args.grad_clip >= 0:
-        p.error(f"--grad-clip must be 0 (off) or positive, got {args.grad_clip}")
     for name, ok, what in (
             ("kl_weight", args.kl_weight >= 0, "0 or more"), ("l2_weight", args.l2_weight >= 0, "0 or more"),
-            ("p_uncond", 0 <= args.p_uncond <= 1, "between 0 and 1"), ("warmup", args.warmup >= 0, "0 or more"),
-            ("ema", 0 <= args.ema < 1, "at least 0 and below 1"),
+            ("p_uncond", 0 <= args.p_uncond <= 1, "between 0 and 1"),
             ("dropout", 0 <= args.dropout < 1, "at least 0 and below 1"),
             ("eta", 0 <= args.eta <= 1, "between 0 (DDIM) and 1 (DDPM's beta_tilde)"),
             ("cfg_scale", args.cfg_scale >= 0, "0 or more (0: unconditional, 1: no guidance)")):
         if not ok:
             p.error(f"--{name.replace('_', '-')} must be {what}, got {getattr(args, name)}")
     if args.stage == "ldm" and not (args.sample or args.encode or args.decode or args.resume):
-        check_stage_2_flags(p, args)
+        # what would otherwise fail only once the U-Net is built (default --mults: its first level here)
+        if unet_width_problem(args.width, args.mults or (1,), args.heads):
+            p.error(unet_width_problem(args.width, args.mults or (1,), args.heads))
+        if args.cond == "text" and args.context_dim % 4:
+            p.error(f"--cond text: --context-dim must be a multiple of 4 (the text encoder's 4 heads), "
+                    f"got {args.context_dim}")
+        if args.sampler == "ddim" and args.sampling_steps and args.sampling_steps > args.T:
+            p.error(f"--sampling-steps must be between 1 and --T ({args.T}), got {args.sampling_steps}")
         args.sampling_steps = args.sampling_steps or min(50, args.T)  # --sample: 50 or the checkpoint's T
-    if not args.resume and args.epochs is None and args.steps is None:
-        args.epochs = 10
     return args
-
-
-def check_stage_2_flags(p, args):
-    """What would otherwise fail only once the U-Net is built or the first grid is drawn (default
-    --mults: the first level here, the others once the latent's size is known)."""
-    problem = unet_width_problem(args.width, args.mults or (1,), args.heads)
-    if problem:
-        p.error(problem)
-    if args.cond == "text" and args.context_dim % 4:
-        p.error(f"--cond text: --context-dim must be a multiple of 4 (the text encoder's 4 heads), "
-                f"got {args.context_dim}")
-    if args.sampler == "ddim" and args.sampling_steps and args.sampling_steps > args.T:
-        p.error(f"--sampling-steps must be between 1 and --T ({args.T}), got {args.sampling_steps}")
-
-
-def given_flags(argv=None):
-    """The names of the flags on the command line: a namespace whose every entry is a marker keeps
-    the marker wherever a flag left it alone."""
-    p, unset = parser(), object()
-    given = p.parse_args(argv, argparse.Namespace(**dict.fromkeys(vars(p.parse_args([])), unset)))
-    return {k for k, v in vars(given).items() if v is not unset}
 
 
 def main(argv=None):
     args = parse_args(argv)
-    try:
-        if args.sample:
-            sample(args)
-        elif args.encode:
-            encode(args)
-        elif args.decode:
-            decode_file(args)
-        else:
-            train(args, given_flags(argv))
-    except UserError as e:
-        sys.exit(f"error: {e}")
-    except KeyboardInterrupt:  # Ctrl-C where no checkpoint is at stake: sampling, or before training
-        print("interrupted: nothing saved", file=sys.stderr)
-        sys.exit(130)
+    if args.sample:
+        command = sample
+    elif args.encode:
+        command = encode
+    elif args.decode:
+        command = decode_file
+    else:
+        command = functools.partial(train, argv=argv)
+    run_command(command, args)
 
 
 if __name__ == "__main__":

@@ -47,7 +47,7 @@ def contenders(ae_paths):
               "--sampler", "ddim", "--sampling-steps", "50"],  # the end-of-run grid too
              ["--sampler", "ddim", "--sampling-steps", "50"])]
     for path in ae_paths:
-        ae = ldm.load_checkpoint(path, "ldm-ae", "--ae")
+        ae = ldm.load_stage(path, "ae", "--ae")
         a = argparse.Namespace(**ae["args"])
         shape = (a.latent_channels, 28 // a.f, 28 // a.f)
         args = ldm.parse_args(UNET + ["--heads", "1", "--cond", "none"])

@@ -37,7 +37,7 @@ def test_encoder_and_decoder_shapes_for_each_f(f):
     x = torch.randn(2, 3, 32, 32)
     posterior = ae.encode(x)
     assert posterior.mean.shape == posterior.log_var.shape == (2, 4, 32 // f, 32 // f)
-    assert ae.decode(posterior.sample()).shape == x.shape
+    assert ae.decode(posterior.sample(torch.randn_like(posterior.mean))).shape == x.shape
 
 
 def test_f_must_be_a_power_of_two():
@@ -54,7 +54,7 @@ def test_kl_equals_the_gaussian_closed_form_and_a_monte_carlo_estimate():
     p = torch.distributions.Normal(0.0, 1.0)
     closed = torch.distributions.kl_divergence(q, p).flatten(1).sum(1)
     assert torch.allclose(posterior.kl(), closed, atol=1e-5)
-    z = torch.stack([posterior.sample(g) for _ in range(20000)])  # KL = E_q[log q(z) - log p(z)]
+    z = torch.stack([posterior.sample(torch.randn(mean.shape, generator=g)) for _ in range(20000)])  # KL = E_q[...]
     monte_carlo = (q.log_prob(z) - p.log_prob(z)).flatten(2).sum(2).mean(0)
     assert torch.allclose(monte_carlo, closed, rtol=0.05, atol=0.05), (monte_carlo, closed)
 
@@ -65,8 +65,22 @@ def test_the_log_variance_is_clamped_and_the_sample_is_reparameterised():
     assert torch.isfinite(ldm.DiagonalGaussian(moments).kl()).all()
     mean = torch.zeros(1, 1, 2, 2, requires_grad=True)
     log_var = torch.zeros(1, 1, 2, 2, requires_grad=True)
-    ldm.DiagonalGaussian(torch.cat([mean, log_var], 1)).sample().sum().backward()
+    ldm.DiagonalGaussian(torch.cat([mean, log_var], 1)).sample(torch.randn(1, 1, 2, 2)).sum().backward()
     assert mean.grad is not None and log_var.grad is not None and log_var.grad.abs().sum() > 0
+
+
+def test_stage_1_step_is_the_l1_of_the_reparameterised_reconstruction_plus_the_weighted_kl():
+    torch.manual_seed(0)
+    ae = ldm.Autoencoder(1, 2, latent_channels=2, width=8, res_blocks=1)
+    x = torch.rand(4, 1, 8, 8) * 2 - 1
+    torch.manual_seed(1)
+    loss = ldm.stage_1_step(ae, x, (2, 4, 4), 0.5, 0.0, ldm.Draws(4, "cpu"))
+    torch.manual_seed(1)
+    eps = torch.randn(4, 2, 4, 4)  # the step's draw
+    posterior = ae.encode(x)
+    x_rec = ae.decode(posterior.mean + (0.5 * posterior.log_var).exp() * eps)
+    expected = ((x - x_rec).abs().flatten(1).sum(1) + 0.5 * posterior.kl()).mean()
+    assert torch.allclose(loss, expected, atol=1e-4)
 
 
 def test_psnr():
@@ -86,8 +100,9 @@ def test_without_the_scale_factor_the_schedule_s_signal_to_noise_ratios_are_wron
         out.weight[2:].zero_()
         out.bias[2:].fill_(-10)
     x = torch.rand(64, 1, 8, 8) * 2 - 1
-    z = ae.encode(x).sample()
-    scale = ldm.scale_by_std(ae, x)
+    eps = torch.randn(64, 2, 4, 4)
+    z = ae.encode(x).sample(eps)
+    scale = ldm.scale_by_std(ae, x, eps)
     assert z.std() > 4, z.std()
     assert (scale * z).std().item() == pytest.approx(1, abs=0.1)
     ab = ldm.Schedule(1000).alpha_bar[1:]
@@ -123,6 +138,31 @@ def test_q_sample_has_the_right_mean_and_variance_and_predict_z0_inverts_it():
     assert z_t.mean().item() == pytest.approx(math.sqrt(ab) * 2, abs=0.02)
     assert z_t.var().item() == pytest.approx(1 - ab, rel=0.05)  # sqrt(1 - alpha_bar) eps, not (1 - alpha_bar) eps
     assert torch.allclose(ldm.predict_z0(z_t, t, eps, sch), z0, atol=1e-4)
+
+
+def test_stage_2_step_noises_the_scaled_posterior_draw_and_drops_the_condition_at_p_uncond():
+    """z_0 = scale * z (a posterior of sigma ~ 0: z = mu), t in 1..T, z_t by Eq. 4, the loss against
+    the eps that z_t holds, and the null condition (the table's last row) with probability p_uncond."""
+    sch, n, seen = ldm.Schedule(100), 4000, {}
+    mean = torch.randn(n, 2, 2, 2)
+    moments = torch.cat([mean, torch.full_like(mean, -30.0)], 1)
+
+    def eps_theta(z_t, t, cond):
+        seen.update(z_t=z_t, t=t, cond=cond)
+        return torch.zeros_like(z_t)
+
+    y = torch.randint(0, 2, (n,))
+    torch.manual_seed(0)
+    loss = ldm.stage_2_step(eps_theta, moments, y, 0.5, torch.arange(3), 0.25, sch, ldm.Draws(n, "cpu"))
+    t = seen["t"]
+    assert t.min() >= 1 and t.max() <= 100 and len(t.unique()) == 100
+    eps = (seen["z_t"] - ldm.extract(sch.alpha_bar.sqrt(), t, mean) * 0.5 * mean) \
+        / ldm.extract((1 - sch.alpha_bar).sqrt(), t, mean)
+    assert loss.item() == pytest.approx(eps.square().mean().item(), rel=1e-4)
+    assert abs(eps.mean()) < 0.03 and abs(eps.std() - 1) < 0.03, (eps.mean(), eps.std())
+    dropped = seen["cond"] == 2
+    assert dropped.float().mean().item() == pytest.approx(0.25, abs=0.03)
+    assert torch.equal(seen["cond"][~dropped], y[~dropped])
 
 
 def test_cross_attention_with_keys_and_values_from_the_features_is_self_attention():
@@ -271,7 +311,8 @@ def test_a_tiny_ldm_learns_two_classes_through_cross_attention():
         y = torch.randint(0, 2, (64,), generator=g)
         z0 = pattern[y] + 0.1 * torch.randn(64, 2, 4, 4, generator=g)
         cond = torch.where(torch.rand(64, generator=g) < 0.1, 2, y)  # the null label 10% of the time
-        loss = ldm.ldm_loss(model, z0, cond, sch)
+        t, eps = torch.randint(1, 1001, (64,), generator=g), torch.randn(64, 2, 4, 4, generator=g)
+        loss = ldm.ldm_loss(model, z0, cond, t, eps, sch)
         opt.zero_grad()
         loss.backward()
         opt.step()
@@ -353,7 +394,7 @@ def test_stage_1_reconstructs_better_than_the_mean_image_and_stores_its_scale(da
     with torch.no_grad():
         posterior = model.encode(x)
         rec = model.decode(posterior.mean)
-        scaled = ckpt["scale"] * posterior.sample()
+        scaled = ckpt["scale"] * posterior.sample(torch.randn_like(posterior.mean))
     assert (x - rec).square().mean() < 0.5 * (x - x.mean(0)).square().mean()
     assert scaled.std().item() == pytest.approx(1, abs=0.15)
 
@@ -438,7 +479,7 @@ def test_bad_input(data, ae, trained, tmp_path):
     out = str(tmp_path / "run")
     cases = [
         (ldm_argv(ae, out)[:2] + ldm_argv(ae, out)[4:], "stage 2 needs a stage-1 autoencoder"),
-        (ldm_argv(trained / "ckpt.pt", out), "--ae"),                    # a stage-2 checkpoint as --ae
+        (ldm_argv(trained / "ckpt.pt", out), "is a checkpoint of ldm, not of ldm-ae"),  # stage 2's as --ae
         (ae_argv(data, out, "--f", "3"), "power of 2"),
         (ae_argv(data, out, "--f", "16"), "does not divide the 8x8 images"),
         (ldm_argv(ae, out, "--mults", "1,2,3"), "too small to halve 2 times"),
@@ -449,16 +490,16 @@ def test_bad_input(data, ae, trained, tmp_path):
     other = tmp_path / "ddpm.pt"
     torch.save({"method": "ddpm"}, other)
     msg = exit_message(ldm_argv(other, out))
-    assert msg and "--ae" in msg and "ddpm" in msg and "not of ldm.py stage 1" in msg
+    assert msg and str(other) in msg and "is a checkpoint of ddpm, not of ldm-ae" in msg
     msg = exit_message(["--sample", "--ckpt", str(ae), "--save", str(tmp_path / "x.png"), "--device", "cpu"])
-    assert msg and "stage 1" in msg and "not of ldm.py stage 2" in msg
+    assert msg and "is a checkpoint of ldm-ae, not of ldm" in msg
 
 
 def test_resume_refuses_another_data_set(ae, trained, tmp_path, data):
     out = tmp_path / "run"
     ldm.main(ldm_argv(ae, out, steps="1"))
     msg = exit_message(ldm_argv(ae, out, "--resume", "--dataset", str(tmp_path / "other.pt")))
-    assert msg and "--dataset" in msg and "leave out" in msg
+    assert msg and "--dataset" in msg and "leave the flag out" in msg
 
 
 def test_guidance_on_an_unconditional_model(ae, tmp_path):
@@ -480,7 +521,7 @@ def test_damaged_and_incomplete_checkpoints_and_out_are_named(data, ae, tmp_path
     del ckpt["model"]
     torch.save(ckpt, tmp_path / "no_model.pt")
     msg = exit_message(["--encode", "--ae", str(tmp_path / "no_model.pt"), "--save", str(tmp_path / "z.pt")])
-    assert msg and "incomplete ldm.py checkpoint: no model" in msg
+    assert msg and "incomplete ldm-ae checkpoint: no model" in msg
     (tmp_path / "file").write_text("")
     msg = exit_message(ae_argv(data, tmp_path / "file", steps="1"))
     assert msg and "is a file" in msg
@@ -522,10 +563,10 @@ def parse_error(capsys, argv):
     (["--heads", "3"], "--heads 3 must divide the channels of every U-Net level: 64"),
     (["--width", "16", "--mults", "2,3", "--heads", "32"], "48 (--width 16 x multiplier 3) is not divisible"),
     (["--width", "18", "--heads", "2"], "GroupNorm cannot split"),
-    (["--mults", ""], "--mults: must be comma-separated positive integers"),
-    (["--mults", ","], "--mults: must be comma-separated positive integers"),
-    (["--mults", "0,1"], "--mults: must be comma-separated positive integers"),
-    (["--attn", "x"], "--attn: must be comma-separated positive integers"),
+    (["--mults", ""], "--mults: must be comma-separated integers"),
+    (["--mults", ","], "--mults: must be comma-separated integers"),
+    (["--mults", "0,1"], "--mults: must be a positive integer, got '0'"),
+    (["--attn", "x"], "--attn: must be a positive integer, got 'x'"),
     (["--dropout", "2"], "--dropout must be at least 0 and below 1, got 2.0"),
     (["--dropout", "-1"], "--dropout must be at least 0 and below 1, got -1.0"),
     (["--cfg-scale", "-1"], "--cfg-scale must be 0 or more"),
@@ -551,13 +592,14 @@ def test_grad_clip_0_is_no_clipping(data, tmp_path, monkeypatch):
 
 def test_divergence_and_non_finite_data_are_named(data, ae, tmp_path):
     msg = exit_message(ldm_argv(ae, tmp_path / "run", "--lr", "1e9", steps="8"))
-    assert msg and "over 1000 x the first step's" in msg and "Try a lower --lr" in msg, msg
+    assert msg and "without saving, as the loss went from" in msg and "(diverged: try a lower --lr)" in msg, msg
     assert not (tmp_path / "run" / "ckpt.pt").exists()  # it diverged before its first epoch ended
     x = torch.zeros(16, 1, 8, 8)
     x[:, :, 0, 0] = float("nan")
     torch.save(x, tmp_path / "nan.pt")
     msg = exit_message(ae_argv(tmp_path / "nan.pt", tmp_path / "ae", steps="2"))
-    assert msg and "the batch at step 1 holds non-finite values: the data set has NaN or inf" in msg, msg
+    # read back at the epoch's end (step 2), before its checkpoint
+    assert msg and "stopped at step 2 without saving, as the data hold NaN or inf" in msg, msg
     assert "--lr" not in msg
     msg = exit_message(ldm_argv(ae, tmp_path / "run2", "--dataset", str(tmp_path / "nan.pt")))
     assert msg and "hold non-finite values: the data set has NaN or inf" in msg, msg
@@ -569,10 +611,10 @@ def test_resume_refuses_a_flag_it_would_ignore(ae, tmp_path):
     (out / "ckpt.pt").write_bytes(ae.read_bytes())  # stage 1 was run with --f 2
     for f in ("8", "4"):  # 4 is the default: given all the same
         msg = exit_message(["--stage", "ae", "--resume", "--out", str(out), "--f", f, "--device", "cpu"])
-        assert msg and "the run was started with --f 2; --resume continues it as it was (leave out --f)" in msg
+        assert msg and f"--resume continues the run with its --f 2, not {f}: leave the flag out" in msg, msg
     msg = exit_message(["--stage", "ae", "--resume", "--out", str(out), "--f", "2", "--ae-width", "16",
                         "--device", "cpu", "--steps", "40"])
-    assert msg and "started with --ae-width 8;" in msg and "(leave out --ae-width)" in msg, msg
+    assert msg and "--resume continues the run with its --ae-width 8, not 16: leave the flag out" in msg, msg
 
 
 def test_ctrl_c_during_sampling_is_one_line_and_exit_130(trained, tmp_path, monkeypatch, capsys):
@@ -595,7 +637,7 @@ def test_sample_checks_its_flags_and_the_checkpoint_before_any_work(trained, tmp
     (tmp_path / "d.png").mkdir()
     (tmp_path / "file").write_text("")
     cases = [
-        (["--save", str(tmp_path / "d.png")], "is a folder: name a file in it"),
+        (["--save", str(tmp_path / "d.png")], "is a folder: give a file name"),
         (["--save", str(tmp_path / "file" / "x.png")], "is a file, not a folder"),
         (["--save", str(tmp_path / "x.png"), "--sampling-steps", "50"], "between 1 and T = 20, got 50"),
     ]
@@ -610,7 +652,7 @@ def test_sample_checks_its_flags_and_the_checkpoint_before_any_work(trained, tmp
         msg = exit_message(["--sample", "--ckpt", str(tmp_path / "broken.pt"), "--save", str(tmp_path / "x.png"),
                             "--device", "cpu"])
         name = f"{part}.{key}" if part else key
-        assert msg and f"incomplete ldm.py checkpoint: no {name}" in msg, msg
+        assert msg and f"incomplete ldm checkpoint: no {name}" in msg, msg
 
 
 def test_decode_names_damaged_and_non_finite_latents(ae, tmp_path):
