@@ -11,7 +11,7 @@ held-out real images as a horizontal line: "from 1000 steps to 1 step", measured
     python bench/tour.py --only ddpm,consistency --resume
     python bench/tour.py --device cuda --budget-minutes 30
 
---budget-minutes B: every network trained from random weights (ddpm, vae, 1-RF, dit, ldm's
+--budget-minutes B: every network trained from random weights (ddpm, vae, 1-RF, dit, mmdit, ldm's
 autoencoder and its U-Net, the consistency teacher and CT) trains B minutes: a 30-step probe run
 measures its images/s and the tour passes the matching --steps, so the learning-rate schedule
 still ends where the recipe's does. A stage that starts from another network (reflow,
@@ -127,6 +127,12 @@ def recipes():
                          ["--sampler", "ddpm", "--sampling-steps", "250", "--cfg-scale", "1.5"], 500),
                  Setting("dit", "DiT-T/4", "DDIM 50, guidance 1.5", "dit",
                          ["--sampler", "ddim", "--sampling-steps", "50", "--cfg-scale", "1.5"], 100)]),
+        "mmdit": ([Stage("mmdit", "mmdit.py", ["--model", "T/4", "--batch-size", "64", "--lr", "1e-3", "--warmup",
+                                               "100", "--lr-decay", "cosine", "--ema", "0.999", "--out", "mmdit"],
+                         "mmdit/ckpt.pt", 1350)],
+                  # prompts are the class names in turn; guidance evaluates the network twice per step
+                  [Setting("mmdit", "MM-DiT-T/4", f"Euler {k}, guidance 1.5", "mmdit",
+                           ["--sampling-steps", str(k), "--cfg-scale", "1.5"], 2 * k) for k in (10, 50)]),
         "ldm": ([Stage("ldm_ae", "ldm.py", ["--stage", "ae", "--f", "2", "--latent-channels", "2", "--ae-width", "32",
                                             "--ae-res-blocks", "1", "--batch-size", "64", "--lr", "1e-3",
                                             "--out", "ldm_ae"], "ldm_ae/ckpt.pt", 600),
