@@ -26,7 +26,8 @@ Time runs as in the paper: t = 0 is noise, t = 1 is data, and v points towards t
 Diffusion 3, Flux and diffusers flip it: their s = 1 - t, x_s = (1 - s) x_data + s noise, and their
 network predicts noise - data = -v. The U-Net is given 1000 t, the range its time embedding expects.
 
-Run (each stage resumes with the same command plus --resume):
+Run (each stage resumes with the same command plus --resume; Ctrl-C or SIGTERM saves and exits
+130 or 143):
     python rectified_flow.py --epochs 10                                          # 1-RF
     python rectified_flow.py --reflow --ckpt runs/rectified_flow/ckpt_1rf.pt --epochs 10  # 2-RF
     python rectified_flow.py --distill --ckpt runs/rectified_flow/ckpt_2rf.pt --epochs 10  # 1 step
@@ -55,6 +56,7 @@ Differences from the paper:
   (Ho & Salimans 2022; Esser et al. 2024). The EMA decay warms up as in ddpm.py.
 """
 import argparse
+import contextlib
 import copy
 import math
 import os
@@ -63,6 +65,7 @@ import signal
 import sys
 import time
 from pathlib import Path
+from signal import SIGINT, SIGTERM
 
 import torch
 import torch.distributed as dist
@@ -71,15 +74,8 @@ from torch.utils.data import DataLoader, Subset, TensorDataset
 
 from common import UNet, UserError, load_dataset, pick_device, save_grid, seed_everything
 
-TIME_SCALE = 1000              # the U-Net's sinusoidal embedding sees 1000 t, not t in [0, 1]
-EULER_STEPS = (1, 2, 4, 8, 100)  # the rows of every stage's grid
-PAIR_CHUNK = 500               # reflow pairs drawn per solver call; each chunk has its own seed
-PAIR_SEED = 2 ** 40            # pair noise seeds start here, far from the seeds grids and --sample use
-
-# ----------------------------------------------------------------------------------------------
-# The math that needs no network: the interpolation, t, ODE solvers and the straightness
-# ----------------------------------------------------------------------------------------------
-
+# ==== the paper ====================================================================================
+# The math that needs no network: the interpolation, t, the ODE solvers and the straightness
 
 def interpolate(x0, x1, t):
     """Eq. 1: X_t = t X_1 + (1 - t) X_0 for a (B,) batch of t."""
@@ -87,11 +83,12 @@ def interpolate(x0, x1, t):
     return t * x1 + (1 - t) * x0
 
 
-def sample_t(n, how="uniform", device="cpu"):
+def sample_t(draw, how="uniform"):
+    """t for each example of the batch; draw: the random draws (a harness Draws)."""
     if how == "logit-normal":
         # Esser et al. 2024, Sec. 3.1: t = sigmoid(u), u ~ N(0, 1), which favours the middle of paths
-        return torch.sigmoid(torch.randn(n, device=device))
-    return torch.rand(n, device=device)  # Algorithm 1, line 1: t ~ U[0, 1]
+        return torch.sigmoid(draw.randn())
+    return draw.rand()  # Algorithm 1, line 1: t ~ U[0, 1]
 
 
 def times(z, t):
@@ -159,22 +156,6 @@ def rk45(v, z, rtol=1e-3, atol=1e-3):
     return z, nfe
 
 
-def reporting(v, what, every=5.0):
-    """v, saying every few seconds how far along t = 0 -> 1 the solver is (sampling can be slow)."""
-    start = last = time.time()
-
-    def wrapped(z, t):
-        nonlocal last
-        now = time.time()
-        if now - last >= every:
-            s = t.flatten()[0].item()
-            if s > 0:
-                print(f"{what}: t = {s:.2f}, {(now - start) / s * (1 - s):.0f} s left", flush=True)
-            last = now
-        return v(z, t)
-    return wrapped
-
-
 def solve(v, z, solver="rk45", steps=100, rtol=1e-3, atol=1e-3, velocities=None):
     """Z_1 from Z_0 = z with the chosen solver; returns (Z_1, number of evaluations of v)."""
     if solver == "rk45":
@@ -192,10 +173,9 @@ def straightness(z0, z1, velocities):
                         for vt in velocities]).mean().item()
 
 
-# ----------------------------------------------------------------------------------------------
 # The network: the U-Net of common.py as a velocity field, with classifier-free guidance
-# ----------------------------------------------------------------------------------------------
 
+TIME_SCALE = 1000  # the U-Net's sinusoidal embedding sees 1000 t, not t in [0, 1]
 ARCH = ("width", "mults", "res_blocks", "attn", "dropout")
 
 
@@ -218,131 +198,418 @@ def velocity(net, y=None, cfg_scale=1.0):
     return v
 
 
-# ----------------------------------------------------------------------------------------------
-# The training objective (Algorithm 1, line 1) for each stage
-# ----------------------------------------------------------------------------------------------
+def drop_labels(y, num_classes, p_uncond, draw):
+    """Guidance's training: the null label K = num_classes in place of y for a fraction p_uncond."""
+    return torch.where(draw.rand() < p_uncond, num_classes, y)
+
+
+# The objective (Algorithm 1, line 1) and each stage's training step
 
 def rf_loss(v, x0, x1, t):
     """Eq. 1 for a batch: || (X_1 - X_0) - v(X_t, t) ||^2, X_t = t X_1 + (1 - t) X_0, mean over pixels."""
     return ((x1 - x0) - v(interpolate(x0, x1, t), t)).square().flatten(1).mean(1).mean()
 
 
-def batch_loss(model, batch, args, device, rank=0, world=1):
-    """Eq. 1 on this rank's slice of the global batch. Every rank draws X_0, the label dropout and t
-    for the whole batch and keeps its slice, so that N processes compute what one process would."""
-    b = len(batch[0])
-    mine, B = slice(rank * b, (rank + 1) * b), world * b
-    if args.stage_k == 1 and not args.distilled:
-        x1, y = batch
-        # Algorithm 1, input: the independent coupling, X_0 ~ N(0, I) drawn afresh for each X_1
-        x0 = torch.randn(B, *x1.shape[1:])[mine]
+def rectified_flow_step(net, x1, y, draw, t_sampling="uniform"):
+    """The 1-RF: Algorithm 1, line 1 on the independent coupling of noise and data X_1 ~ pi_1."""
+    # X_0 ~ pi_0 = N(0, I), drawn afresh for each image X_1
+    x0 = draw.randn(*x1.shape[1:])
+    # t ~ U[0, 1]
+    t = sample_t(draw, t_sampling)
+    # || (X_1 - X_0) - v_theta(t X_1 + (1 - t) X_0, t) ||^2
+    return rf_loss(velocity(net, y), x0, x1, t)
+
+
+def reflow_step(net, z0, z1, y, draw, t_sampling="uniform"):
+    """The (k+1)-RF: Algorithm 1, line 3, line 1 on the coupling (Z_0^k, Z_1^k) that the k-RF drew,
+    fixed pairs that are never redrawn."""
+    # t ~ U[0, 1]
+    t = sample_t(draw, t_sampling)
+    # || (Z_1^k - Z_0^k) - v_theta(t Z_1^k + (1 - t) Z_0^k, t) ||^2
+    return rf_loss(velocity(net, y), z0, z1, t)
+
+
+def distillation_step(net, z0, z1, y):
+    """One step: Algorithm 1, line 4, T(Z_0^k) = Z_0^k + v_theta(Z_0^k, 0) ~= Z_1^k, Eq. 1 at t = 0."""
+    return rf_loss(velocity(net, y), z0, z1, torch.zeros(len(z0), device=z0.device))
+
+
+# ==== harness: the same text in every method file (tests/test_harness.py compares the copies) ====
+# Processes and devices, the random draws of a global batch, checkpoints and resume, signals, EMA,
+# the learning-rate schedule, the training loop's bookkeeping, progress lines and the shared flags.
+
+CHECK_EVERY = 10  # steps between readings of the loss and the stop flag from the device
+DIVERGED = 1000  # a loss this many times its first value (or 1) has diverged, finite or not
+
+
+def setup_processes(device_name):
+    """Rank 0 of 1, or under torchrun (RANK, WORLD_SIZE, LOCAL_RANK) one process per device: NCCL
+    on GPUs, gloo on CPUs, and only rank 0 prints. Returns (rank, world, device)."""
+    if "RANK" not in os.environ:
+        return 0, 1, pick_device(device_name)
+    rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    if rank > 0:
+        sys.stdout = open(os.devnull, "w")
+    if device_name in ("auto", "cuda") and torch.cuda.is_available():
+        device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
+        torch.cuda.set_device(device)
     else:
-        # Reflow and distillation: the stored pairs (Z_0^k, Z_1^k), never redrawn
-        x0, x1, y = batch
-    x0, x1, y = x0.to(device), x1.to(device), y.to(device)
-    if args.class_cond:
-        # classifier-free guidance: the null label y = K for a fraction p_uncond of the batch
-        null = getattr(model, "module", model).num_classes  # the label K (DistributedDataParallel: .module)
-        y = torch.where(torch.rand(B, device=device)[mine] < args.p_uncond, null, y)
-    v = velocity(model, y if args.class_cond else None)
-    if args.distilled:
-        # Algorithm 1, line 4: T(Z_0) = Z_0 + v(Z_0, 0) ~= Z_1, i.e. Eq. 1 at t = 0 only
-        return rf_loss(v, x0, x1, torch.zeros(len(x0), device=device))
-    return rf_loss(v, x0, x1, sample_t(B, args.t_sampling, device)[mine])
+        device = pick_device("cpu" if device_name == "auto" else device_name)
+    if not dist.is_initialized():  # (a caller may have set the group up already)
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+        print(f"distributed: {world} processes ({dist.get_backend()})")
+    return rank, world, device
 
 
-# ----------------------------------------------------------------------------------------------
-# Sampling pictures: the step-count grid, the trajectory strip, the straightness
-# ----------------------------------------------------------------------------------------------
+class Draws:
+    """The random draws of a global batch of n: every process draws all n and keeps its slice, so
+    that N processes compute what one process computes on the whole batch."""
 
-@torch.no_grad()
-def pictures(net, args, shape, device, name, tag, n=10):
-    """One row per Euler step count N in EULER_STEPS from the same Z_0, the 100-step path of three
-    samples, and S on that path. Returns S."""
-    net.eval()
-    z0 = torch.randn(n, *shape, generator=torch.Generator().manual_seed(0)).to(device)
-    y = torch.arange(n, device=device) % net.num_classes if net.num_classes else None
-    v, out = velocity(net, y, args.cfg_scale), Path(args.out)
-    rows = [euler(v, z0, steps) for steps in EULER_STEPS[:-1]]
-    vs = []
-    rows.append(euler(v, z0, EULER_STEPS[-1], vs))
-    save_grid(torch.cat(rows), out / f"{name}_steps_{tag}.png", nrow=n)
-    N, keep = len(vs), torch.linspace(0, len(vs), 11).round().long().tolist()
-    vs3 = torch.stack([vt[:3] for vt in vs])                             # (N, 3, C, H, W)
-    z_t = z0[:3] + torch.cat([torch.zeros_like(vs3[:1]), vs3.cumsum(0)]) / N  # (N + 1, 3, C, H, W)
-    guess = [z_t[i] + (1 - i / N) * vs3[min(i, N - 1)] for i in keep]  # Z_t + (1 - t) v(Z_t, t)
-    strip = torch.stack([torch.stack([z_t[i] for i in keep]), torch.stack(guess)], 1)  # (11, 2, 3, ...)
-    save_grid(strip.permute(2, 1, 0, 3, 4, 5).reshape(-1, *shape), out / f"{name}_trajectory.png",
-              nrow=len(keep))
-    s = straightness(z0, rows[-1], vs)
-    print(f"{name}: grid {out / f'{name}_steps_{tag}.png'}, straightness S = {s:.4f} "
-          f"(100 Euler steps, {n} samples)")
-    return s
+    def __init__(self, n, device, rank=0, world=1):
+        self.n, self.device = n, device
+        self.mine = slice(rank * n // world, (rank + 1) * n // world)
+
+    def randn(self, *shape):  # (n / world, *shape)
+        return torch.randn(self.n, *shape, device=self.device)[self.mine]
+
+    def rand(self):
+        return torch.rand(self.n, device=self.device)[self.mine]
+
+    def randint(self, low, high):
+        return torch.randint(low, high, (self.n,), device=self.device)[self.mine]
 
 
-# ----------------------------------------------------------------------------------------------
-# Training loop: stages, EMA, learning-rate schedule, logging, checkpoints
-# ----------------------------------------------------------------------------------------------
+def epoch_batches(dataset, args, epoch, skip, rank=0, world=1):
+    """Epoch `epoch`'s shuffled batches from the `skip`-th on, rank r's slice of each global batch.
+    The loader has its own generator: the global RNG's draws would differ after a resume."""
+    g = torch.Generator().manual_seed(args.seed * 100003 + epoch)
+    order = torch.randperm(len(dataset), generator=g)[skip * args.batch_size:]
+    b = args.batch_size // world
+    mine = order[:len(order) // args.batch_size * args.batch_size].view(-1, world, b)[:, rank].flatten()
+    return DataLoader(Subset(dataset, mine.tolist()), b, drop_last=True, generator=g)
+
 
 @torch.no_grad()
 def ema_update(ema, model, n, max_decay):
-    """EMA of the weights with a warm-up of the decay, min(max_decay, (1 + n) / (10 + n))."""
+    """EMA of the weights, its decay warmed up as min(max_decay, (1 + n) / (10 + n))."""
     decay = min(max_decay, (1 + n) / (10 + n))
     for e, p in zip(ema.parameters(), model.parameters()):
         e.lerp_(p, 1 - decay)
 
 
-def learning_rate(args, step, total, warmup):
-    """Linear warm-up over `warmup` steps, then constant or cosine decay to 0."""
-    lr = args.lr * min(1.0, (step + 1) / warmup)
-    if args.lr_decay == "cosine":
-        lr *= 0.5 * (1 + math.cos(math.pi * step / total))
-    return lr
+def learning_rate(args, step, total):
+    """Linear warm-up over --warmup steps (a tenth of a shorter run), then constant or cosine."""
+    warmup = min(args.warmup, total // 10)
+    lr = args.lr * min(1.0, (step + 1) / warmup) if warmup else args.lr
+    return lr * 0.5 * (1 + math.cos(math.pi * step / total)) if args.lr_decay == "cosine" else lr
 
 
-def atomic_save(obj, path):
-    tmp = Path(str(path) + ".tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)  # a crash mid-write never leaves a broken file
+def save_checkpoint(path, state):
+    """state and the RNG states, written to a temporary file, then renamed: a crash leaves no
+    broken checkpoint."""
+    rng = {"torch": torch.get_rng_state(), "python": random.getstate(),
+           "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+           "mps": torch.mps.get_rng_state() if torch.backends.mps.is_available() else None}
+    torch.save({**state, "rng": rng}, f"{path}.tmp")
+    os.replace(f"{path}.tmp", path)
 
 
-def save_checkpoint(path, model, ema, opt, step, args, shape, num_classes):
-    atomic_save({"method": "rectified_flow", "k": args.stage_k, "distilled": args.distilled,
-                 "args": vars(args), "shape": list(shape), "num_classes": num_classes,
-                 "step": step, "model": model.state_dict(), "ema": ema.state_dict(),
-                 "optimizer": opt.state_dict(),
-                 "rng": {"torch": torch.get_rng_state(), "python": random.getstate(),
-                         "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
-                         "mps": torch.mps.get_rng_state() if torch.backends.mps.is_available() else None}},
-                path)
-
-
-def restore_device_rng(rng):
-    """The CUDA generators of the devices this machine has (a checkpoint from a machine with more
-    GPUs restores the first ones), and MPS's."""
-    for i, state in enumerate(rng["cuda"][:torch.cuda.device_count()]):
-        torch.cuda.set_rng_state(state, i)
-    if rng.get("mps") is not None and torch.backends.mps.is_available():
-        torch.mps.set_rng_state(rng["mps"])
-
-
-def load_checkpoint(path):
+def load_checkpoint(path, methods, keys, flag="--ckpt"):
+    """A checkpoint of one of `methods` with `keys`, read as data (weights_only), or one line."""
     if not Path(path).is_file():
-        raise UserError(f"no checkpoint at {path}: train first (python rectified_flow.py) "
-                        f"or pass --ckpt PATH")
+        raise UserError(f"no checkpoint at {path}: train first, or pass {flag} PATH")
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
         raise UserError(f"cannot read checkpoint {path} ({type(e).__name__}): it is damaged or "
                         f"incomplete (a copy cut short?), or not a checkpoint at all") from None
-    if not isinstance(ckpt, dict) or ckpt.get("method") != "rectified_flow":
-        method = ckpt.get("method", "unknown") if isinstance(ckpt, dict) else "unknown"
-        raise UserError(f"{path} is a checkpoint of {method}, not of rectified_flow.py")
-    missing = [k for k in ("args", "shape", "num_classes", "k", "distilled", "step", "model", "ema",
-                           "optimizer", "rng") if k not in ckpt]
+    method = ckpt.get("method", "unknown") if isinstance(ckpt, dict) else "unknown"
+    if method not in methods:
+        raise UserError(f"{path} is a checkpoint of {method}, not of {' or '.join(methods)}")
+    missing = [k for k in ("args", "step", "rng", *keys) if k not in ckpt]
     if missing:
-        raise UserError(f"{path} is an incomplete rectified_flow.py checkpoint: no {', '.join(missing)}")
+        raise UserError(f"{path} is an incomplete {method} checkpoint: no {', '.join(missing)}")
     return ckpt
+
+
+def restore_rng(rng, device):
+    """CUDA's states for the devices this machine has; under torchrun each rank continues rank 0's."""
+    torch.set_rng_state(rng["torch"])
+    random.setstate(rng["python"])
+    for i, state in enumerate(rng["cuda"][:torch.cuda.device_count()]):
+        torch.cuda.set_rng_state(state, i)
+    if device.type == "cuda" and rng["cuda"]:
+        torch.cuda.set_rng_state(rng["cuda"][0], device)
+    if rng["mps"] is not None and torch.backends.mps.is_available():
+        torch.mps.set_rng_state(rng["mps"])
+
+
+def resumed_args(p, args, ckpt, free=("device", "out", "resume", "ckpt", "data_dir", "log_every",
+                                      "save_every", "compile", "bf16")):
+    """The checkpoint's flags, with the `free` ones and a new length given now; any other flag
+    given now that differs from the checkpoint's is refused."""
+    saved = ckpt["args"]
+    for k, v in vars(args).items():
+        if k not in (*free, "epochs", "steps") and v not in (p.get_default(k), saved.get(k)):
+            raise UserError(f"--resume continues the run with its --{k.replace('_', '-')} {saved.get(k)}, "
+                            f"not {v}: leave the flag out, or start a new run with another --out")
+    length = ("epochs", "steps") if args.epochs or args.steps else ()
+    return argparse.Namespace(**{**saved, **{k: getattr(args, k) for k in (*free, *length)}})
+
+
+@contextlib.contextmanager
+def signals_to(stop):
+    """Ctrl-C and SIGTERM append their number to `stop`: the run ends its step, saves and exits."""
+    old = {s: signal.signal(s, lambda signum, frame: stop.append(signum)) for s in (SIGINT, SIGTERM)}
+    try:
+        yield
+    finally:
+        for s, handler in old.items():
+            signal.signal(s, handler)
+
+
+class SamplingStopped(Exception):
+    """Ctrl-C or SIGTERM arrived while a sampler ran."""
+
+
+def duration(seconds):
+    if seconds >= 5400:
+        return f"{seconds / 3600:.1f} h"
+    return f"{seconds / 60:.1f} min" if seconds >= 90 else f"{seconds:.0f} s"
+
+
+class Progress:
+    """Called after each step of a long loop: a line with the time left every few seconds, and
+    SamplingStopped at the next step once `stop` is set."""
+
+    def __init__(self, what, stop=(), every=5.0):
+        self.what, self.stop, self.every = what, stop, every
+        self.start = self.last = time.time()
+
+    def __call__(self, done, total):
+        if self.stop:
+            raise SamplingStopped
+        if time.time() - self.last >= self.every:
+            left = (time.time() - self.start) / done * (total - done)
+            print(f"{self.what}: step {done}/{total}, {duration(left)} left", flush=True)
+            self.last = time.time()
+
+
+class Run(argparse.Namespace):
+    """A training run, built in one place by the method's train(): args, model, opt, dataset,
+    device, rank, world, stop, path (of the checkpoint), method, loss(batch, draws) -> a scalar."""
+    ema = after_step = pictures = None  # an EMA model; after_step(step); pictures(epoch, progress)
+    step, saved, first, grid = 0, None, None, 0.0
+
+    def extra(self):  # what the checkpoint holds besides the shared keys
+        return {}
+
+
+def prepare(run, ckpt):
+    """A resumed run's weights, optimizer and RNG; run.net, the model as training calls it."""
+    if run.args.batch_size % run.world:
+        raise UserError(f"--batch-size {run.args.batch_size} (the global batch) must divide evenly over "
+                        f"{run.world} processes")
+    if ckpt is not None:
+        run.model.load_state_dict(ckpt["model"])
+        if run.ema is not None:
+            run.ema.load_state_dict(ckpt["ema"])
+        run.opt.load_state_dict(ckpt["optimizer"])
+        run.step = run.saved = ckpt["step"]
+        restore_rng(ckpt["rng"], run.device)
+        print(f"resumed from step {run.step}")
+    run.net = run.model
+    if run.world > 1:  # averages the gradients over the processes in backward()
+        run.net = DistributedDataParallel(run.model, [run.device.index] if run.device.type == "cuda" else None)
+    if run.args.compile:
+        run.net = torch.compile(run.net)
+
+
+def save(run):
+    if run.rank == 0 and run.saved != run.step:
+        save_checkpoint(run.path, {"method": run.method, "args": vars(run.args), "step": run.step,
+                                   "model": run.model.state_dict(), "optimizer": run.opt.state_dict(),
+                                   "ema": None if run.ema is None else run.ema.state_dict(), **run.extra()})
+    run.saved, run.last_save = run.step, time.time()
+
+
+def train_loop(run):
+    """From run.step to the end: a global batch, run.loss, a gradient step, EMA; the loss and the
+    stop flag are read from the device every CHECK_EVERY steps and at an epoch's end, its checkpoint
+    and pictures then follow."""
+    args, per_epoch = run.args, len(run.dataset) // run.args.batch_size
+    run.total, run.per_epoch = args.steps or args.epochs * per_epoch, per_epoch
+    amp = torch.autocast("cuda", torch.bfloat16, enabled=args.bf16 and run.device.type == "cuda")
+    run.last_log = run.last_save = time.time()
+    losses, run.bad_data = [], torch.zeros((), device=run.device)
+    while run.step < run.total and not run.stop:
+        epoch, skip = divmod(run.step, per_epoch)
+        for batch in epoch_batches(run.dataset, args, epoch, skip, run.rank, run.world):
+            batch = [b.to(run.device) for b in batch]
+            run.bad_data += (~torch.isfinite(batch[0])).any()
+            for group in run.opt.param_groups:
+                group["lr"] = learning_rate(args, run.step, run.total)
+            with amp:
+                loss = run.loss(batch, Draws(args.batch_size, run.device, run.rank, run.world))
+            run.opt.zero_grad(set_to_none=True)
+            loss.backward()
+            if args.grad_clip:
+                torch.nn.utils.clip_grad_norm_(run.model.parameters(), args.grad_clip)
+            run.opt.step()
+            run.step += 1
+            if run.ema is not None:
+                ema_update(run.ema, run.model, run.step, args.ema)
+            if run.after_step is not None:
+                run.after_step(run.step)
+            losses.append(loss.detach().float())
+            run.first = losses[0] if run.first is None else run.first
+            end = run.step % per_epoch == 0 or run.step == run.total
+            if (end or run.step % CHECK_EVERY == 0 or run.world == 1 and run.stop) and check(run, losses):
+                break
+            if end:
+                break
+        if run.step % per_epoch == 0 or run.step == run.total:
+            end_of_epoch(run, epoch)
+
+
+def check(run, losses):
+    """Stops a diverged run without saving; prints progress; saves every --save-every minutes.
+    Returns whether any process was asked to stop (one stopped by another exits as on SIGTERM)."""
+    stop = torch.tensor(float(len(run.stop)), device=run.device)
+    x = torch.stack([torch.stack(losses).mean(), run.first, run.bad_data, stop])
+    if run.world > 1:
+        dist.all_reduce(x)
+        x /= run.world
+    (loss, first, bad, stop), now = x.tolist(), time.time()
+    if bad or not math.isfinite(loss) or loss > DIVERGED * max(first, 1):
+        held = f"{run.path} holds step {run.saved}" if run.saved else "this run has written no checkpoint yet"
+        why = "the data hold NaN or inf" if bad else f"the loss went from {first:.3g} to {loss:.3g} " \
+            f"(diverged: try a lower --lr)"
+        raise UserError(f"stopped at step {run.step} without saving, as {why}; {held}")
+    if now - run.last_log >= run.args.log_every or stop or run.step == run.total:
+        speed = len(losses) * run.args.batch_size / (now - run.last_log)
+        left = (run.total - run.step) * (run.args.batch_size / speed + run.grid / run.per_epoch)
+        print(f"step {run.step}/{run.total}  loss {loss:.4f}  {speed:.0f} img/s  {duration(left)} left",
+              flush=True)
+        losses.clear()
+        run.last_log = now
+    if stop and not run.stop:
+        run.stop.append(SIGTERM)
+    if now - run.last_save >= 60 * run.args.save_every or stop:
+        save(run)
+    return bool(stop)
+
+
+def end_of_epoch(run, epoch):
+    save(run)
+    if run.pictures is None or run.rank > 0:  # the other processes wait meanwhile
+        return
+    start = time.time()
+    try:
+        run.pictures(epoch, Progress(f"epoch {epoch + 1} grid", run.stop))
+    except SamplingStopped:
+        print(f"stopped while drawing the grid; {run.path} holds step {run.step}")
+    run.grid, run.last_log = time.time() - start, time.time()  # img/s counts training alone
+
+
+def finish(run):
+    """The run's last line; an interrupted run, once saved, exits 128 + its signal's number."""
+    if run.world > 1:  # the others wait for rank 0's checkpoint: the next command may read it
+        dist.barrier()
+    print(f"{'interrupted' if run.stop else 'done'} at step {run.step}; checkpoint {run.path}")
+    if run.stop:
+        raise SystemExit(128 + run.stop[0])
+
+
+def positive_int(s):
+    if not s.strip().isdigit() or int(s) == 0:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {s!r}")
+    return int(s)
+
+
+def int_list(s):
+    if not s.replace(",", "").strip():
+        raise argparse.ArgumentTypeError(f"must be comma-separated integers such as 1,2,2, got {s!r}")
+    return tuple(positive_int(x) for x in s.split(",") if x.strip())
+
+
+def shared_flags(p, out, lr, batch_size=128, warmup=0, ema=0.9999, grad_clip=1.0):
+    """DESIGN.md's command line: the flags of every method file, with the method's defaults."""
+    p.add_argument("--dataset", help="mnist | fashion-mnist (default) | cifar10 | FOLDER | FILE.pt")
+    p.add_argument("--data-dir", default="./data")
+    p.add_argument("--image-size", type=positive_int, help="for image folders")
+    length = p.add_mutually_exclusive_group()
+    length.add_argument("--epochs", type=positive_int)
+    length.add_argument("--steps", type=positive_int)
+    p.add_argument("--batch-size", type=positive_int, default=batch_size)
+    p.add_argument("--lr", type=float, default=lr)
+    p.add_argument("--warmup", type=int, default=warmup, help="steps of linear warm-up (0: none)")
+    p.add_argument("--lr-decay", choices=["none", "cosine"], default="none")
+    p.add_argument("--ema", type=float, default=ema, help="EMA decay of the weights")
+    p.add_argument("--grad-clip", type=float, default=grad_clip, help="gradient norm clip (0: off)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda | mps")
+    p.add_argument("--bf16", action="store_true", help="bfloat16 autocast on CUDA")
+    p.add_argument("--compile", action="store_true", help="torch.compile the network")
+    p.add_argument("--out", default=out)
+    p.add_argument("--resume", action="store_true", help="continue OUT's checkpoint (or --ckpt)")
+    p.add_argument("--log-every", type=float, default=5.0, help="seconds between progress lines")
+    p.add_argument("--save-every", type=float, default=5.0, help="minutes between checkpoints")
+    p.add_argument("--sample", action="store_true", help="only sample from --ckpt")
+    p.add_argument("--ckpt")
+    p.add_argument("--n", type=positive_int, default=64, help="images to sample")
+    p.add_argument("--save", help="FILE.png (a grid) or FILE.pt (a tensor) for --sample")
+
+
+def check_shared_flags(p, args):
+    for flag, ok, what in [("lr", args.lr > 0, "positive"), ("warmup", args.warmup >= 0, "0 or more"),
+                           ("grad_clip", args.grad_clip >= 0, "0 (off) or positive"),
+                           ("ema", 0 <= args.ema < 1, "in [0, 1)")]:
+        if not ok:
+            p.error(f"--{flag.replace('_', '-')} must be {what}, got {getattr(args, flag)}")
+    if not args.resume:
+        args.dataset = args.dataset or "fashion-mnist"
+        args.epochs = args.epochs or (None if args.steps else 10)
+
+
+def out_folder(path):
+    if Path(path).exists() and not Path(path).is_dir():
+        raise UserError(f"--out {path} is a file: give a folder for the run's outputs")
+    Path(path).mkdir(parents=True, exist_ok=True)
+    return Path(path)
+
+
+def check_save(path):
+    if not path or Path(path).suffix not in (".png", ".pt"):
+        raise UserError("--sample needs --save FILE.png (a grid) or FILE.pt (a tensor)")
+    if Path(path).is_dir():
+        raise UserError(f"--save {path} is a folder: give a file name ending in .png or .pt")
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+
+
+def run_command(command, args):
+    """main()'s body: a user's error is one line, and so is Ctrl-C before training or while
+    sampling (status 130); the process group, if any, is closed."""
+    try:
+        command(args)
+    except UserError as e:
+        sys.exit(f"error: {e}")
+    except (KeyboardInterrupt, SamplingStopped):
+        print("interrupted: nothing saved", file=sys.stderr)
+        sys.exit(130)
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+# ==== end of harness ===============================================================================
+
+
+# ==== the command line =============================================================================
+
+KEYS = ("shape", "num_classes", "k", "distilled", "model", "ema", "optimizer")  # besides the harness's
+FREE = ("device", "out", "resume", "ckpt", "data_dir", "log_every", "save_every", "compile", "bf16", "all")
+EULER_STEPS = (1, 2, 4, 8, 100)  # the rows of every stage's grid
+PAIR_CHUNK = 500  # reflow pairs drawn per solver call; each chunk has its own seed
+PAIR_SEED = 2 ** 40  # pair noise seeds start here, far from the seeds grids and --sample use
 
 
 def load_ema(ckpt, device, path):
@@ -354,7 +621,66 @@ def load_ema(ckpt, device, path):
 
 
 @torch.no_grad()
-def reflow_pairs(args, teacher, shape, num_classes, device, stop, ranks):
+def pictures(net, args, shape, device, name, epoch, progress, n=10):
+    """One row per Euler step count N in EULER_STEPS from the same Z_0, the 100-step path of three
+    samples, and S on that path."""
+    net.eval()
+    z0 = torch.randn(n, *shape, generator=torch.Generator().manual_seed(0)).to(device)
+    y = torch.arange(n, device=device) % net.num_classes if net.num_classes else None
+    v, out, rows, vs = velocity(net, y, args.cfg_scale), Path(args.out), [], []
+    for i, steps in enumerate(EULER_STEPS):
+        rows.append(euler(v, z0, steps, vs if steps == EULER_STEPS[-1] else None))
+        progress(i + 1, len(EULER_STEPS))
+    grid = out / f"{name}_steps_epoch{epoch + 1:03d}.png"
+    save_grid(torch.cat(rows), grid, nrow=n)
+    N, keep = len(vs), torch.linspace(0, len(vs), 11).round().long().tolist()
+    vs3 = torch.stack([vt[:3] for vt in vs])  # (N, 3, C, H, W)
+    z_t = z0[:3] + torch.cat([torch.zeros_like(vs3[:1]), vs3.cumsum(0)]) / N  # (N + 1, 3, C, H, W)
+    guess = [z_t[i] + (1 - i / N) * vs3[min(i, N - 1)] for i in keep]  # Z_t + (1 - t) v(Z_t, t)
+    strip = torch.stack([torch.stack([z_t[i] for i in keep]), torch.stack(guess)], 1)  # (11, 2, 3, ...)
+    save_grid(strip.permute(2, 1, 0, 3, 4, 5).reshape(-1, *shape), out / f"{name}_trajectory.png",
+              nrow=len(keep))
+    print(f"{name}: grid {grid}, straightness S = {straightness(z0, rows[-1], vs):.4f} "
+          f"(100 Euler steps, {n} samples)")
+
+
+def stopped(stop, world, device):
+    """Whether Ctrl-C or SIGTERM reached any process: all then stop after the same chunk of pairs,
+    and one stopped by another exits as after SIGTERM."""
+    if world > 1:
+        flag = torch.tensor(float(len(stop)), device=device)
+        dist.all_reduce(flag)
+        if flag.item() and not stop:
+            stop.append(SIGTERM)
+    return bool(stop)
+
+
+def read_pairs(path, source, shape, n):
+    """The pairs stored at `path` if they were drawn from `source`, else none yet; short of n, whole
+    chunks only (a short last chunk is drawn again, in full this time)."""
+    try:
+        pairs = torch.load(path, weights_only=True) if path.exists() else None
+    except Exception as e:
+        raise UserError(f"cannot read {path} ({type(e).__name__}): it is damaged or incomplete; delete it "
+                        f"and the pairs are drawn again") from None
+    if pairs is not None and pairs["source"] == source:
+        if not torch.isfinite(pairs["z1"]).all():
+            raise UserError(f"the pairs in {path} hold NaN or inf (the flow they were drawn from is broken)")
+        kept = len(pairs["z0"]) if len(pairs["z0"]) >= n else len(pairs["z0"]) // PAIR_CHUNK * PAIR_CHUNK
+        return {**pairs, **{k: pairs[k][:kept] for k in ("z0", "z1", "y")}}
+    if pairs is not None:
+        print(f"{path} holds pairs of another teacher or solver: drawing new ones")
+    return {"source": source, "z0": torch.zeros(0, *shape), "z1": torch.zeros(0, *shape),
+            "y": torch.zeros(0, dtype=torch.long)}
+
+
+def write_pairs(pairs, path):
+    torch.save(pairs, f"{path}.tmp")
+    os.replace(f"{path}.tmp", path)  # a crash mid-write leaves the last complete file
+
+
+@torch.no_grad()
+def reflow_pairs(args, teacher, shape, num_classes, device, stop, rank, world):
     """Algorithm 1, line 3: Z_0 ~ N(0, I), Z_1 = Flow_k(Z_0), drawn once with --solver and stored in
     args.pairs_file; training only reads them. Chunk i's noise has its own seed, so an interrupted
     run continues where it stopped; under torchrun rank r draws chunk i + r of each round of N and
@@ -364,34 +690,21 @@ def reflow_pairs(args, teacher, shape, num_classes, device, stop, ranks):
               # tells a retrained teacher with the same path and step from the one the pairs came from
               "teacher_sum": sum(w.double().sum().item() for w in teacher["ema"].values()),
               "solver": [args.solver, args.sampling_steps, args.rtol, args.atol, args.cfg_scale]}
-    try:
-        pairs = torch.load(path, weights_only=True) if path.exists() else None
-    except Exception as e:
-        raise UserError(f"cannot read {path} ({type(e).__name__}): it is damaged or incomplete; delete it "
-                        f"and the pairs are drawn again") from None
-    if pairs is None or pairs["source"] != source:
-        if pairs is not None:
-            print(f"{path} holds pairs of another teacher or solver: drawing new ones")
-        pairs = {"source": source, "z0": torch.zeros(0, *shape), "z1": torch.zeros(0, *shape),
-                 "y": torch.zeros(0, dtype=torch.long)}
-    n = len(pairs["z0"])
-    if n < args.pairs and n % PAIR_CHUNK:  # a short last chunk is drawn again, in full this time
-        pairs = {**pairs, **{k: pairs[k][:n - n % PAIR_CHUNK] for k in ("z0", "z1", "y")}}
+    pairs = read_pairs(path, source, shape, args.pairs)
     net = load_ema(teacher, device, args.teacher) if len(pairs["z0"]) < args.pairs else None
     start = last = time.time()
     done0 = len(pairs["z0"])
-    while len(pairs["z0"]) < args.pairs and not stopped(stop, ranks, device):
-        done = len(pairs["z0"]) + ranks.rank * PAIR_CHUNK  # this rank's chunk of the round
+    while len(pairs["z0"]) < args.pairs and not stopped(stop, world, device):
+        done = len(pairs["z0"]) + rank * PAIR_CHUNK  # this rank's chunk of the round
         g = torch.Generator().manual_seed(PAIR_SEED + args.seed * 1000003 + done // PAIR_CHUNK)
         z0 = torch.randn(max(0, min(PAIR_CHUNK, args.pairs - done)), *shape, generator=g)
-        y = (torch.randint(num_classes, (len(z0),), generator=g) if num_classes
-             else torch.full((len(z0),), -1))
+        y = torch.randint(num_classes, (len(z0),), generator=g) if num_classes else torch.full((len(z0),), -1)
         v = velocity(net, y.to(device) if num_classes else None, args.cfg_scale)
         z1, nfe = solve(v, z0.to(device), args.solver, args.sampling_steps, args.rtol, args.atol) \
             if len(z0) else (z0, 0)
         chunks = [(z0, z1.float().cpu(), y)]
-        if ranks.world > 1:
-            chunks = [None] * ranks.world
+        if world > 1:
+            chunks = [None] * world
             dist.all_gather_object(chunks, (z0, z1.float().cpu(), y))
         if not all(torch.isfinite(chunk[1]).all() for chunk in chunks):  # the same verdict on every rank
             raise UserError(f"the reflow pairs drawn from {args.teacher} are non-finite (NaN or inf): "
@@ -402,337 +715,15 @@ def reflow_pairs(args, teacher, shape, num_classes, device, stop, ranks):
                 pairs[key] = torch.cat([pairs[key], val])
         rate = (len(pairs["z0"]) - done0) / (time.time() - start)
         print(f"pairs {len(pairs['z0'])}/{args.pairs}  {args.solver} NFE {nfe}  "
-              f"{(args.pairs - len(pairs['z0'])) / rate / 60:.1f} min left", flush=True)
-        if time.time() - last > 60 and ranks.rank == 0:
-            atomic_save(pairs, path)
+              f"{duration((args.pairs - len(pairs['z0'])) / rate)} left", flush=True)
+        if time.time() - last > 60 and rank == 0:
+            write_pairs(pairs, path)
             last = time.time()
-    if ranks.rank == 0:
-        atomic_save(pairs, path)
-    return None if stopped(stop, ranks, device) else TensorDataset(*(pairs[k][:args.pairs] for k in ("z0", "z1", "y")))
-
-
-def epoch_batches(dataset, args, epoch, skip, rank=0, world=1):
-    """Epoch `epoch`'s shuffled batches from the `skip`-th on, the same order on every run; under
-    torchrun, rank r's slice r of each global batch of --batch-size. The loader gets its own
-    generator: one drawing from the global RNG would break --resume."""
-    g = torch.Generator().manual_seed(args.seed * 100003 + epoch)
-    order = torch.randperm(len(dataset), generator=g)[skip * args.batch_size:]
-    b = args.batch_size // world
-    mine = order[:len(order) // args.batch_size * args.batch_size].view(-1, world, b)[:, rank].flatten()
-    return DataLoader(Subset(dataset, mine.tolist()), b, drop_last=True, generator=g)
-
-
-# ----------------------------------------------------------------------------------------------
-# Many GPUs (torchrun): one process per device; without torchrun, one process and none of this
-# ----------------------------------------------------------------------------------------------
-
-def setup_distributed(device_name):
-    """torchrun sets RANK, WORLD_SIZE and LOCAL_RANK; without them this is rank 0 of 1. NCCL on
-    GPUs, gloo on CPUs. Ranks > 0 print nothing. Returns (rank, world, device); the stages of
-    --all share one process group, which main() ends."""
-    if "RANK" not in os.environ:
-        return 0, 1, pick_device(device_name)
-    rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
-    if rank > 0:
-        sys.stdout = open(os.devnull, "w")
-    if device_name in ("auto", "cuda") and torch.cuda.is_available():
-        device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
-        torch.cuda.set_device(device)
-    else:
-        device = pick_device("cpu" if device_name == "auto" else device_name)
-    if not dist.is_initialized():
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-        print(f"distributed: {world} processes ({dist.get_backend()})")
-    return rank, world, device
-
-
-def all_sum(x, world):
-    """The sum of a tensor over all ranks (itself for one process)."""
-    if world > 1:
-        x = x.clone()
-        dist.all_reduce(x)
-    return x
-
-
-def stopped(stop, ranks, device):
-    """Whether Ctrl-C or SIGTERM reached any rank: all ranks then stop after the same step."""
-    if ranks.world > 1 and all_sum(torch.tensor(float(len(stop)), device=device), ranks.world).item():
-        stop.append(signal.SIGTERM)  # every rank's list then says so; a rank not signalled exits 143
-    return bool(stop)
-
-
-def diverged(loss, first):
-    """The loss is non-finite, or finite but absurd: over 1000 x the first step's (at least 1). A run
-    at 1e22 stays finite, trains nothing and would sample noise."""
-    return not math.isfinite(loss) or loss > 1000 * max(first, 1.0)
-
-
-def divergence_error(loss, first, batch, step, kept, ranks, device, data="the data set has NaN or inf in it"):
-    """What a diverged loss means: a batch holding NaN or inf on any rank (a lower --lr cannot help
-    that), or else training that blew up."""
-    bad = sum(float(not torch.isfinite(x).all()) for x in batch if x.is_floating_point())
-    if all_sum(torch.tensor(bad, device=device), ranks.world).item():
-        return UserError(f"the batch at step {step} holds non-finite values: {data}; stopped without "
-                         f"saving ({kept})")
-    scale = f" (over 1000 x the first step's {first:.4g})" if math.isfinite(loss) else ""
-    return UserError(f"the loss became {loss:.4g}{scale} at step {step}; stopped without saving ({kept}). "
-                     f"Try a lower --lr.")
-
-
-# ----------------------------------------------------------------------------------------------
-# Training: one stage, or all three
-# ----------------------------------------------------------------------------------------------
-
-
-def train(args):
-    """One stage: 1-RF on the data; with --reflow a (k+1)-RF, with --distill a one-step model, both
-    on pairs from the k-RF --ckpt. Returns the checkpoint's path; interrupted, exits 130 or 143."""
-    out = Path(args.out)
-    if args.reflow or args.distill:
-        if not args.ckpt:
-            raise UserError(f"--{'reflow' if args.reflow else 'distill'} needs --ckpt PATH, the "
-                            f"k-RF checkpoint to start from (e.g. {out / 'ckpt_1rf.pt'})")
-        teacher = load_checkpoint(args.ckpt)
-        if teacher["distilled"]:
-            raise UserError(f"{args.ckpt} is a distilled one-step model: reflow or distill a k-RF")
-        args.stage_k, args.distilled = teacher["k"] + args.reflow, args.distill
-        args.teacher = str(Path(args.ckpt).resolve())
-        args.pairs_file = str((out / f"pairs_{teacher['k']}rf.pt").resolve())
-    else:
-        teacher, args.stage_k, args.distilled = None, 1, False
-    rank, world, device = setup_distributed(args.device)
-    ranks = argparse.Namespace(rank=rank, world=world)
-    name = f"{args.stage_k}rf" + ("_distilled" if args.distilled else "")
-    path = Path(args.ckpt) if args.resume and args.ckpt and teacher is None else out / f"ckpt_{name}.pt"
-    ckpt = None
-    # a reflow or distillation stopped while drawing pairs has no checkpoint yet: it starts afresh,
-    # and its stored pairs are kept
-    if args.resume and (path.exists() or not (args.all or teacher is not None)):
-        ckpt = load_checkpoint(path)
-        for k in ("dataset", "image_size"):
-            if getattr(args, k) is not None and getattr(args, k) != ckpt["args"][k]:
-                raise UserError(f"{path} was trained with --{k.replace('_', '-')} {ckpt['args'][k]}; "
-                                f"--resume continues it on the same data (leave out --{k.replace('_', '-')})")
-        keep = {k: getattr(args, k) for k in ("epochs", "steps", "device", "out", "resume", "all")}
-        if keep["epochs"] is None and keep["steps"] is None:
-            keep["epochs"], keep["steps"] = ckpt["args"]["epochs"], ckpt["args"]["steps"]
-        args = argparse.Namespace(**{**ckpt["args"], **keep})
-        name = f"{args.stage_k}rf" + ("_distilled" if args.distilled else "")
-    if args.epochs is None and args.steps is None:  # --resume of a stage not yet begun
-        args.epochs = 10
-    args.dataset = args.dataset or "fashion-mnist"
-    if args.batch_size % world:
-        raise UserError(f"--batch-size {args.batch_size} (the global batch) must divide evenly over "
-                        f"{world} processes")
-    if args.cfg_scale != 1 and not (teacher["num_classes"] if teacher else args.class_cond):
-        raise UserError("--cfg-scale needs a class-conditional flow: train the 1-RF with --class-cond")
-    seed_everything(args.seed)  # the same on every rank: see batch_loss
-    if out.exists() and not out.is_dir():
-        raise UserError(f"--out {out} is a file: give a folder for the run's outputs")
-    out.mkdir(parents=True, exist_ok=True)
-    stop = []  # Ctrl-C or SIGTERM finishes the current step (or pair chunk), saves, and exits
-    handlers = {s: signal.signal(s, lambda signum, _: stop.append(signum))
-                for s in (signal.SIGINT, signal.SIGTERM)}
-    try:
-        if args.stage_k == 1 and not args.distilled:
-            dataset, info = load_dataset(args.dataset, args.data_dir, True, args.image_size,
-                                         flip=args.dataset == "cifar10")
-            if args.class_cond and not info.num_classes:
-                raise UserError(f"--class-cond needs labels; {info.name} has none (put its images "
-                                f"in one subfolder per class)")
-            shape, num_classes = (info.channels, info.size, info.size), info.num_classes if args.class_cond else None
-            if ckpt is not None and tuple(ckpt["shape"]) != shape:
-                raise UserError(f"the checkpoint was trained on {tuple(ckpt['shape'])} images, "
-                                f"{args.dataset} has {shape}: use the same --dataset and --image-size")
-            fill_model_defaults(args, info.size)
-        else:
-            src = ckpt or teacher
-            shape, num_classes = tuple(src["shape"]), src["num_classes"]
-            if ckpt is None:  # the network, data set and conditioning come from the teacher
-                for key in ARCH + ("dataset", "image_size", "class_cond", "p_uncond"):
-                    setattr(args, key, teacher["args"][key])
-            args.solver = args.solver or "rk45"
-            args.sampling_steps = args.sampling_steps or 100
-            dataset = reflow_pairs(args, teacher, shape, num_classes, device, stop, ranks)
-            if dataset is None:
-                print(f"interrupted while drawing pairs; {args.pairs_file} keeps them for the "
-                      f"same command (with or without --resume)")
-                sys.exit(128 + stop[0])  # as an interrupted training, below
-        if len(dataset) < args.batch_size:
-            raise UserError(f"{len(dataset)} training examples, fewer than --batch-size {args.batch_size}")
-        model = make_model(args, shape, num_classes).to(device, memory_format=torch.channels_last)
-        if teacher is not None and ckpt is None:  # reflow and distillation start from the k-RF
-            model.load_state_dict(teacher["ema"])
-        ema = copy.deepcopy(model).requires_grad_(False)  # starts as an exact copy
-        opt = torch.optim.Adam(model.parameters(), lr=args.lr)
-        print(f"stage {name}: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, "
-              f"{len(dataset)} training {'images' if args.stage_k == 1 and not args.distilled else 'pairs'}")
-        step = 0
-        if ckpt is not None:
-            model.load_state_dict(ckpt["model"])
-            ema.load_state_dict(ckpt["ema"])
-            opt.load_state_dict(ckpt["optimizer"])
-            step = ckpt["step"]
-            torch.set_rng_state(ckpt["rng"]["torch"])
-            random.setstate(ckpt["rng"]["python"])
-            restore_device_rng(ckpt["rng"])
-            if world > 1 and device.type == "cuda":  # every rank continues rank 0's stream (device 0)
-                torch.cuda.set_rng_state(ckpt["rng"]["cuda"][0], device)
-            print(f"resumed {name} from step {step}")
-        ranks.ddp = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda"
-                                            else None) if world > 1 else model  # averages gradients
-        path = out / f"ckpt_{name}.pt"
-        step = run_epochs(args, model, ema, opt, dataset, device, shape, num_classes, step,
-                          path, name, stop, ranks)
-        if rank == 0:
-            save_checkpoint(path, model, ema, opt, step, args, shape, num_classes)
-    finally:
-        for s, h in handlers.items():
-            signal.signal(s, h)
-    print(f"{'interrupted' if stop else 'done'} at step {step}; checkpoint {path}")
-    if stop:  # 130 after Ctrl-C, 143 after SIGTERM: a script or a scheduler tells it from "done"
-        sys.exit(128 + stop[0])
-    return path
-
-
-def run_epochs(args, model, ema, opt, dataset, device, shape, num_classes, step, path, name, stop, ranks):
-    """The training loop. ranks: the model to call (DistributedDataParallel under torchrun), this
-    process's rank and the world size; rank 0 alone logs, saves and draws the pictures."""
-    per_epoch = len(dataset) // args.batch_size
-    total = args.steps or args.epochs * per_epoch
-    warmup = max(1, min(args.warmup, total // 10))
-    amp = torch.autocast("cuda", torch.bfloat16, enabled=args.bf16 and device.type == "cuda")
-    last_log = last_save = t_log = time.time()
-    seen, noted = 0, False
-    saved = step or None  # the step `path` holds from this run (a resumed run: where it resumed)
-    first = None  # the loss of this process's first step, the scale of the divergence rule
-    data = ("the data set has NaN or inf in it" if args.stage_k == 1 and not args.distilled else
-            f"the pairs in {args.pairs_file} hold NaN or inf (the flow they were drawn from is broken)")
-    while step < total:
-        epoch, skip = divmod(step, per_epoch)
-        for batch in epoch_batches(dataset, args, epoch, skip, ranks.rank, ranks.world):
-            for group in opt.param_groups:
-                group["lr"] = learning_rate(args, step, total, warmup)
-            with amp:
-                loss = batch_loss(ranks.ddp, batch, args, device, ranks.rank, ranks.world)
-            loss_all = all_sum(loss.detach(), ranks.world) / ranks.world  # the same on every rank
-            first = loss_all.item() if first is None else first
-            if diverged(loss_all.item(), first):
-                kept = f"{path} holds step {saved}" if saved else "this stage has written no checkpoint yet"
-                raise divergence_error(loss_all.item(), first, batch, step + 1, kept, ranks, device, data)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            if args.grad_clip:  # 0: no clipping (clip_grad_norm_ to 0 would zero every gradient)
-                torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
-            opt.step()
-            step += 1
-            ema_update(ema, model, step, args.ema)
-            seen += args.batch_size
-            now = time.time()
-            if now - last_log >= args.log_every or step == total:
-                speed = seen / (now - t_log)
-                left = (total - step) * args.batch_size / speed
-                if device.type == "cpu" and not noted and left > 1800:
-                    print(f"note: this stage needs about {left / 3600:.1f} h on this CPU; README.md's "
-                          f"CPU recipe shows real results in about 15 minutes a stage")
-                noted = True
-                print(f"{name} step {step}/{total}  epoch {epoch + 1}  loss {loss_all.item():.4f}  {speed:.0f} img/s  "
-                      + (f"{left / 3600:.1f} h left" if left >= 5400 else f"{left / 60:.1f} min left"), flush=True)
-                last_log, seen, t_log = now, 0, now
-            if now - last_save >= 60 * args.save_every and ranks.rank == 0:
-                save_checkpoint(path, model, ema, opt, step, args, shape, num_classes)
-                last_save, saved = now, step
-            if step == total or stopped(stop, ranks, device):
-                break
-        if (step % per_epoch == 0 or step == total) and ranks.rank == 0:  # the others wait meanwhile
-            save_checkpoint(path, model, ema, opt, step, args, shape, num_classes)
-            saved = step
-            pictures(ema, args, shape, device, name, f"epoch{epoch + 1:03d}")
-        if stopped(stop, ranks, device):
-            break
-    return step
-
-
-def train_all(args):
-    """1-RF, then reflow to a 2-RF, then distil the 2-RF, with the same flags for each stage."""
-    path = train(argparse.Namespace(**{**vars(args), "reflow": False, "distill": False}))
-    for stage in ("reflow", "distill"):
-        path = train(argparse.Namespace(**{**vars(args), stage: True, "ckpt": str(path)}))
-
-
-# ----------------------------------------------------------------------------------------------
-# Sampling from a checkpoint
-# ----------------------------------------------------------------------------------------------
-
-def sample(args):
-    if not args.ckpt:
-        raise UserError("--sample needs --ckpt PATH (e.g. runs/rectified_flow/ckpt_2rf.pt)")
-    if not args.save or Path(args.save).suffix not in (".png", ".pt"):
-        raise UserError("--sample needs --save FILE.png (a grid) or FILE.pt (a tensor)")
-    ckpt = load_checkpoint(args.ckpt)
-    if args.cfg_scale != 1 and not ckpt["num_classes"]:
-        raise UserError(f"--cfg-scale needs a class-conditional model; {args.ckpt} was trained "
-                        f"without --class-cond")
-    device = pick_device(args.device)
-    net, shape, K = load_ema(ckpt, device, args.ckpt), tuple(ckpt["shape"]), ckpt["num_classes"]
-    # a distilled model is a one-step map: one Euler step unless told otherwise
-    solver = args.solver or ("euler" if ckpt["distilled"] else "rk45")
-    steps = args.sampling_steps or (1 if ckpt["distilled"] else 100)
-    start, xs, s, nfe = time.time(), [], 0.0, 0
-    for i in range(0, args.n, 256):
-        z0 = torch.randn(min(256, args.n - i), *shape,
-                         generator=torch.Generator().manual_seed(args.seed + i)).to(device)
-        y = (torch.arange(i, i + len(z0), device=device) % K) if K else None
-        vs = [] if solver == "euler" else None
-        v = reporting(velocity(net, y, args.cfg_scale), f"images {i + 1}-{i + len(z0)} of {args.n}",
-                      args.log_every)
-        z1, n_eval = solve(v, z0, solver, steps, args.rtol, args.atol, vs)
-        nfe = max(nfe, n_eval)
-        s += straightness(z0, z1, vs) * len(z0) if vs else 0.0
-        xs.append(z1.float().cpu())
-        if i + len(z0) < args.n:
-            done = i + len(z0)
-            print(f"sampling: {done}/{args.n} images, {(time.time() - start) / done * (args.n - done):.0f} s left",
-                  flush=True)
-    x = torch.cat(xs)
-    if not torch.isfinite(x).all():
-        raise UserError(f"the samples of {args.ckpt} came out non-finite: the checkpoint is broken, retrain it")
-    x = x.clamp(-1, 1)
-    # one Euler step is a straight line whatever the model: S is 0 and says nothing
-    print(f"{args.n} samples in {time.time() - start:.2f} s with {solver} ("
-          + (f"N = {steps}, " if solver != "rk45" else "") + f"NFE {nfe})"
-          + (f"; straightness S = {s / args.n:.4f} on these paths" if solver == "euler" and steps > 1 else ""))
-    Path(args.save).parent.mkdir(parents=True, exist_ok=True)
-    if args.save.endswith(".pt"):
-        torch.save(x, args.save)
-    else:
-        save_grid(x, args.save)
-    print(f"saved {args.save}")
-
-
-# ----------------------------------------------------------------------------------------------
-# Command line
-# ----------------------------------------------------------------------------------------------
-
-def positive_int(s):
-    v = int(s)
-    if v <= 0:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {s}")
-    return v
-
-
-def positive_float(s):
-    v = float(s)
-    if not v > 0:
-        raise argparse.ArgumentTypeError(f"must be a positive number, got {s}")
-    return v
-
-
-def int_list(s):
-    v = tuple(int(x) for x in s.split(",") if x.strip())
-    if not v:
-        raise argparse.ArgumentTypeError(f"must be comma-separated integers such as 1,2,2, got {s!r}")
-    return v
+    if rank == 0 and len(pairs["z0"]) > done0:
+        write_pairs(pairs, path)
+    if stopped(stop, world, device):
+        return None
+    return TensorDataset(*(pairs[k][:args.pairs] for k in ("z0", "z1", "y")))
 
 
 def fill_model_defaults(args, size):
@@ -744,29 +735,196 @@ def fill_model_defaults(args, size):
     args.dropout = args.dropout if args.dropout is not None else (0.1 if args.dataset == "cifar10" else 0.0)
 
 
-def parse_args(argv=None):
+def load_teacher(args):
+    """With --reflow or --distill, the k-RF checkpoint --ckpt (None for a 1-RF)."""
+    if not (args.reflow or args.distill):
+        return None
+    if not args.ckpt:
+        raise UserError(f"--{'reflow' if args.reflow else 'distill'} needs --ckpt PATH, the k-RF checkpoint "
+                        f"to start from (e.g. {Path(args.out) / 'ckpt_1rf.pt'})")
+    teacher = load_checkpoint(args.ckpt, ["rectified_flow"], KEYS)
+    if teacher["distilled"]:
+        raise UserError(f"{args.ckpt} is a distilled one-step model: reflow or distill a k-RF")
+    return teacher
+
+
+def stage_data(args, teacher, stop, device, rank, world):
+    """The 1-RF's images (X_1, y), or the k-RF teacher's pairs (Z_0, Z_1, y); their shape and classes."""
+    if args.stage_k == 1 and not args.distilled:
+        dataset, info = load_dataset(args.dataset, args.data_dir, True, args.image_size,
+                                     flip=args.dataset == "cifar10")
+        if args.class_cond and not info.num_classes:
+            raise UserError(f"--class-cond needs labels; {info.name} has none (put its images in one "
+                            f"subfolder per class)")
+        fill_model_defaults(args, info.size)
+        return dataset, (info.channels, info.size, info.size), info.num_classes if args.class_cond else None
+    for key in ARCH + ("dataset", "image_size", "class_cond", "p_uncond"):  # the teacher's
+        setattr(args, key, teacher["args"][key])
+    args.solver, args.sampling_steps = args.solver or "rk45", args.sampling_steps or 100
+    shape, num_classes = tuple(teacher["shape"]), teacher["num_classes"]
+    return reflow_pairs(args, teacher, shape, num_classes, device, stop, rank, world), shape, num_classes
+
+
+def stage_step(args, num_classes):
+    """The stage's training step on a batch of images (X_1, y) or pairs (Z_0, Z_1, y)."""
+    def step(net, batch, draw):
+        y = drop_labels(batch[-1], num_classes, args.p_uncond, draw) if args.class_cond else None
+        if args.distilled:
+            return distillation_step(net, batch[0], batch[1], y)
+        if args.stage_k > 1:
+            return reflow_step(net, batch[0], batch[1], y, draw, args.t_sampling)
+        return rectified_flow_step(net, batch[0], y, draw, args.t_sampling)
+    return step
+
+
+def long_run_note(run):
+    """On a CPU, after the stage's first step: a stage of over half an hour says so at once."""
+    start, first = time.time(), run.step + 1
+
+    def after_step(step):
+        left = (time.time() - start) * (run.total - step)
+        if step == first and run.device.type == "cpu" and left > 1800:
+            print(f"note: this stage needs about {left / 3600:.1f} h on this CPU; README.md's CPU recipe "
+                  f"shows real results in about 15 minutes a stage")
+    return after_step
+
+
+def train(args, p):
+    """One stage: 1-RF on the data; with --reflow a (k+1)-RF, with --distill a one-step model, both
+    on pairs from the k-RF --ckpt. Returns the checkpoint's path; interrupted, exits 130 or 143."""
+    teacher, teacher_path = load_teacher(args), args.ckpt
+    k, out = teacher["k"] + args.reflow if teacher else 1, Path(args.out)
+    path = Path(args.ckpt) if args.resume and args.ckpt and teacher is None else \
+        out / f"ckpt_{k}rf{'_distilled' if args.distill else ''}.pt"
+    ckpt = None
+    # a reflow or distillation stopped while drawing pairs has no checkpoint yet: it starts afresh,
+    # and its stored pairs are kept
+    if args.resume and (path.exists() or not (args.all or teacher)):
+        ckpt = load_checkpoint(path, ["rectified_flow"], KEYS)
+        args = resumed_args(p, args, ckpt, FREE)
+    else:
+        args.stage_k, args.distilled = k, args.distill
+    if teacher:
+        args.teacher = str(Path(teacher_path).resolve())
+    elif args.stage_k > 1 or args.distilled:  # resumed from --ckpt without --reflow or --distill
+        teacher = load_checkpoint(args.teacher, ["rectified_flow"], KEYS)
+    if teacher:
+        args.pairs_file = str((out / f"pairs_{teacher['k']}rf.pt").resolve())
+    args.epochs = args.epochs or (None if args.steps else 10)  # a stage not begun, resumed
+    args.dataset = args.dataset or "fashion-mnist"
+    name = f"{args.stage_k}rf" + ("_distilled" if args.distilled else "")
+    if args.cfg_scale != 1 and not (teacher["num_classes"] if teacher else args.class_cond):
+        raise UserError("--cfg-scale needs a class-conditional flow: train the 1-RF with --class-cond")
+    rank, world, device = setup_processes(args.device)
+    seed_everything(args.seed)  # the same on every process: see Draws
+    out_folder(out)
+    stop = []
+    with signals_to(stop):
+        dataset, shape, num_classes = stage_data(args, teacher, stop, device, rank, world)
+        if dataset is None:
+            print(f"interrupted while drawing pairs; {args.pairs_file} keeps them for the same command "
+                  f"(with or without --resume)")
+            raise SystemExit(128 + stop[0])
+        if ckpt is not None and tuple(ckpt["shape"]) != shape:
+            raise UserError(f"the checkpoint was trained on {tuple(ckpt['shape'])} images, {args.dataset} "
+                            f"now has {shape}: resume on the data it was trained on")
+        if len(dataset) < args.batch_size:
+            raise UserError(f"{len(dataset)} training examples, fewer than --batch-size {args.batch_size}")
+        model = make_model(args, shape, num_classes).to(device, memory_format=torch.channels_last)
+        if teacher is not None:  # reflow and distillation start from the k-RF
+            model.load_state_dict(teacher["ema"])
+        print(f"stage {name}: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, "
+              f"{len(dataset)} training {'pairs' if teacher else 'images'}")
+        run = Run(args=args, method="rectified_flow", model=model, ema=copy.deepcopy(model).requires_grad_(False),
+                  opt=torch.optim.Adam(model.parameters(), lr=args.lr), dataset=dataset, device=device,
+                  rank=rank, world=world, stop=stop, path=out / f"ckpt_{name}.pt",
+                  extra=lambda: {"shape": list(shape), "num_classes": num_classes, "k": args.stage_k,
+                                 "distilled": args.distilled})
+        step = stage_step(args, num_classes)
+        run.loss = lambda batch, draws: step(run.net, batch, draws)
+        run.pictures = lambda epoch, progress: pictures(run.ema, args, shape, device, name, epoch, progress)
+        prepare(run, ckpt)
+        run.after_step = long_run_note(run)
+        train_loop(run)
+        save(run)
+    finish(run)
+    return run.path
+
+
+def train_all(args, p):
+    """1-RF, then reflow to a 2-RF, then distil the 2-RF, with the same flags for each stage."""
+    path = train(argparse.Namespace(**{**vars(args), "reflow": False, "distill": False}), p)
+    for stage in ("reflow", "distill"):
+        path = train(argparse.Namespace(**{**vars(args), stage: True, "ckpt": str(path)}), p)
+
+
+def reporting(v, what, every=5.0):
+    """v, saying every few seconds how far along t = 0 -> 1 the solver is (sampling can be slow)."""
+    start = last = time.time()
+
+    def wrapped(z, t):
+        nonlocal last
+        now = time.time()
+        if now - last >= every:
+            s = t.flatten()[0].item()
+            if s > 0:
+                print(f"{what}: t = {s:.2f}, {duration((now - start) / s * (1 - s))} left", flush=True)
+            last = now
+        return v(z, t)
+    return wrapped
+
+
+def sample(args):
+    if not args.ckpt:
+        raise UserError("--sample needs --ckpt PATH (e.g. runs/rectified_flow/ckpt_2rf.pt)")
+    check_save(args.save)
+    ckpt = load_checkpoint(args.ckpt, ["rectified_flow"], KEYS)
+    if args.cfg_scale != 1 and not ckpt["num_classes"]:
+        raise UserError(f"--cfg-scale needs a class-conditional model; {args.ckpt} was trained without --class-cond")
+    device = pick_device(args.device)
+    net, shape, K = load_ema(ckpt, device, args.ckpt), tuple(ckpt["shape"]), ckpt["num_classes"]
+    # a distilled model is a one-step map: one Euler step unless told otherwise
+    solver = args.solver or ("euler" if ckpt["distilled"] else "rk45")
+    steps = args.sampling_steps or (1 if ckpt["distilled"] else 100)
+    start, xs, s, nfe = time.time(), [], 0.0, 0
+    for i in range(0, args.n, 256):
+        z0 = torch.randn(min(256, args.n - i), *shape, generator=torch.Generator().manual_seed(args.seed + i))
+        y = torch.arange(i, i + len(z0), device=device) % K if K else None
+        vs = [] if solver == "euler" else None
+        v = reporting(velocity(net, y, args.cfg_scale), f"images {i + 1}-{i + len(z0)} of {args.n}", args.log_every)
+        z1, n_eval = solve(v, z0.to(device), solver, steps, args.rtol, args.atol, vs)
+        nfe, done = max(nfe, n_eval), i + len(z0)
+        s += straightness(z0.to(device), z1, vs) * len(z0) if vs else 0.0
+        xs.append(z1.float().cpu())
+        if done < args.n:
+            print(f"sampling: {done}/{args.n} images, {duration((time.time() - start) / done * (args.n - done))} "
+                  f"left", flush=True)
+    x = torch.cat(xs)
+    if not torch.isfinite(x).all():
+        raise UserError(f"the samples of {args.ckpt} came out non-finite: the checkpoint is broken, retrain it")
+    # one Euler step is a straight line whatever the model: S is 0 and says nothing
+    print(f"{args.n} samples in {time.time() - start:.2f} s with {solver} ("
+          + (f"N = {steps}, " if solver != "rk45" else "") + f"NFE {nfe})"
+          + (f"; straightness S = {s / args.n:.4f} on these paths" if solver == "euler" and steps > 1 else ""))
+    if args.save.endswith(".pt"):
+        torch.save(x.clamp(-1, 1), args.save)
+    else:
+        save_grid(x.clamp(-1, 1), args.save)
+    print(f"saved {args.save}")
+
+
+def positive_float(s):
+    if not float(s) > 0:
+        raise argparse.ArgumentTypeError(f"must be a positive number, got {s}")
+    return float(s)
+
+
+def parser():
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--dataset", help="mnist | fashion-mnist (default) | cifar10 | PATH")
-    p.add_argument("--data-dir", default="./data")
-    p.add_argument("--image-size", type=positive_int, help="for image folders")
-    length = p.add_mutually_exclusive_group()
-    length.add_argument("--epochs", type=positive_int)
-    length.add_argument("--steps", type=positive_int)
-    p.add_argument("--batch-size", type=positive_int, default=128)
-    p.add_argument("--lr", type=positive_float, default=2e-4)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--device", default="auto")
-    p.add_argument("--out", default="runs/rectified_flow")
-    p.add_argument("--resume", action="store_true",
-                   help="continue this stage's OUT/ckpt_*.pt (without --reflow/--distill: or --ckpt)")
-    p.add_argument("--sample", action="store_true", help="only sample from --ckpt")
-    p.add_argument("--ckpt", help="with --sample: the model; with --reflow/--distill: the k-RF")
-    p.add_argument("--n", type=positive_int, default=64)
-    p.add_argument("--save")
-    # Rectified flow
+    shared_flags(p, "runs/rectified_flow", lr=2e-4, warmup=5000)
     stage = p.add_mutually_exclusive_group()
-    stage.add_argument("--reflow", action="store_true", help="train a (k+1)-RF on pairs from --ckpt")
+    stage.add_argument("--reflow", action="store_true", help="train a (k+1)-RF on pairs from the k-RF --ckpt")
     stage.add_argument("--distill", action="store_true", help="distil the k-RF --ckpt into one step")
     stage.add_argument("--all", action="store_true", help="1-RF, reflow, distillation in a row")
     p.add_argument("--pairs", type=positive_int, default=50000, help="reflow pairs to draw")
@@ -784,46 +942,26 @@ def parse_args(argv=None):
     p.add_argument("--res-blocks", type=positive_int, default=2)
     p.add_argument("--attn", type=int_list, help="resolutions with self-attention, e.g. 7")
     p.add_argument("--dropout", type=float)
-    p.add_argument("--warmup", type=positive_int, default=5000)
-    p.add_argument("--lr-decay", choices=["none", "cosine"], default="none")
-    p.add_argument("--ema", type=float, default=0.9999)
-    p.add_argument("--grad-clip", type=float, default=1.0)
-    p.add_argument("--bf16", action="store_true", help="bfloat16 autocast on CUDA")
-    p.add_argument("--log-every", type=float, default=5.0, help="seconds")
-    p.add_argument("--save-every", type=float, default=5.0, help="minutes between checkpoints")
+    return p
+
+
+def parse_args(argv=None, p=None):
+    p = p or parser()
     args = p.parse_args(argv)
+    check_shared_flags(p, args)
     if not 0 <= args.p_uncond < 1:
         p.error(f"--p-uncond must be in [0, 1), got {args.p_uncond}")
-    if not 0 <= args.ema < 1:
-        p.error(f"--ema must be in [0, 1), got {args.ema}")
-    if not args.grad_clip >= 0:
-        p.error(f"--grad-clip must be 0 (off) or positive, got {args.grad_clip}")
     if args.cfg_scale < 0:
         p.error(f"--cfg-scale must be >= 0, got {args.cfg_scale}")
     if args.sample and (args.reflow or args.distill or args.all):
         p.error("--sample only samples: leave out --reflow, --distill and --all")
-    if not args.sample and not args.resume and args.epochs is None and args.steps is None:
-        args.epochs = 10
     return args
 
 
 def main(argv=None):
-    args = parse_args(argv)
-    try:
-        if args.sample:
-            sample(args)
-        elif args.all:
-            train_all(args)
-        else:
-            train(args)
-    except UserError as e:
-        sys.exit(f"error: {e}")
-    except KeyboardInterrupt:  # Ctrl-C where no checkpoint is at stake: sampling, or before training
-        print("interrupted: nothing saved", file=sys.stderr)
-        sys.exit(130)
-    finally:
-        if dist.is_initialized():  # torchrun's processes
-            dist.destroy_process_group()
+    p = parser()
+    args = parse_args(argv, p)
+    run_command(sample if args.sample else lambda a: (train_all if a.all else train)(a, p), args)
 
 
 if __name__ == "__main__":

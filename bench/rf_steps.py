@@ -56,8 +56,8 @@ def main(argv=None):
     args = p.parse_args(argv)
     device, rows = pick_device(args.device), []
     for path in args.ckpts:
-        ckpt = rf.load_checkpoint(path)
-        net = rf.load_ema(ckpt, device)
+        ckpt = rf.load_checkpoint(path, ["rectified_flow"], rf.KEYS)
+        net = rf.load_ema(ckpt, device, path)
         net.shape = tuple(ckpt["shape"])
         name = f"{ckpt['k']}-RF" + (" distilled" if ckpt["distilled"] else "")
         for steps in map(int, args.steps.split(",")):

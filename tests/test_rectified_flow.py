@@ -4,8 +4,9 @@ import hashlib
 import os
 import shutil
 import signal
-import types
 import sys
+import time
+import types
 from pathlib import Path
 
 import numpy as np
@@ -139,10 +140,10 @@ def test_straightness_matches_its_closed_form_on_the_gaussian_flow():
 
 def test_t_sampling():
     torch.manual_seed(0)
-    u = rf.sample_t(200000, "uniform")
+    u = rf.sample_t(rf.Draws(200000, "cpu"), "uniform")
     assert 0 <= u.min() and u.max() < 1
     assert u.mean().item() == pytest.approx(0.5, abs=0.005) and u.var().item() == pytest.approx(1 / 12, rel=0.02)
-    ln = rf.sample_t(200000, "logit-normal")
+    ln = rf.sample_t(rf.Draws(200000, "cpu"), "logit-normal")
     logit = torch.log(ln / (1 - ln))  # Esser et al.: logit(t) ~ N(0, 1)
     assert logit.mean().item() == pytest.approx(0, abs=0.01) and logit.std().item() == pytest.approx(1, rel=0.01)
 
@@ -195,7 +196,7 @@ def fit(model, x0, x1, steps, fresh_noise, seed):
     for _ in range(steps):
         i = torch.randint(len(x1), (256,))
         b0 = torch.randn(256, 2) if fresh_noise else x0[i]
-        loss = rf.rf_loss(model, b0, x1[i], rf.sample_t(256))
+        loss = rf.rf_loss(model, b0, x1[i], rf.sample_t(rf.Draws(256, "cpu")))
         opt.zero_grad()
         loss.backward()
         opt.step()
@@ -297,8 +298,10 @@ def load(path):
 def test_each_stage_writes_its_checkpoint_pairs_and_pictures(stages):
     for name, k, distilled in (("1rf", 1, False), ("2rf", 2, False), ("2rf_distilled", 2, True)):
         ckpt = load(stages / f"ckpt_{name}.pt")
-        assert (ckpt["method"], ckpt["k"], ckpt["distilled"], ckpt["num_classes"]) == ("rectified_flow", k, distilled, 2)
-        assert (stages / f"{name}_steps_epoch001.png").is_file() and (stages / f"{name}_trajectory.png").is_file()
+        assert (ckpt["method"], ckpt["k"], ckpt["distilled"]) == ("rectified_flow", k, distilled)
+        assert ckpt["num_classes"] == 2
+        assert (stages / f"{name}_steps_epoch001.png").is_file()
+        assert (stages / f"{name}_trajectory.png").is_file()
         grid = Image.open(stages / f"{name}_steps_epoch001.png")
         assert grid.size[1] == 2 + 5 * (8 + 2)  # one row per N in 1, 2, 4, 8, 100
     for k in (1, 2):
@@ -421,7 +424,7 @@ def test_all_runs_the_three_stages(images, tmp_path):
     (["--distill"], "--distill needs --ckpt"),
     (["--reflow", "--ckpt", "MISSING"], "no checkpoint at"),
     (["--reflow", "--ckpt", "DISTILLED"], "distilled one-step model"),
-    (["--distill", "--ckpt", "DDPM"], "checkpoint of ddpm, not of rectified_flow.py"),
+    (["--distill", "--ckpt", "DDPM"], "checkpoint of ddpm, not of rectified_flow"),
     (["--distill", "--ckpt", "GARBAGE"], "cannot read checkpoint"),
     (["--sample"], "--sample needs --ckpt"),
     (["--sample", "--ckpt", "1RF", "--save", "x.jpg"], "--save FILE.png"),
@@ -473,14 +476,17 @@ def test_sigterm_saves_and_resume_refuses_other_data(images, tmp_path, monkeypat
     monkeypatch.setattr(rf, "ema_update", real)
     with pytest.raises(SystemExit) as e:
         rf.main(tiny(images, tmp_path) + ["--steps", "5", "--resume", "--image-size", "4"])
-    assert "--image-size 8" in str(e.value.code) and "leave out" in str(e.value.code)
+    assert "--image-size 8" in str(e.value.code) and "leave the flag out" in str(e.value.code)
 
 
 def test_nonfinite_loss_and_a_diverged_checkpoint_are_named(stages, images, tmp_path, monkeypatch):
-    monkeypatch.setattr(rf, "batch_loss", lambda *a: torch.tensor(float("nan")))
+    real = rf.rf_loss
+    monkeypatch.setattr(rf, "rf_loss", lambda *a: real(*a) * float("nan"))
     with pytest.raises(SystemExit) as e:
         rf.main(tiny(images, tmp_path / "a") + ["--steps", "3"])
-    assert "nan at step 1" in str(e.value.code) and "no checkpoint yet" in str(e.value.code)
+    # NaN from step 1, read back at the run's end (step 3), before its checkpoint
+    assert "to nan" in str(e.value.code) and "at step 3" in str(e.value.code), e.value.code
+    assert "no checkpoint yet" in str(e.value.code) and not (tmp_path / "a" / "ckpt_1rf.pt").exists()
     monkeypatch.undo()
     ckpt = load(stages / "ckpt_1rf.pt")
     next(iter(ckpt["ema"].values())).fill_(float("nan"))
@@ -506,7 +512,7 @@ def test_damaged_pairs_checkpoints_and_out_are_named(stages, images, tmp_path):
     del ckpt["optimizer"]
     torch.save(ckpt, tmp_path / "no_opt.pt")
     cases.append((["--sample", "--ckpt", str(tmp_path / "no_opt.pt"), "--save", str(tmp_path / "x.png")],
-                  "incomplete rectified_flow.py checkpoint: no optimizer"))
+                  "incomplete rectified_flow checkpoint: no optimizer"))
     (tmp_path / "file").write_text("")
     cases.append((tiny(images, tmp_path / "file") + ["--steps", "1"], "is a file"))
     for argv, words in cases:
@@ -536,7 +542,7 @@ def test_label_dropout_gives_the_null_label_to_a_fraction_p_uncond(p_uncond):
     args = rf.parse_args(["--class-cond", "--p-uncond", str(p_uncond)])
     args.stage_k, args.distilled = 1, False
     torch.manual_seed(0)
-    rf.batch_loss(Spy(), (torch.zeros(20000, 1, 1, 1), torch.full((20000,), 1)), args, "cpu")
+    rf.stage_step(args, 3)(Spy(), (torch.zeros(20000, 1, 1, 1), torch.full((20000,), 1)), rf.Draws(20000, "cpu"))
     y = seen[0]
     assert set(y.unique().tolist()) <= {1, 3}
     assert (y == 3).float().mean().item() == pytest.approx(p_uncond, abs=0.01)
@@ -588,9 +594,13 @@ def test_ctrl_c_while_sampling_prints_one_line_and_exits_130(stages, tmp_path, m
 
 
 def test_a_rank_stopped_by_another_ranks_signal_exits_as_after_sigterm(monkeypatch):
-    monkeypatch.setattr(rf, "all_sum", lambda x, world: x + 1)  # the other rank was interrupted
+    monkeypatch.setattr(rf.dist, "all_reduce", lambda x: x.add_(1))  # the other rank was interrupted
     stop = []
-    assert rf.stopped(stop, argparse.Namespace(world=2), "cpu") and 128 + stop[0] == 143
+    assert rf.stopped(stop, 2, "cpu") and 128 + stop[0] == 143
+    # and in training, the harness's check
+    run = checked_run(1.0, 1.0, world=2)
+    monkeypatch.setattr(rf.dist, "all_reduce", lambda x: x.add_(x + torch.tensor([0.0, 0.0, 0.0, 1.0])))
+    assert rf.check(run, [torch.tensor(1.0)]) and 128 + run.stop[0] == 143
 
 
 def test_grad_clip_0_is_off_and_a_negative_one_is_refused(images, tmp_path, monkeypatch, capsys):
@@ -612,24 +622,42 @@ def test_grad_clip_0_is_off_and_a_negative_one_is_refused(images, tmp_path, monk
     assert e.value.code == 2 and "--grad-clip must be 0 (off) or positive, got -1" in capsys.readouterr().err
 
 
+def checked_run(loss, first, world=1):
+    """A run at step 5 of 10, as the harness's check() sees it (no progress line or save due)."""
+    args = argparse.Namespace(log_every=1e9, save_every=1e9, batch_size=1)
+    return rf.Run(args=args, device=torch.device("cpu"), rank=0, world=world, stop=[], path="p", step=5,
+                  saved=5, total=10, per_epoch=10, last_log=time.time() - 1, last_save=time.time(),
+                  bad_data=torch.zeros(()), first=torch.tensor(first))
+
+
+def diverged(loss, first):
+    try:
+        rf.check(checked_run(loss, first), [torch.tensor(loss)])
+    except rf.UserError as e:
+        assert "diverged" in str(e)
+        return True
+    return False
+
+
 def test_the_divergence_rule():
-    assert rf.diverged(float("nan"), 1.0) and rf.diverged(float("inf"), 1.0)
-    assert rf.diverged(1001.0, 0.5) and not rf.diverged(999.0, 0.5)  # the scale is at least 1
-    assert rf.diverged(2.1e4, 20.0) and not rf.diverged(1.9e4, 20.0)  # else the first step's loss
+    assert diverged(float("nan"), 1.0) and diverged(float("inf"), 1.0)
+    assert diverged(1001.0, 0.5) and not diverged(999.0, 0.5)  # the scale is at least 1
+    assert diverged(2.1e4, 20.0) and not diverged(1.9e4, 20.0)  # else the first step's loss
 
 
 def test_a_finite_but_absurd_loss_is_divergence(images, tmp_path, monkeypatch):
-    real, calls = rf.batch_loss, []
+    real, calls = rf.rf_loss, []
 
     def loss_blows_up_at_step_3(*a):
         calls.append(1)
         return real(*a) * (1e9 if len(calls) >= 3 else 1)  # finite: about 1e9, not inf
 
-    monkeypatch.setattr(rf, "batch_loss", loss_blows_up_at_step_3)
+    monkeypatch.setattr(rf, "rf_loss", loss_blows_up_at_step_3)
     with pytest.raises(SystemExit) as e:
         rf.main(tiny(images, tmp_path) + ["--steps", "5"])
     msg = str(e.value.code)
-    assert "at step 3" in msg and "over 1000 x the first step's" in msg and "lower --lr" in msg, msg
+    # about 1e9 from step 3, read back at the run's end (step 5), before its checkpoint
+    assert "at step 5" in msg and "diverged" in msg and "lower --lr" in msg, msg
     assert not (tmp_path / "ckpt_1rf.pt").exists()
 
 
@@ -642,7 +670,7 @@ def test_non_finite_data_or_pairs_are_named_not_the_learning_rate(stages, images
     with pytest.raises(SystemExit) as e:
         rf.main(argv)
     messages = [str(e.value.code)]
-    assert "the batch at step 1 holds non-finite values: the data set has NaN" in messages[-1]
+    assert "the data hold NaN or inf" in messages[-1] and "without saving" in messages[-1], messages
     # pairs stored from a flow whose outputs were NaN (drawn before this check)
     pairs = load(stages / "pairs_1rf.pt")
     pairs["z1"][:, 0, 0, 0] = float("nan")
@@ -652,11 +680,11 @@ def test_non_finite_data_or_pairs_are_named_not_the_learning_rate(stages, images
     with pytest.raises(SystemExit) as e:
         rf.main(tiny(images, tmp_path / "b") + reflow)
     messages.append(str(e.value.code))
-    assert "the batch at step 1 holds non-finite values: the pairs in" in messages[-1]
+    assert f"the pairs in {tmp_path / 'b' / 'pairs_1rf.pt'} hold NaN or inf" in messages[-1], messages
     # a 1-RF whose outputs are NaN: the pairs say so as they are drawn
     monkeypatch.setattr(rf, "solve", lambda v, z, *a: (torch.full_like(z, float("nan")), 3))
     with pytest.raises(SystemExit) as e:
         rf.main(tiny(images, tmp_path / "c") + reflow)
     messages.append(str(e.value.code))
     assert "reflow pairs drawn from" in messages[-1] and "checkpoint is broken" in messages[-1], messages
-    assert not any("Try a lower --lr" in msg for msg in messages), messages
+    assert not any("try a lower --lr" in msg.lower() for msg in messages), messages
