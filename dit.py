@@ -39,7 +39,8 @@ classes one column per class and one row per guidance scale 1, 1.5, 2, 4), ckpt.
 Differences from the paper:
 - Pixels by default; latents through --dataset FILE.pt (a saved tensor: see README.md).
 - A small T config (6 blocks, width 192) for CPUs; the EMA decay warms up as in ddpm.py; an
-  optional learning-rate warm-up and cosine decay (the paper: constant 1e-4, no warm-up).
+  optional learning-rate warm-up (at most a tenth of the run) and cosine decay (the paper:
+  constant 1e-4, no warm-up).
 - Gradients are clipped at norm 1 by default (--grad-clip 0 turns it off, as the paper).
 - With --dataset FILE.pt of float latents, L_vlb's t = 1 term (the decoder NLL, DDPM Eq. 13) still
   bins every value as an 8-bit pixel of [-1, 1] (bins 2/255 wide), as the official DiT does on its
@@ -351,7 +352,7 @@ class DiT(nn.Module):
             nn.init.zeros_(m.bias)
 
     def forward(self, x, t, y=None):
-        N = (x.shape[-1] // self.patch) ** 2
+        N = (x.shape[-1] // self.patch) ** 2  # tokens: H W / p^2
         x = self.x_embed(patchify(x, self.patch)) + self.pos_embed  # (B, N, d)
         t_emb = self.t_embed(timestep_embedding(t, FREQ_DIM))  # (B, d)
         cond = t_emb[:, None]  # (B, 1, d): the conditioning as tokens (in-context, cross-attention)

@@ -36,7 +36,11 @@ Differences from the paper:
 - Prompts are class names read byte by byte, not CLIP and T5 embeddings; the pooled vector is the
   mean of the prompt's byte embeddings (SD3 pools CLIP's), and the empty prompt is the null one.
 - Pixels by default (latents through --dataset FILE.pt); sizes from DiT's Table 1, and a small T
-  for CPUs; the EMA decay warms up; an optional learning-rate warm-up and cosine decay.
+  for CPUs; the EMA decay warms up; an optional learning-rate warm-up (at most a tenth of the run)
+  and cosine decay.
+
+Ctrl-C or SIGTERM ends a training run after the current step with a checkpoint; the run then
+exits with status 130 (SIGINT) or 143 (SIGTERM), a finished one with 0.
 """
 import argparse
 import contextlib
