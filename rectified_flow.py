@@ -684,7 +684,7 @@ def reflow_pairs(args, teacher, shape, num_classes, device, stop, rank, world):
     """Algorithm 1, line 3: Z_0 ~ N(0, I), Z_1 = Flow_k(Z_0), drawn once with --solver and stored in
     args.pairs_file; training only reads them. Chunk i's noise has its own seed, so an interrupted
     run continues where it stopped; under torchrun rank r draws chunk i + r of each round of N and
-    rank 0 joins and stores them. Returns TensorDataset(Z_0, Z_1, y), or None if interrupted."""
+    rank 0 joins and stores them. Returns TensorDataset(Z_0, Z_1, y)."""
     path = Path(args.pairs_file)
     source = {"teacher": args.teacher, "teacher_step": teacher["step"], "seed": PAIR_SEED + args.seed,
               # tells a retrained teacher with the same path and step from the one the pairs came from
@@ -722,7 +722,8 @@ def reflow_pairs(args, teacher, shape, num_classes, device, stop, rank, world):
     if rank == 0 and len(pairs["z0"]) > done0:
         write_pairs(pairs, path)
     if stopped(stop, world, device):
-        return None
+        print(f"interrupted while drawing pairs; {path} keeps them for the same command (with or without --resume)")
+        raise SystemExit(128 + stop[0])  # as an interrupted training
     return TensorDataset(*(pairs[k][:args.pairs] for k in ("z0", "z1", "y")))
 
 
@@ -789,9 +790,9 @@ def long_run_note(run):
     return after_step
 
 
-def train(args, p):
-    """One stage: 1-RF on the data; with --reflow a (k+1)-RF, with --distill a one-step model, both
-    on pairs from the k-RF --ckpt. Returns the checkpoint's path; interrupted, exits 130 or 143."""
+def stage_args(args, p):
+    """The stage's flags (a resumed stage's from its checkpoint), the checkpoint it resumes (or None)
+    and its teacher, the k-RF of --reflow and --distill (None for a 1-RF)."""
     teacher, teacher_path = load_teacher(args), args.ckpt
     k, out = teacher["k"] + args.reflow if teacher else 1, Path(args.out)
     path = Path(args.ckpt) if args.resume and args.ckpt and teacher is None else \
@@ -812,37 +813,47 @@ def train(args, p):
         args.pairs_file = str((out / f"pairs_{teacher['k']}rf.pt").resolve())
     args.epochs = args.epochs or (None if args.steps else 10)  # a stage not begun, resumed
     args.dataset = args.dataset or "fashion-mnist"
-    name = f"{args.stage_k}rf" + ("_distilled" if args.distilled else "")
     if args.cfg_scale != 1 and not (teacher["num_classes"] if teacher else args.class_cond):
         raise UserError("--cfg-scale needs a class-conditional flow: train the 1-RF with --class-cond")
+    return args, ckpt, teacher
+
+
+def stage_run(args, dataset, shape, num_classes, teacher, device, rank, world, stop):
+    """The stage's Run: its network (reflow and distillation start from the k-RF), EMA, optimizer
+    and training step."""
+    if len(dataset) < args.batch_size:
+        raise UserError(f"{len(dataset)} training examples, fewer than --batch-size {args.batch_size}")
+    name = f"{args.stage_k}rf" + ("_distilled" if args.distilled else "")
+    model = make_model(args, shape, num_classes).to(device, memory_format=torch.channels_last)
+    if teacher is not None:
+        model.load_state_dict(teacher["ema"])
+    print(f"stage {name}: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, "
+          f"{len(dataset)} training {'pairs' if teacher else 'images'}")
+    run = Run(args=args, method="rectified_flow", model=model, ema=copy.deepcopy(model).requires_grad_(False),
+              opt=torch.optim.Adam(model.parameters(), lr=args.lr), dataset=dataset, device=device,
+              rank=rank, world=world, stop=stop, path=Path(args.out) / f"ckpt_{name}.pt",
+              extra=lambda: {"shape": list(shape), "num_classes": num_classes, "k": args.stage_k,
+                             "distilled": args.distilled})
+    step = stage_step(args, num_classes)
+    run.loss = lambda batch, draws: step(run.net, batch, draws)
+    run.pictures = lambda epoch, progress: pictures(run.ema, args, shape, device, name, epoch, progress)
+    return run
+
+
+def train(args, p):
+    """One stage: 1-RF on the data; with --reflow a (k+1)-RF, with --distill a one-step model, both
+    on pairs from the k-RF --ckpt. Returns the checkpoint's path; interrupted, exits 130 or 143."""
+    args, ckpt, teacher = stage_args(args, p)
     rank, world, device = setup_processes(args.device)
     seed_everything(args.seed)  # the same on every process: see Draws
-    out_folder(out)
+    out_folder(args.out)
     stop = []
     with signals_to(stop):
         dataset, shape, num_classes = stage_data(args, teacher, stop, device, rank, world)
-        if dataset is None:
-            print(f"interrupted while drawing pairs; {args.pairs_file} keeps them for the same command "
-                  f"(with or without --resume)")
-            raise SystemExit(128 + stop[0])
         if ckpt is not None and tuple(ckpt["shape"]) != shape:
             raise UserError(f"the checkpoint was trained on {tuple(ckpt['shape'])} images, {args.dataset} "
                             f"now has {shape}: resume on the data it was trained on")
-        if len(dataset) < args.batch_size:
-            raise UserError(f"{len(dataset)} training examples, fewer than --batch-size {args.batch_size}")
-        model = make_model(args, shape, num_classes).to(device, memory_format=torch.channels_last)
-        if teacher is not None:  # reflow and distillation start from the k-RF
-            model.load_state_dict(teacher["ema"])
-        print(f"stage {name}: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, "
-              f"{len(dataset)} training {'pairs' if teacher else 'images'}")
-        run = Run(args=args, method="rectified_flow", model=model, ema=copy.deepcopy(model).requires_grad_(False),
-                  opt=torch.optim.Adam(model.parameters(), lr=args.lr), dataset=dataset, device=device,
-                  rank=rank, world=world, stop=stop, path=out / f"ckpt_{name}.pt",
-                  extra=lambda: {"shape": list(shape), "num_classes": num_classes, "k": args.stage_k,
-                                 "distilled": args.distilled})
-        step = stage_step(args, num_classes)
-        run.loss = lambda batch, draws: step(run.net, batch, draws)
-        run.pictures = lambda epoch, progress: pictures(run.ema, args, shape, device, name, epoch, progress)
+        run = stage_run(args, dataset, shape, num_classes, teacher, device, rank, world, stop)
         prepare(run, ckpt)
         run.after_step = long_run_note(run)
         train_loop(run)
