@@ -64,6 +64,7 @@ import random
 import signal
 import sys
 import time
+from functools import partial
 from pathlib import Path
 from signal import SIGINT, SIGTERM
 
@@ -203,34 +204,39 @@ def drop_labels(y, num_classes, p_uncond, draw):
     return torch.where(draw.rand() < p_uncond, num_classes, y)
 
 
-# The objective (Algorithm 1, line 1) and each stage's training step
+# The objective (Algorithm 1, line 1) and each stage's training step. labels(draw), where given,
+# are the batch's labels for guidance, a fraction of them dropped (drop_labels); draw: the random
+# draws (torch's own, or one process's share of a global batch's: a harness Draws).
 
 def rf_loss(v, x0, x1, t):
     """Eq. 1 for a batch: || (X_1 - X_0) - v(X_t, t) ||^2, X_t = t X_1 + (1 - t) X_0, mean over pixels."""
     return ((x1 - x0) - v(interpolate(x0, x1, t), t)).square().flatten(1).mean(1).mean()
 
 
-def rectified_flow_step(net, x1, y, draw, t_sampling="uniform"):
-    """The 1-RF: Algorithm 1, line 1 on the independent coupling of noise and data X_1 ~ pi_1."""
+def rectified_flow_step(net, x1, draw, labels=None, t_sampling="uniform"):
+    """The 1-RF: Algorithm 1, line 1 on the independent coupling of noise and images X_1 ~ pi_1."""
     # X_0 ~ pi_0 = N(0, I), drawn afresh for each image X_1
     x0 = draw.randn(*x1.shape[1:])
+    y = labels(draw) if labels else None
     # t ~ U[0, 1]
     t = sample_t(draw, t_sampling)
     # || (X_1 - X_0) - v_theta(t X_1 + (1 - t) X_0, t) ||^2
     return rf_loss(velocity(net, y), x0, x1, t)
 
 
-def reflow_step(net, z0, z1, y, draw, t_sampling="uniform"):
+def reflow_step(net, z0, z1, draw, labels=None, t_sampling="uniform"):
     """The (k+1)-RF: Algorithm 1, line 3, line 1 on the coupling (Z_0^k, Z_1^k) that the k-RF drew,
     fixed pairs that are never redrawn."""
+    y = labels(draw) if labels else None
     # t ~ U[0, 1]
     t = sample_t(draw, t_sampling)
     # || (Z_1^k - Z_0^k) - v_theta(t Z_1^k + (1 - t) Z_0^k, t) ||^2
     return rf_loss(velocity(net, y), z0, z1, t)
 
 
-def distillation_step(net, z0, z1, y):
+def distillation_step(net, z0, z1, draw, labels=None):
     """One step: Algorithm 1, line 4, T(Z_0^k) = Z_0^k + v_theta(Z_0^k, 0) ~= Z_1^k, Eq. 1 at t = 0."""
+    y = labels(draw) if labels else None
     return rf_loss(velocity(net, y), z0, z1, torch.zeros(len(z0), device=z0.device))
 
 
@@ -769,12 +775,12 @@ def stage_data(args, teacher, stop, device, rank, world):
 def stage_step(args, num_classes):
     """The stage's training step on a batch of images (X_1, y) or pairs (Z_0, Z_1, y)."""
     def step(net, batch, draw):
-        y = drop_labels(batch[-1], num_classes, args.p_uncond, draw) if args.class_cond else None
+        labels = partial(drop_labels, batch[-1], num_classes, args.p_uncond) if args.class_cond else None
         if args.distilled:
-            return distillation_step(net, batch[0], batch[1], y)
+            return distillation_step(net, batch[0], batch[1], draw, labels)
         if args.stage_k > 1:
-            return reflow_step(net, batch[0], batch[1], y, draw, args.t_sampling)
-        return rectified_flow_step(net, batch[0], y, draw, args.t_sampling)
+            return reflow_step(net, batch[0], batch[1], draw, labels, args.t_sampling)
+        return rectified_flow_step(net, batch[0], draw, labels, args.t_sampling)
     return step
 
 

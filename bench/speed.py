@@ -40,7 +40,7 @@ def rectified_flow_config(recipe):
     rf.fill_model_defaults(args, 28)
     model = rf.make_model(args, (1, 28, 28), None).to(memory_format=torch.channels_last)
     v = rf.velocity(model)
-    return (model, lambda x: rf.rectified_flow_step(model, x, None, rf.Draws(len(x), x.device)),
+    return (model, lambda x: rf.rectified_flow_step(model, x, rf.Draws(len(x), x.device)),
             lambda x: v(x, rf.times(x, 0.5)))
 
 
