@@ -215,28 +215,29 @@ def rf_loss(v, x0, x1, t):
 
 def rectified_flow_step(net, x1, draw, labels=None, t_sampling="uniform"):
     """The 1-RF: Algorithm 1, line 1 on the independent coupling of noise and images X_1 ~ pi_1."""
-    # X_0 ~ pi_0 = N(0, I), drawn afresh for each image X_1
+    # Algorithm 1, input: X_0 ~ pi_0 = N(0, I), drawn afresh for each image X_1
     x0 = draw.randn(*x1.shape[1:])
     y = labels(draw) if labels else None
-    # t ~ U[0, 1]
+    # Algorithm 1, line 1: t ~ U[0, 1]
     t = sample_t(draw, t_sampling)
-    # || (X_1 - X_0) - v_theta(t X_1 + (1 - t) X_0, t) ||^2
+    # Algorithm 1, line 1: || X_1 - X_0 - v_theta(t X_1 + (1 - t) X_0, t) ||^2
     return rf_loss(velocity(net, y), x0, x1, t)
 
 
 def reflow_step(net, z0, z1, draw, labels=None, t_sampling="uniform"):
-    """The (k+1)-RF: Algorithm 1, line 3, line 1 on the coupling (Z_0^k, Z_1^k) that the k-RF drew,
-    fixed pairs that are never redrawn."""
+    """The (k+1)-RF: Algorithm 1, line 3, that is line 1 on the coupling (Z_0^k, Z_1^k) the k-RF drew:
+    fixed pairs, never redrawn."""
     y = labels(draw) if labels else None
-    # t ~ U[0, 1]
+    # Algorithm 1, line 1: t ~ U[0, 1]
     t = sample_t(draw, t_sampling)
-    # || (Z_1^k - Z_0^k) - v_theta(t Z_1^k + (1 - t) Z_0^k, t) ||^2
+    # Algorithm 1, line 1: || Z_1^k - Z_0^k - v_theta(t Z_1^k + (1 - t) Z_0^k, t) ||^2
     return rf_loss(velocity(net, y), z0, z1, t)
 
 
 def distillation_step(net, z0, z1, draw, labels=None):
-    """One step: Algorithm 1, line 4, T(Z_0^k) = Z_0^k + v_theta(Z_0^k, 0) ~= Z_1^k, Eq. 1 at t = 0."""
+    """One step: Algorithm 1, line 4, T(Z_0^k) = Z_0^k + v_theta(Z_0^k, 0) ~= Z_1^k."""
     y = labels(draw) if labels else None
+    # Algorithm 1, line 4: || Z_1^k - Z_0^k - v_theta(Z_0^k, 0) ||^2, Eq. 1 at t = 0 only
     return rf_loss(velocity(net, y), z0, z1, torch.zeros(len(z0), device=z0.device))
 
 
