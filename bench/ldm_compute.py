@@ -29,9 +29,10 @@ from torch.utils.flop_counter import FlopCounterMode
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
+import quality  # noqa: E402
+
 import ddpm  # noqa: E402
 import ldm  # noqa: E402
-import quality  # noqa: E402
 
 UNET = ["--width", "32", "--res-blocks", "1"]
 RECIPE = ["--batch-size", "64", "--lr", "2e-3", "--warmup", "100", "--lr-decay", "cosine"]
@@ -117,9 +118,9 @@ def main():
                      "train_wall_s": train_s, "sample_ms_per_img": 1000 * sample_s / args.n,
                      **{k: q[k] for k in ("fd", "kid", "precision", "recall", "class_entropy")}})
         print(json.dumps(rows[-1]), flush=True)
+    machine = f"{torch.get_num_threads()} threads, torch {torch.__version__}"
     Path(args.results).write_text(json.dumps({"minutes": args.minutes, "n": args.n, "rows": rows,
-                                              "machine": f"{torch.get_num_threads()} threads, torch {torch.__version__}"},
-                                             indent=1))
+                                              "machine": machine}, indent=1))
     base = rows[0]
     print("\n| input | params | Gflops/step | train img/s | sampling ms/img | steps in budget | FD |")
     print("| --- | --- | --- | --- | --- | --- | --- |")

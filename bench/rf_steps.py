@@ -21,6 +21,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 import quality  # noqa: E402
+
 import rectified_flow as rf  # noqa: E402
 from common import pick_device  # noqa: E402
 

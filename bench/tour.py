@@ -33,7 +33,6 @@ it alone: two torch processes on the same cores slow each other several times.
 import argparse
 import datetime
 import json
-import math
 import platform
 import re
 import shutil
@@ -91,6 +90,9 @@ RF_PAIRS = ["--solver", "heun", "--sampling-steps", "8", "--batch-size", "64", "
 
 def recipes():
     """{method: (stages in training order, settings)}: README.md's CPU recipes and the samplers."""
+    def euler(k):
+        return ["--solver", "euler", "--sampling-steps", str(k)]
+
     def steps_of(k):
         return f"{k} step{'s' if k > 1 else ''}"
 
@@ -112,11 +114,9 @@ def recipes():
              Stage("distilled", "rectified_flow.py", ["--distill", "--ckpt", "rf/ckpt_2rf.pt", *RF_PAIRS,
                                                       "--out", "rf"],
                    "rf/ckpt_2rf_distilled.pt", 400, after="2rf", scratch=False, pairs=5000)],
-            [Setting("rectified_flow", "1-RF", f"Euler {k}", "1rf", ["--solver", "euler", "--sampling-steps", str(k)], k)
-             for k in (1, 2, 4, 8, 100)]
+            [Setting("rectified_flow", "1-RF", f"Euler {k}", "1rf", euler(k), k) for k in (1, 2, 4, 8, 100)]
             + [Setting("rectified_flow", "1-RF", "RK45", "1rf", ["--solver", "rk45"])]
-            + [Setting("rectified_flow", "2-RF", f"Euler {k}", "2rf", ["--solver", "euler", "--sampling-steps", str(k)], k)
-               for k in (1, 2, 4)]
+            + [Setting("rectified_flow", "2-RF", f"Euler {k}", "2rf", euler(k), k) for k in (1, 2, 4)]
             + [Setting("rectified_flow", "2-RF distilled", "one step", "distilled",
                        ["--solver", "euler", "--sampling-steps", "1"], 1)]),
         "dit": ([Stage("dit", "dit.py", ["--model", "T/4", "--batch-size", "64", "--lr", "1e-3", "--warmup", "100",
@@ -354,7 +354,8 @@ def format_row(r, n=N_SAMPLES):
     def f(key, fmt):
         return format(r[key], fmt) if r.get(key) is not None else "-"
     params = f"{r['params'] / 1e6:.2f}M" if r.get("params") else "-"
-    return (f"| {r['method']} | {r['model']} | {r['sampler']} | {f('nfe', 'd')} | {f('sample_ms', '.2f' if (r.get('sample_ms') or 1) < 1 else '.1f')} | "
+    ms = f("sample_ms", ".2f" if (r.get("sample_ms") or 1) < 1 else ".1f")
+    return (f"| {r['method']} | {r['model']} | {r['sampler']} | {f('nfe', 'd')} | {ms} | "
             f"{f('train_minutes', '.1f')} | {params} | {f('fd', '.2f')} | "
             f"{format(1e3 * r['kid'], '.2f') if r.get('kid') is not None else '-'} | {f('precision', '.2f')} | "
             f"{f('recall', '.2f')} | {f('class_entropy', '.3f')} | {f('nearest_ratio', '.2f')} |")
