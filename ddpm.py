@@ -341,6 +341,7 @@ def resumed_args(p, args, ckpt, free=("device", "out", "resume", "ckpt", "data_d
             raise UserError(f"--resume continues the run with its --{k.replace('_', '-')} {saved.get(k)}, "
                             f"not {v}: leave the flag out, or start a new run with another --out")
     length = ("epochs", "steps") if args.epochs or args.steps else ()
+    print("--resume: the flags left out are the checkpoint's")
     return argparse.Namespace(**{**saved, **{k: getattr(args, k) for k in (*free, *length)}})
 
 
@@ -397,8 +398,13 @@ def prepare(run, ckpt):
     if run.args.batch_size % run.world:
         raise UserError(f"--batch-size {run.args.batch_size} (the global batch) must divide evenly over "
                         f"{run.world} processes")
+    if len(run.dataset) < run.args.batch_size:
+        raise UserError(f"{len(run.dataset)} training examples, fewer than --batch-size {run.args.batch_size}")
     if ckpt is not None:
-        run.model.load_state_dict(ckpt["model"])
+        try:
+            run.model.load_state_dict(ckpt["model"])
+        except RuntimeError:
+            raise UserError(f"{run.path}'s weights do not fit the network its flags build: damaged?") from None
         if run.ema is not None:
             run.ema.load_state_dict(ckpt["ema"])
         run.opt.load_state_dict(ckpt["optimizer"])
@@ -571,7 +577,10 @@ def check_save(path):
         raise UserError("--sample needs --save FILE.png (a grid) or FILE.pt (a tensor)")
     if Path(path).is_dir():
         raise UserError(f"--save {path} is a folder: give a file name ending in .png or .pt")
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    try:
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise UserError(f"cannot write --save {path}: {e.strerror}") from None
 
 
 def run_command(command, args):

@@ -262,3 +262,23 @@ def test_command_line_finds_common_by_itself_and_reports_errors(tmp_path, monkey
         runpy.run_path(str(ROOT / "bench" / "quality.py"), run_name="__main__")
     assert "expected shape (N, 1, 28, 28)" in str(exit_.value.code)
     assert str(exit_.value.code).startswith("error: ")  # main() prints it, no traceback
+
+
+# ---------------------------------------------------------------------------------------------
+# speed.py: every method's entry still builds on its method file's paper functions
+# ---------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("name", ["ddpm-cpu-recipe", "vae", "rectified-flow-cpu-recipe", "dit-T/4", "mmdit-T/4",
+                                  "ldm-cpu-recipe", "consistency-teacher-cpu-recipe"])
+def test_every_speed_entry_trains_and_samples_on_its_method_file(name):
+    from bench import speed
+    build, _, shape = speed.CONFIGS[name]
+    torch.manual_seed(0)
+    model, loss_of, call = build()
+    x = torch.randn(4, *shape)
+    loss = loss_of(x)
+    loss.backward()
+    assert loss.dim() == 0 and torch.isfinite(loss)
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in model.parameters())
+    with torch.no_grad():
+        assert torch.isfinite(call(x)).all()
