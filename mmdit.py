@@ -239,7 +239,7 @@ def rf_loss(v_theta, x1, tokens, x0, t):
     tt = t.view(-1, 1, 1, 1)
     # line 3: x_t = t x_1 + (1 - t) x_0
     x_t = tt * x1 + (1 - tt) * x0
-    # line 4: the velocity of the straight path, x_1 - x_0
+    # line 4: the velocity of the straight path, x_1 - x_0, rectified flow's loss (Liu et al. 2023, Eq. 1)
     return ((x1 - x0) - v_theta(x_t, t, tokens)).square().flatten(1).mean(1)
 
 
