@@ -896,14 +896,24 @@ def load_autoencoder(path, device, what):
 
 
 @torch.no_grad()
-def encode_all(ae, dataset, device, batch=500):
-    """The posterior moments (mean, log-variance) of every image, and the labels, on the CPU."""
-    moments, labels, loader, progress = [], [], DataLoader(dataset, batch), Progress("encoding")
+def encode_all(args, ae, ckpt, ae_args, device, train=True):
+    """The posterior moments (mean, log-variance) and labels of --dataset (default: the autoencoder's),
+    on the CPU, and its info."""
+    name = args.dataset or ae_args.dataset
+    dataset, info = load_dataset(name, args.data_dir, train, args.image_size if args.dataset else ae_args.image_size)
+    if [info.channels, info.size, info.size] != ckpt["shape"]:
+        raise UserError(f"{args.ae} was trained on {tuple(ckpt['shape'])} images, {name} has "
+                        f"{(info.channels, info.size, info.size)}")
+    moments, labels, loader, progress = [], [], DataLoader(dataset, 500), Progress("encoding")
     for i, (x, y) in enumerate(loader):
         moments.append(ae.encoder(x.to(device, memory_format=CL)).float().cpu())
         labels.append(y)
         progress(i + 1, len(loader))
-    return torch.cat(moments), torch.cat(labels)
+    moments = torch.cat(moments)
+    if not torch.isfinite(moments).all():
+        raise UserError(f"the latents of {name} from {args.ae} hold non-finite values: the data set "
+                        f"has NaN or inf in it, or the autoencoder's weights do")
+    return moments, torch.cat(labels), info
 
 
 def unet_width_problem(width, mults, heads):
@@ -995,16 +1005,9 @@ def latent_diffusion_run(args, device, rank, world):
     """Stage 2's run: the data set's posteriors under the frozen encoder, the U-Net and tau_theta,
     the loss, and grids decoded by the decoder the checkpoint carries."""
     ae, ae_ckpt, ae_args = load_autoencoder(args.ae, device, "stage 2")
-    if args.dataset is None:
+    if args.dataset is None:  # recorded in the checkpoint
         args.dataset, args.image_size = ae_args.dataset, ae_args.image_size
-    dataset, info = load_dataset(args.dataset, args.data_dir, True, args.image_size)
-    if [info.channels, info.size, info.size] != ae_ckpt["shape"]:
-        raise UserError(f"the autoencoder {args.ae} was trained on {tuple(ae_ckpt['shape'])} images, "
-                        f"{args.dataset} has {(info.channels, info.size, info.size)}")
-    moments, labels = encode_all(ae, dataset, device)
-    if not torch.isfinite(moments).all():
-        raise UserError(f"the latents of {args.dataset} from {args.ae} hold non-finite values: the data set "
-                        f"has NaN or inf in it, or the autoencoder's weights do")
+    moments, labels, info = encode_all(args, ae, ae_ckpt, ae_args, device)
     shape = (ae_args.latent_channels, info.size // ae_args.f, info.size // ae_args.f)
     classes = info.classes if info.num_classes and args.cond != "none" else None
     if args.cond == "text" and not classes:
@@ -1067,8 +1070,6 @@ def train(args, argv):
     common.seed_everything(args.seed)  # the same on every process: see Draws
     out_folder(args.out)
     run = (autoencoder_run if args.stage == "ae" else latent_diffusion_run)(args, device, rank, world)
-    if len(run.dataset) < args.batch_size:
-        raise UserError(f"{args.dataset} has {len(run.dataset)} images, fewer than --batch-size {args.batch_size}")
     with signals_to(run.stop):
         prepare(run, ckpt)
         train_loop(run)
@@ -1142,19 +1143,13 @@ def encode(args):
         raise UserError("--encode writes a tensor file: --save latents.pt")
     device = pick_device(args.device)
     ae, ckpt, ae_args = load_autoencoder(args.ae, device, "--encode")
-    name = args.dataset or ae_args.dataset
-    dataset, info = load_dataset(name, args.data_dir, args.split == "train",
-                                 args.image_size if args.dataset else ae_args.image_size)
-    if [info.channels, info.size, info.size] != ckpt["shape"]:
-        raise UserError(f"{args.ae} was trained on {tuple(ckpt['shape'])} images, {name} has "
-                        f"{(info.channels, info.size, info.size)}")
-    moments, labels = encode_all(ae, dataset, device)
+    moments, labels, info = encode_all(args, ae, ckpt, ae_args, device, args.split == "train")
     posterior = DiagonalGaussian(moments)
     eps = torch.randn(posterior.mean.shape, generator=torch.Generator().manual_seed(args.seed))
     z = ckpt["scale"] * posterior.sample(eps)
     out = {"x": z, "y": labels, "classes": info.classes} if info.num_classes else {"x": z}
     torch.save(out, args.save)
-    print(f"saved {args.save}: {len(z)} latents {tuple(z.shape[1:])} of {name} ({args.split}), "
+    print(f"saved {args.save}: {len(z)} latents {tuple(z.shape[1:])} of {info.name} ({args.split}), "
           f"std {z.std():.3f} (scale factor {ckpt['scale']:.4f})")
 
 
@@ -1175,20 +1170,18 @@ def read_latents(path, shape, ae_path):
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
-        raise UserError(f"cannot read {path} ({type(e).__name__}): it is damaged or incomplete (a copy cut "
-                        f"short?), or not a tensor file") from None
+        raise UserError(f"cannot read {path} ({type(e).__name__}): damaged or incomplete, or not a tensor file") \
+            from None
     if isinstance(obj, dict) and "x" not in obj:
         keys = ", ".join(map(str, obj)) or "none"
-        raise UserError(f"{path} holds a dict without an \"x\" entry (its keys: {keys}): --decode reads a "
-                        f"tensor or {{\"x\": latents}}, as --encode writes")
+        raise UserError(f"{path} holds a dict without an \"x\" entry (its keys: {keys}): give what --encode writes")
     z = obj["x"] if isinstance(obj, dict) else obj
     c, h = shape
     if not torch.is_tensor(z) or z.ndim != 4 or tuple(z.shape[1:]) != (c, h, h) or not len(z):
         got = tuple(z.shape) if torch.is_tensor(z) else f"a {type(z).__name__}"
         raise UserError(f"{path} must hold latents (N, {c}, {h}, {h}) for {ae_path}, got {got}")
     if not torch.isfinite(z.float()).all():
-        raise UserError(f"{path} holds non-finite latents (NaN or inf): whatever wrote them diverged; "
-                        f"sample or encode them again")
+        raise UserError(f"{path} holds non-finite latents (NaN or inf): sample or encode them again")
     return z.float()
 
 
@@ -1228,8 +1221,8 @@ def parser():
     return p
 
 
-def parse_args(argv=None, p=None):
-    p = p or parser()
+def parse_args(argv=None):
+    p = parser()
     args = p.parse_args(argv)
     dataset = args.dataset
     check_shared_flags(p, args)
@@ -1247,8 +1240,9 @@ def parse_args(argv=None, p=None):
             p.error(f"--{name.replace('_', '-')} must be {what}, got {getattr(args, name)}")
     if args.stage == "ldm" and not (args.sample or args.encode or args.decode or args.resume):
         # what would otherwise fail only once the U-Net is built (default --mults: its first level here)
-        if unet_width_problem(args.width, args.mults or (1,), args.heads):
-            p.error(unet_width_problem(args.width, args.mults or (1,), args.heads))
+        problem = unet_width_problem(args.width, args.mults or (1,), args.heads)
+        if problem:
+            p.error(problem)
         if args.cond == "text" and args.context_dim % 4:
             p.error(f"--cond text: --context-dim must be a multiple of 4 (the text encoder's 4 heads), "
                     f"got {args.context_dim}")
