@@ -746,7 +746,7 @@ MAX_HEUN_STEPS = 1000  # --sampling-steps of the teacher: a bound, so that a typ
 
 
 def check_taus(taus, steps):
-    """The times of Algorithm 1 for `steps` steps: given, or the defaults, checked."""
+    """Algorithm 1's times for `steps` steps: --taus checked, or the defaults."""
     if taus is None:
         if steps not in DEFAULT_TAUS:
             raise UserError(f"--sampling-steps {steps} needs --taus with {steps - 1} decreasing times "
@@ -765,8 +765,8 @@ def fixed_noise(n, shape, device, seed=0):
 
 
 def pictures(ema, teacher, args, shape, device, epoch, progress, n=10):
-    """The teacher: 64 Heun samples. A consistency model: from the same noise in every column, the
-    teacher at 35 evaluations (if there is one) above the consistency model at 1, 2 and 4 steps."""
+    """The teacher: 64 Heun samples. A consistency model: the teacher at 35 evaluations (if any) above
+    the model at 1, 2 and 4 steps, the same noise in each column."""
     path = Path(args.out) / f"samples_epoch{epoch + 1:03d}.png"
     if args.stage == "teacher":
         save_grid(sample_heun(ema.eval(), fixed_noise(64, shape, device), on_step=progress), path)
@@ -781,7 +781,6 @@ def pictures(ema, teacher, args, shape, device, epoch, progress, n=10):
 
 
 def load_weights(module, state, path, part):
-    """module.load_state_dict(state), or a clear error for a checkpoint whose weights do not fit."""
     try:
         module.load_state_dict(state)
     except (RuntimeError, ValueError, KeyError, TypeError, AttributeError):
@@ -793,11 +792,12 @@ def as_flag(v):
     return ",".join(map(str, v)) if isinstance(v, (list, tuple)) else str(v)
 
 
-def teacher_state(args, ckpt, shape, given):
+def teacher_state(args, ckpt, shape):
     """The teacher's {args, shape, ema} and where it came from: CD's copy in a resumed checkpoint,
-    or --teacher (CT needs none: one given only draws the grid's first row)."""
+    or --teacher (CT needs none: one given only draws the grid's first row). CD's student takes the
+    teacher's network flags."""
     if ckpt is not None and ckpt["teacher"] is not None:
-        return ckpt["teacher"], f"the copy in {args.ckpt or Path(args.out) / 'ckpt.pt'}"
+        return ckpt["teacher"], "the checkpoint's copy"
     if args.stage == "cd" and not args.teacher:
         raise UserError("--stage cd needs --teacher CKPT: train one first with "
                         "python consistency.py --stage teacher (runs/cm_teacher/ckpt.pt)")
@@ -807,17 +807,17 @@ def teacher_state(args, ckpt, shape, given):
     if tuple(t_ckpt["shape"]) != shape:
         raise UserError(f"--teacher {args.teacher} was trained on {tuple(t_ckpt['shape'])} images, "
                         f"{args.dataset} has {shape}: distil on the teacher's data set")
-    for k, v in given.items() if args.stage == "cd" else ():  # the student is the teacher's network
+    for k in NETWORK if args.stage == "cd" else ():
         flag, was = "--" + k.replace("_", "-"), as_flag(t_ckpt["args"][k])
-        if as_flag(v) != was:
+        if getattr(args, k) is not None and as_flag(getattr(args, k)) != was:
             raise UserError(f"--stage cd's student is the teacher's network: the teacher has {flag} {was}; "
                             f"leave out {flag}")
+        setattr(args, k, t_ckpt["args"][k])
     return {k: t_ckpt[k] for k in ("args", "shape", "ema")}, args.teacher
 
 
 def load_teacher(state, N, device, source):
-    """The teacher's D_phi (its EMA weights), frozen; non-finite weights, or ODE steps at the N
-    points that are not finite, are named before any training."""
+    """The teacher's D_phi (its EMA weights), frozen, and checked finite before any training."""
     D_phi = make_model(argparse.Namespace(**state["args"]), *state["shape"][:2], boundary=False)
     load_weights(D_phi, state["ema"], source, "teacher")
     D_phi.to(device, memory_format=torch.channels_last).eval().requires_grad_(False)
@@ -846,7 +846,6 @@ def fill_model_defaults(args, info):
 def train(args, p):
     rank, world, device = setup_processes(args.device)
     method, keys, ckpt = METHODS[args.stage], KEYS[:4] if args.stage == "teacher" else KEYS, None
-    given = {k: getattr(args, k) for k in NETWORK if getattr(args, k) is not None}
     if args.resume:
         ckpt = load_checkpoint(args.ckpt or Path(args.out) / "ckpt.pt", [method], keys)
         args = resumed_args(p, args, ckpt)
@@ -857,11 +856,7 @@ def train(args, p):
     if ckpt is not None and tuple(ckpt["shape"]) != shape:
         raise UserError(f"the checkpoint was trained on {tuple(ckpt['shape'])} images, "
                         f"{args.dataset} now has {shape}: resume on the data it was trained on")
-    if len(dataset) < args.batch_size:
-        raise UserError(f"{args.dataset} has {len(dataset)} images, fewer than --batch-size {args.batch_size}")
-    state, source = teacher_state(args, ckpt, shape, given)
-    for k in NETWORK if args.stage == "cd" else ():
-        setattr(args, k, state["args"][k])
+    state, source = teacher_state(args, ckpt, shape)
     fill_model_defaults(args, info)
     if args.clip_x0 is None:  # clamp samples to [-1, 1] for pixels, not for a file of float latents
         args.clip_x0 = not (args.dataset.endswith(".pt") and dataset.images.is_floating_point())
@@ -871,8 +866,6 @@ def train(args, p):
     if args.stage == "cd" and ckpt is None:  # as the official code: the student starts as the teacher
         model.load_state_dict(teacher.state_dict())
     target = copy.deepcopy(model).requires_grad_(False)  # Algorithms 2 and 3, line 1: theta^- <- theta
-    if ckpt is not None and args.stage != "teacher":
-        load_weights(target, ckpt["target"], args.ckpt or Path(args.out) / "ckpt.pt", "target")
     # EDM trains with Adam; the consistency paper with RAdam (Appendix C)
     opt = (torch.optim.Adam if args.stage == "teacher" else torch.optim.RAdam)(model.parameters(), lr=args.lr)
     print(f"stage {args.stage}: {sum(w.numel() for w in model.parameters()) / 1e6:.2f}M parameters"
@@ -885,6 +878,8 @@ def train(args, p):
     run.pictures = lambda epoch, progress: pictures(run.ema, teacher, args, shape, device, epoch, progress)
     with signals_to(run.stop):
         prepare(run, ckpt)
+        if ckpt is not None and args.stage != "teacher":
+            target.load_state_dict(ckpt["target"])
         K = args.steps or args.epochs * (len(dataset) // args.batch_size)
         if args.stage == "teacher":
             run.loss = lambda batch, draws: teacher_step(run.net, batch[0], args.sigma_data, draws)
@@ -902,11 +897,8 @@ def train(args, p):
 def sample(args):
     if not args.ckpt:
         raise UserError("--sample needs --ckpt PATH (e.g. runs/cm_cd/ckpt.pt)")
-    if args.save and Path(args.save).is_dir():
-        raise UserError(f"--save {args.save} is a folder: give a file name, such as "
-                        f"{Path(args.save) / 'samples.png'}")
-    if args.save and any(d.exists() and not d.is_dir() for d in Path(args.save).parents):
-        raise UserError(f"--save {args.save} lies inside a file: give a path in a folder")
+    if args.save and Path(args.save).is_dir():  # before check_save asks a folder without a suffix for one
+        raise UserError(f"--save {args.save} is a folder: give a file name ending in .png or .pt")
     check_save(args.save)
     ckpt = load_checkpoint(args.ckpt, list(METHODS.values()), KEYS[:4])
     train_args = argparse.Namespace(**ckpt["args"])
