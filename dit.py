@@ -29,7 +29,7 @@ Run:
     python dit.py --model B/4 --block in-context --steps 2000  # the paper's ablations in small
     python dit.py --sample --ckpt runs/dit/ckpt.pt --n 64 --cfg-scale 4 --save samples.png
     torchrun --standalone --nproc_per_node 8 dit.py --model XL/2 --batch-size 256 --bf16 ...
-    CPU recipe (15 minutes on 2 cores, garments of every class; see README.md):
+    CPU recipe (15 minutes on 2 cores, garments of every class; see docs/dit.md):
     python dit.py --model T/4 --batch-size 64 --lr 1e-3 --warmup 100 --lr-decay cosine \\
                   --steps 1800 --ema 0.999 --sampling-steps 100
 
@@ -398,8 +398,7 @@ def hybrid_loss(model, x0, y, t, eps, sch, learn_sigma, lambda_vlb):
 
 def training_step(model, x0, y, sch, draw, null=None, p_uncond=0.1, learn_sigma=True, lambda_vlb=0.001):
     """Training, lines 1-5, for a batch x_0 with labels y (None: unconditional; `null`: the null
-    class K); the caller takes the gradient step. draw: the random draws (torch's own, or one
-    process's share of a global batch's)."""
+    class K), its random draws from `draw` (a Draws); the caller takes the gradient step."""
     # line 1: y = null with probability p_uncond, for classifier-free guidance
     drop = draw.rand() < p_uncond
     if y is not None:
@@ -904,12 +903,14 @@ def pictures(ema, classes, shape, sch, args, device, epoch, progress):
     print(f"epoch {epoch + 1}: samples in {path}{note}")
 
 
-def train(args, p):
+def train(args):
     rank, world, device = setup_processes(args.device)
     ckpt = None
     if args.resume:
         ckpt = load_checkpoint(args.ckpt or Path(args.out) / "ckpt.pt", ["dit"], KEYS)
-        args = resumed_args(p, args, ckpt)
+        args = resumed_args(parser(), args, ckpt)
+    sch = linear_schedule(args.T)
+    respace(sch, sampling_steps(args))  # a clear error before any work
     seed_everything(args.seed)  # the same on every process: see Draws
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
@@ -917,23 +918,19 @@ def train(args, p):
                                  flip=args.dataset == "cifar10")
     shape, classes = (info.channels, info.size, info.size), info.classes if info.num_classes else None
     if ckpt is not None and tuple(ckpt["shape"]) != shape:
-        raise UserError(f"the checkpoint was trained on {tuple(ckpt['shape'])} data, {args.dataset} has "
-                        f"{shape}: resume on the data it was trained on")
-    if len(dataset) < args.batch_size:
-        raise UserError(f"{args.dataset} has {len(dataset)} images, fewer than --batch-size {args.batch_size}")
+        raise UserError(f"the checkpoint was trained on {tuple(ckpt['shape'])} data, not {shape}: resume on its data")
     fill_model_defaults(args)
     # pixels live in [-1, 1] and the predicted x_0 is clipped there; float tensors (latents) are not
     args.clip_x0 = not getattr(getattr(dataset, "images", None), "is_floating_point", bool)()
-    sch, K = linear_schedule(args.T), len(classes) if classes else None
+    K = len(classes) if classes else None
     model = make_model(args, shape, K)
     print(f"model: DiT {args.model} (depth {args.depth}, width {args.width}, {args.heads} heads, {args.block}), "
           f"{(shape[-1] // args.patch) ** 2} tokens, {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M "
           f"parameters, {gflops(model, shape, torch.zeros(1, dtype=torch.long) if K else None):.3f} Gflops")
     model.to(device)
-    out = out_folder(args.out)
     run = Run(args=args, method="dit", model=model, ema=copy.deepcopy(model).requires_grad_(False),
               opt=torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0), dataset=dataset,
-              device=device, rank=rank, world=world, stop=[], path=out / "ckpt.pt",
+              device=device, rank=rank, world=world, stop=[], path=out_folder(args.out) / "ckpt.pt",
               extra=lambda: {"shape": list(shape), "classes": classes})
     run.loss = lambda batch, draws: training_step(run.net, batch[0], batch[1] if K else None, sch, draws, K,
                                                   args.p_uncond, args.learn_sigma, args.lambda_vlb)
@@ -948,10 +945,7 @@ def train(args, p):
 def sample(args):
     if not args.ckpt:
         raise UserError("--sample needs --ckpt PATH (e.g. runs/dit/ckpt.pt)")
-    try:
-        check_save(args.save)
-    except OSError as e:
-        raise UserError(f"cannot write --save {args.save} ({e.strerror}): give a file in a folder") from None
+    check_save(args.save)
     ckpt = load_checkpoint(args.ckpt, ["dit"], KEYS)
     train_args = argparse.Namespace(**{**ckpt["args"], "sampler": args.sampler, "sampling_steps": args.sampling_steps})
     classes, shape = ckpt["classes"], tuple(ckpt["shape"])
@@ -1014,12 +1008,10 @@ def parser():
     return p
 
 
-def parse_args(argv=None, p=None):
-    p = p or parser()
+def parse_args(argv=None):
+    p = parser()
     args = p.parse_args(argv)
     check_shared_flags(p, args)
-    if not args.resume and not args.sample and sampling_steps(args) > args.T:  # --sample: the checkpoint's T
-        p.error(f"--sampling-steps must be between 1 and T = {args.T}, got {args.sampling_steps}")
     if args.lambda_vlb < 0:
         p.error(f"--lambda-vlb must be >= 0, got {args.lambda_vlb}")
     if not 0 <= args.p_uncond < 1:
@@ -1032,9 +1024,8 @@ def parse_args(argv=None, p=None):
 
 
 def main(argv=None):
-    p = parser()
-    args = parse_args(argv, p)
-    run_command(sample if args.sample else lambda a: train(a, p), args)
+    args = parse_args(argv)
+    run_command(sample if args.sample else train, args)
 
 
 if __name__ == "__main__":
