@@ -216,7 +216,7 @@ def consistency_loss(f, f_minus, x_next, t_next, x_hat, t_n, metric, lam):
 
 def cd_loss(f, f_minus, D_phi, x, t, n, z, solver, metric):
     """Algorithm 2, lines 4-6, on the N-point discretisation t (t[i] = t_i), from the draws n and
-    z ~ N(0, I). Returns the losses and x^_{t_n}, the teacher's step."""
+    z ~ N(0, I)."""
     t = t.to(x.device, x.dtype)
     t_n, t_next = t[n], t[n + 1]
     # Algorithm 2, line 4: x_{t_{n+1}} ~ N(x; t_{n+1}^2 I)
@@ -227,7 +227,7 @@ def cd_loss(f, f_minus, D_phi, x, t, n, z, solver, metric):
         x_hat = ode_step(D_phi, x_next, t_next, t_n, solver)
     # Algorithm 2, line 6: L <- lambda(t_n) d(f_theta(x_{t_{n+1}}, t_{n+1}), f_theta^-(x^_{t_n}, t_n)),
     # lambda = 1 (the paper's choice)
-    return consistency_loss(f, f_minus, x_next, t_next, x_hat, t_n, metric, 1.0), x_hat
+    return consistency_loss(f, f_minus, x_next, t_next, x_hat, t_n, metric, 1.0)
 
 
 def ct_loss(f, f_minus, x, t, n, z, metric, ict):
@@ -298,7 +298,7 @@ class Distillation:
         # Algorithm 2, line 3: x ~ D (the batch), n ~ U[1, N - 1]; line 4's noise z ~ N(0, I)
         n, z = draw_n(self.t, draw, ict=False), draw.randn(*x.shape[1:])
         # Algorithm 2, lines 4-6: x_{t_{n+1}}, the teacher's step to x^_{t_n}, and L
-        return cd_loss(self.f, self.f_minus, self.D_phi, x, self.t, n, z, self.solver, self.metric)[0].mean()
+        return cd_loss(self.f, self.f_minus, self.D_phi, x, self.t, n, z, self.solver, self.metric).mean()
 
     def update_target(self, k):
         # Algorithm 2, line 8: theta^- <- stopgrad(mu theta^- + (1 - mu) theta)
@@ -870,9 +870,8 @@ def train(args, p):
     opt = (torch.optim.Adam if args.stage == "teacher" else torch.optim.RAdam)(model.parameters(), lr=args.lr)
     print(f"stage {args.stage}: {sum(w.numel() for w in model.parameters()) / 1e6:.2f}M parameters"
           + (f", teacher {source}" if teacher else ""))
-    out = out_folder(args.out)
     run = Run(args=args, method=method, model=model, ema=copy.deepcopy(model).requires_grad_(False), opt=opt,
-              dataset=dataset, device=device, rank=rank, world=world, stop=[], path=out / "ckpt.pt",
+              dataset=dataset, device=device, rank=rank, world=world, stop=[], path=out_folder(args.out) / "ckpt.pt",
               extra=lambda: {"shape": list(shape), "teacher": state,
                              "target": None if args.stage == "teacher" else target.state_dict()})
     run.pictures = lambda epoch, progress: pictures(run.ema, teacher, args, shape, device, epoch, progress)

@@ -136,8 +136,8 @@ def test_cd_loss_of_the_exact_consistency_function_is_near_zero_and_of_a_wrong_o
     x = M + S * torch.randn(512, 1, 4, 4)
     t = cm.karras_times(18)
     n, z = cm.draw_n(t, cm.Draws(512, "cpu"), ict=False), torch.randn(x.shape)
-    exact, _ = cm.cd_loss(Exact(), Exact(), gaussian_denoiser, x, t, n, z, "heun", "l2")
-    wrong, _ = cm.cd_loss(Denoiser(), Denoiser(), gaussian_denoiser, x, t, n, z, "heun", "l2")
+    exact = cm.cd_loss(Exact(), Exact(), gaussian_denoiser, x, t, n, z, "heun", "l2")
+    wrong = cm.cd_loss(Denoiser(), Denoiser(), gaussian_denoiser, x, t, n, z, "heun", "l2")
     assert exact.mean() < wrong.mean() / 100 and wrong.mean() > 1e-3, (exact.mean(), wrong.mean())
 
 
