@@ -988,17 +988,15 @@ def autoencoder_run(args, device, rank, world):
               path=Path(args.out) / "ckpt.pt", extra=lambda: {"shape": list(shape), "scale": scale()})
     run.loss = lambda batch, draws: stage_1_step(run.net, batch[0].contiguous(memory_format=CL), latent,
                                                  args.kl_weight, args.l2_weight, draws)
-    run.pictures = lambda epoch, progress: reconstructions(model, x_test, args, device, epoch)
+
+    @torch.no_grad()
+    def pictures(epoch, progress):  # test PSNR, and test images over their reconstructions (posterior means)
+        rec = torch.cat([model.decode(model.encode(x.to(device)).mean).cpu() for x in x_test.split(250)])
+        print(f"epoch {epoch + 1}: test PSNR {psnr(x_test, rec).mean():.2f} dB on {len(x_test)} images")
+        path = Path(args.out) / f"reconstructions_epoch{epoch + 1:03d}.png"
+        save_grid(torch.cat([x_test[:8], rec[:8].clamp(-1, 1)]), path, nrow=8)
+    run.pictures = pictures
     return run
-
-
-@torch.no_grad()
-def reconstructions(ae, x_test, args, device, epoch):
-    """Test PSNR and a grid of test images over their reconstructions (posterior means)."""
-    rec = torch.cat([ae.decode(ae.encode(x.to(device)).mean).cpu() for x in x_test.split(250)])
-    print(f"epoch {epoch + 1}: test PSNR {psnr(x_test, rec).mean():.2f} dB on {len(x_test)} images")
-    path = Path(args.out) / f"reconstructions_epoch{epoch + 1:03d}.png"
-    save_grid(torch.cat([x_test[:8], rec[:8].clamp(-1, 1)]), path, nrow=8)
 
 
 def latent_diffusion_run(args, device, rank, world):
@@ -1029,24 +1027,21 @@ def latent_diffusion_run(args, device, rank, world):
               device=device, rank=rank, world=world, stop=[], path=Path(args.out) / "ckpt.pt", extra=lambda: extra)
     run.loss = lambda batch, draws: stage_2_step(run.net, batch[0].contiguous(memory_format=CL), batch[1], scale,
                                                  table, args.p_uncond, sch, draws)
-    run.pictures = lambda epoch, progress: samples_grid(run.ema, ae.decoder, scale, shape, sch, table, args,
-                                                        device, epoch, progress)
+
+    @torch.no_grad()
+    def pictures(epoch, progress):  # from the EMA weights: a column per class (the first 10), a row per guidance
+        ema = run.ema.eval()
+        if table is None:
+            z, nrow, note = draw(ema, None, 64, shape, sch, args, device, 0, 1, progress), 8, ""
+        else:
+            K = min(args.num_classes, 10)
+            z = torch.cat([draw(ema, table[:K], K, shape, sch, args, device, 0, s, progress) for s in GUIDANCE_ROWS])
+            nrow, note = K, f" (rows: guidance {', '.join(map(str, GUIDANCE_ROWS))})"
+        path = Path(args.out) / f"samples_epoch{epoch + 1:03d}.png"
+        save_grid(decode(ae.decoder, z, scale), path, nrow=nrow)
+        print(f"epoch {epoch + 1}: samples in {path}{note}")
+    run.pictures = pictures
     return run
-
-
-@torch.no_grad()
-def samples_grid(ema, decoder, scale, shape, sch, table, args, device, epoch, progress):
-    """A grid from the EMA weights: one column per class (the first 10), one row per guidance scale."""
-    ema.eval()
-    if table is None:
-        z, nrow, note = draw(ema, None, 64, shape, sch, args, device, 0, 1, progress), 8, ""
-    else:
-        K = min(args.num_classes, 10)
-        z = torch.cat([draw(ema, table[:K], K, shape, sch, args, device, 0, s, progress) for s in GUIDANCE_ROWS])
-        nrow, note = K, f" (rows: guidance {', '.join(map(str, GUIDANCE_ROWS))})"
-    path = Path(args.out) / f"samples_epoch{epoch + 1:03d}.png"
-    save_grid(decode(decoder, z, scale), path, nrow=nrow)
-    print(f"epoch {epoch + 1}: samples in {path}{note}")
 
 
 def resumed(args, argv, ckpt):
@@ -1161,7 +1156,8 @@ def decode_file(args):
         raise UserError(f"--decode needs --ckpt LATENTS.pt (sampled or encoded latents), got {args.ckpt}")
     device = pick_device(args.device)
     ae, ckpt, ae_args = load_autoencoder(args.ae, device, "--decode")
-    z = read_latents(args.ckpt, (ae_args.latent_channels, ckpt["shape"][-1] // ae_args.f), args.ae)
+    h = ckpt["shape"][-1] // ae_args.f
+    z = read_latents(args.ckpt, (ae_args.latent_channels, h, h), args.ae)
     write(torch.cat([decode(ae.decoder, zb.to(device), ckpt["scale"]).cpu() for zb in z.split(256)]), args.save)
 
 
@@ -1176,10 +1172,9 @@ def read_latents(path, shape, ae_path):
         keys = ", ".join(map(str, obj)) or "none"
         raise UserError(f"{path} holds a dict without an \"x\" entry (its keys: {keys}): give what --encode writes")
     z = obj["x"] if isinstance(obj, dict) else obj
-    c, h = shape
-    if not torch.is_tensor(z) or z.ndim != 4 or tuple(z.shape[1:]) != (c, h, h) or not len(z):
+    if not torch.is_tensor(z) or tuple(z.shape[1:]) != shape or not len(z):
         got = tuple(z.shape) if torch.is_tensor(z) else f"a {type(z).__name__}"
-        raise UserError(f"{path} must hold latents (N, {c}, {h}, {h}) for {ae_path}, got {got}")
+        raise UserError(f"{path} must hold latents (N, {', '.join(map(str, shape))}) for {ae_path}, got {got}")
     if not torch.isfinite(z.float()).all():
         raise UserError(f"{path} holds non-finite latents (NaN or inf): sample or encode them again")
     return z.float()
