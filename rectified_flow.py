@@ -723,9 +723,8 @@ def reflow_pairs(args, teacher, shape, num_classes, device, stop, rank, world):
             chunks = [None] * world
             dist.all_gather_object(chunks, (z0, z1.float().cpu(), y))
         if not all(torch.isfinite(chunk[1]).all() for chunk in chunks):  # the same verdict on every rank
-            raise UserError(f"the reflow pairs drawn from {args.teacher} are non-finite (NaN or inf): "
-                            f"that {teacher['k']}-RF checkpoint is broken; retrain it (a lower --lr "
-                            f"cannot help here)")
+            raise UserError(f"the reflow pairs drawn from {args.teacher} are NaN or inf: that "
+                            f"{teacher['k']}-RF checkpoint is broken; retrain it")
         for chunk in chunks:  # in rank order: the chunks in the order one process draws them
             for key, val in zip(("z0", "z1", "y"), chunk):
                 pairs[key] = torch.cat([pairs[key], val])
@@ -806,10 +805,10 @@ def long_run_note(run):
     return after_step
 
 
-def stage_args(args, p):
+def stage_args(args):
     """The stage's flags (a resumed stage's from its checkpoint), the checkpoint it resumes (or None)
     and its teacher, the k-RF of --reflow and --distill (None for a 1-RF)."""
-    teacher, teacher_path = load_teacher(args), args.ckpt
+    teacher = load_teacher(args)
     k, out = teacher["k"] + args.reflow if teacher else 1, Path(args.out)
     path = Path(args.ckpt) if args.resume and args.ckpt and teacher is None else \
         out / f"ckpt_{k}rf{'_distilled' if args.distill else ''}.pt"
@@ -818,11 +817,11 @@ def stage_args(args, p):
     # and its stored pairs are kept
     if args.resume and (path.exists() or not (args.all or teacher)):
         ckpt = load_checkpoint(path, ["rectified_flow"], KEYS)
-        args = resumed_args(p, args, ckpt, FREE)
+        args = resumed_args(parser(), args, ckpt, FREE)
     else:
         args.stage_k, args.distilled = k, args.distill
     if teacher:
-        args.teacher = str(Path(teacher_path).resolve())
+        args.teacher = str(Path(args.ckpt).resolve())
     elif args.stage_k > 1 or args.distilled:  # resumed from --ckpt without --reflow or --distill
         teacher = load_checkpoint(args.teacher, ["rectified_flow"], KEYS)
     if teacher:
@@ -834,32 +833,10 @@ def stage_args(args, p):
     return args, ckpt, teacher
 
 
-def stage_run(args, dataset, shape, num_classes, teacher, device, rank, world, stop):
-    """The stage's Run: its network (reflow and distillation start from the k-RF), EMA, optimizer
-    and training step."""
-    if len(dataset) < args.batch_size:
-        raise UserError(f"{len(dataset)} training examples, fewer than --batch-size {args.batch_size}")
-    name = f"{args.stage_k}rf" + ("_distilled" if args.distilled else "")
-    model = make_model(args, shape, num_classes).to(device, memory_format=torch.channels_last)
-    if teacher is not None:
-        model.load_state_dict(teacher["ema"])
-    print(f"stage {name}: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, "
-          f"{len(dataset)} training {'pairs' if teacher else 'images'}")
-    run = Run(args=args, method="rectified_flow", model=model, ema=copy.deepcopy(model).requires_grad_(False),
-              opt=torch.optim.Adam(model.parameters(), lr=args.lr), dataset=dataset, device=device,
-              rank=rank, world=world, stop=stop, path=Path(args.out) / f"ckpt_{name}.pt",
-              extra=lambda: {"shape": list(shape), "num_classes": num_classes, "k": args.stage_k,
-                             "distilled": args.distilled})
-    step = stage_step(args, num_classes)
-    run.loss = lambda batch, draws: step(run.net, batch, draws)
-    run.pictures = lambda epoch, progress: pictures(run.ema, args, shape, device, name, epoch, progress)
-    return run
-
-
-def train(args, p):
+def train(args):
     """One stage: 1-RF on the data; with --reflow a (k+1)-RF, with --distill a one-step model, both
     on pairs from the k-RF --ckpt. Returns the checkpoint's path; interrupted, exits 130 or 143."""
-    args, ckpt, teacher = stage_args(args, p)
+    args, ckpt, teacher = stage_args(args)
     rank, world, device = setup_processes(args.device)
     seed_everything(args.seed)  # the same on every process: see Draws
     out_folder(args.out)
@@ -867,9 +844,21 @@ def train(args, p):
     with signals_to(stop):
         dataset, shape, num_classes = stage_data(args, teacher, stop, device, rank, world)
         if ckpt is not None and tuple(ckpt["shape"]) != shape:
-            raise UserError(f"the checkpoint was trained on {tuple(ckpt['shape'])} images, {args.dataset} "
-                            f"now has {shape}: resume on the data it was trained on")
-        run = stage_run(args, dataset, shape, num_classes, teacher, device, rank, world, stop)
+            raise UserError(f"the run was trained on {tuple(ckpt['shape'])} images, not {shape}: resume on its data")
+        name = f"{args.stage_k}rf" + ("_distilled" if args.distilled else "")
+        model = make_model(args, shape, num_classes).to(device, memory_format=torch.channels_last)
+        if teacher is not None:  # reflow and distillation start from the k-RF
+            model.load_state_dict(teacher["ema"])
+        print(f"stage {name}: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, "
+              f"{len(dataset)} training {'pairs' if teacher else 'images'}")
+        run = Run(args=args, method="rectified_flow", model=model, ema=copy.deepcopy(model).requires_grad_(False),
+                  opt=torch.optim.Adam(model.parameters(), lr=args.lr), dataset=dataset, device=device,
+                  rank=rank, world=world, stop=stop, path=Path(args.out) / f"ckpt_{name}.pt",
+                  extra=lambda: {"shape": list(shape), "num_classes": num_classes, "k": args.stage_k,
+                                 "distilled": args.distilled})
+        step = stage_step(args, num_classes)
+        run.loss = lambda batch, draws: step(run.net, batch, draws)
+        run.pictures = lambda epoch, progress: pictures(run.ema, args, shape, device, name, epoch, progress)
         prepare(run, ckpt)
         run.after_step = long_run_note(run)
         train_loop(run)
@@ -878,14 +867,14 @@ def train(args, p):
     return run.path
 
 
-def train_all(args, p):
+def train_all(args):
     """1-RF, then reflow to a 2-RF, then distil the 2-RF, with the same flags for each stage."""
-    path = train(argparse.Namespace(**{**vars(args), "reflow": False, "distill": False}), p)
+    path = train(argparse.Namespace(**{**vars(args), "reflow": False, "distill": False}))
     for stage in ("reflow", "distill"):
-        path = train(argparse.Namespace(**{**vars(args), stage: True, "ckpt": str(path)}), p)
+        path = train(argparse.Namespace(**{**vars(args), stage: True, "ckpt": str(path)}))
 
 
-def reporting(v, what, every=5.0):
+def reporting(v, what, every):
     """v, saying every few seconds how far along t = 0 -> 1 the solver is (sampling can be slow)."""
     start = last = time.time()
 
@@ -972,8 +961,8 @@ def parser():
     return p
 
 
-def parse_args(argv=None, p=None):
-    p = p or parser()
+def parse_args(argv=None):
+    p = parser()
     args = p.parse_args(argv)
     check_shared_flags(p, args)
     if not 0 <= args.p_uncond < 1:
@@ -986,9 +975,8 @@ def parse_args(argv=None, p=None):
 
 
 def main(argv=None):
-    p = parser()
-    args = parse_args(argv, p)
-    run_command(sample if args.sample else lambda a: (train_all if a.all else train)(a, p), args)
+    args = parse_args(argv)
+    run_command(sample if args.sample else train_all if args.all else train, args)
 
 
 if __name__ == "__main__":

@@ -1,5 +1,6 @@
 """Tests for rectified_flow.py: the paper's math, a 2-D mixture learned and reflowed, and the CLI."""
 import argparse
+import copy
 import hashlib
 import os
 import shutil
@@ -220,14 +221,8 @@ def toy():
     # Reflow: Z_0 ~ N(0, I), Z_1 = Flow_1(Z_0), drawn once; the 2-RF starts from the 1-RF
     z0 = torch.randn(8000, 2, generator=torch.Generator().manual_seed(1))
     z1, _ = rf.solve(flow1, z0, "rk45", rtol=1e-4, atol=1e-4)
-    flow2 = fit(copy_of(flow1), z0, z1, 500, False, 1)
+    flow2 = fit(copy.deepcopy(flow1), z0, z1, 500, False, 1)
     return {"flow1": flow1, "flow2": flow2}
-
-
-def copy_of(model):
-    new = MLP()
-    new.load_state_dict(model.state_dict())
-    return new
 
 
 def evaluate(flow, steps, n=2000):
