@@ -35,7 +35,7 @@ Run:
     python consistency.py --stage ct --epochs 10 [--ict]                # runs/cm_ct/ckpt.pt
     python consistency.py --sample --ckpt runs/cm_cd/ckpt.pt --sampling-steps 2 --save x.png
     torchrun --standalone --nproc_per_node 8 consistency.py --stage cd --teacher ...      # 8 GPUs
-    CPU recipe (about 15 minutes a stage on 2 cores; one-step FD 2.4x the teacher's; README.md):
+    CPU recipe (about 15 minutes a stage on 2 cores; one-step FD 2.4x the teacher's; docs/consistency.md):
     python consistency.py --stage teacher --width 32 --mults 1,2,3 --res-blocks 1 --batch-size 64 \
                           --lr 2e-3 --warmup 100 --lr-decay cosine --steps 1500
     python consistency.py --stage cd --teacher runs/cm_teacher/ckpt.pt --batch-size 64 \
@@ -355,7 +355,7 @@ def sample_multistep(f, z, taus=(), clip=True, generator=None):
 
 
 # tau_1 > ... > tau_{k-1} for k steps, when --taus is not given. The paper searched its taus on FID
-# (Sec. 6); tau_1 = 1.5 scored best of 0.3, 0.8, 1.5 and 3 for two steps on Fashion-MNIST (README.md)
+# (Sec. 6); tau_1 = 1.5 scored best of 0.3, 0.8, 1.5 and 3 for two steps on Fashion-MNIST (docs/consistency.md)
 DEFAULT_TAUS = {1: (), 2: (1.5,), 3: (3.0, 0.8), 4: (5.0, 1.5, 0.4)}
 
 

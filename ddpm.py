@@ -27,7 +27,7 @@ Run:
     python ddpm.py --sample --ckpt runs/ddpm/ckpt.pt --n 64 --save samples.png \
                    --sampler ddim --sampling-steps 50
     torchrun --standalone --nproc_per_node 8 ddpm.py --dataset cifar10 --epochs 2000   # 8 GPUs
-    CPU recipe (15 minutes on 2 cores, clear garments; see README.md):
+    CPU recipe (15 minutes on 2 cores, clear garments; see docs/ddpm.md):
     python ddpm.py --width 32 --mults 1,2,3 --res-blocks 1 --batch-size 64 --lr 2e-3 \
                    --warmup 100 --lr-decay cosine --steps 800 --sampler ddim --sampling-steps 50
 

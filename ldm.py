@@ -31,7 +31,7 @@ Run:
     torchrun --standalone --nproc_per_node 8 ldm.py --stage ldm --ae runs/ldm_ae/ckpt.pt ...  # 8 GPUs
     python dit.py --dataset latents.pt --model S/1 ...                  # e.g. a latent DiT
     python ldm.py --decode --ae runs/ldm_ae/ckpt.pt --ckpt sampled_latents.pt --save images.png
-    CPU recipe (about 15 minutes for both stages on 2 cores; see README.md):
+    CPU recipe (about 15 minutes for both stages on 2 cores; see docs/ldm.md):
     python ldm.py --stage ae --f 2 --latent-channels 2 --ae-width 32 --ae-res-blocks 1 \\
                   --batch-size 64 --lr 1e-3 --steps 600
     python ldm.py --stage ldm --ae runs/ldm_ae/ckpt.pt --width 32 --res-blocks 1 \\

@@ -25,7 +25,7 @@ Run:
     python mmdit.py --epochs 10                              # S/2 on Fashion-MNIST, prompts = class names
     python mmdit.py --sample --ckpt runs/mmdit/ckpt.pt --prompt "Ankle boot" --save boots.png
     torchrun --standalone --nproc_per_node 8 mmdit.py --model XL/2 --batch-size 256 --bf16 ...
-    CPU recipe (15 minutes on 2 cores, garments of every class; see README.md):
+    CPU recipe (15 minutes on 2 cores, garments of every class; see docs/mmdit.md):
     python mmdit.py --model T/4 --batch-size 64 --lr 1e-3 --warmup 100 --lr-decay cosine \\
                     --steps 1350 --ema 0.999
 

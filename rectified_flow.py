@@ -36,7 +36,7 @@ Run (each stage resumes with the same command plus --resume; Ctrl-C or SIGTERM s
     python rectified_flow.py --sample --ckpt runs/rectified_flow/ckpt_2rf.pt --solver euler \
                              --sampling-steps 2 --n 64 --save samples.png
     CPU recipe (2 cores, Fashion-MNIST; 15 minutes for the 1-RF, 17 for each later stage, of
-    which 10 draw the pairs; see README.md):
+    which 10 draw the pairs; see docs/rectified_flow.md):
     python rectified_flow.py --width 32 --mults 1,2,3 --res-blocks 1 --batch-size 64 --lr 2e-3 \
                              --warmup 100 --lr-decay cosine --steps 800
     then --reflow and --distill with --pairs 5000 --solver heun --sampling-steps 8 --lr 1e-3 \
