@@ -425,9 +425,11 @@ class UNet(nn.Module):
         self.out = nn.Sequential(norm(ch), nn.SiLU(),
                                  zero(nn.Conv2d(ch, out_channels or in_channels, 3, padding=1)))
 
-    def forward(self, x, t, y=None, context=None):
+    def forward(self, x, t, y=None, context=None, residuals=None):
         """x: (B, C, H, W); t: (B,) times (a float t in [0, 1] should be scaled up, e.g. by 1000);
-        context: what the attention blocks attend to besides x, if they take it."""
+        context: what the attention blocks attend to besides x, if they take it; residuals: a list
+        of feature maps added to the skip connections (in the order the encoder makes them) and,
+        last, to the middle's output (ControlNet's zero-convolution outputs)."""
         if x.shape[-1] != self.image_size or x.shape[-2] != self.image_size:
             raise UserError(f"this U-Net was built for {self.image_size}x{self.image_size} images, "
                             f"got {tuple(x.shape[-2:])}")
@@ -442,6 +444,9 @@ class UNet(nn.Module):
             hs.append(h)
         for layer in self.mid:
             h = layer(h, emb, context)
+        if residuals is not None:
+            hs = [s + r for s, r in zip(hs, residuals[:-1], strict=True)]
+            h = h + residuals[-1]
         for layer in self.up:
             h = layer(torch.cat([h, hs.pop()], dim=1), emb, context) if isinstance(layer, Level) else layer(h)
         return self.out(h)

@@ -398,3 +398,20 @@ def test_unet_gradients_reach_every_parameter():
     dead = [name for name, p in net.named_parameters()
             if p.grad is None or not torch.isfinite(p.grad).all() or p.grad.abs().max() == 0]
     assert not dead, dead
+
+
+def test_unet_residuals_add_to_the_skips_and_the_middle():
+    # ControlNet's hook: zeros change nothing, bit for bit; one skip's residual changes the output.
+    torch.manual_seed(0)
+    net = perturb(common.UNet(1, 16, (1, 2), 1, (4,), image_size=8))
+    x, t = torch.randn(2, 1, 8, 8), torch.tensor([3, 70])
+    shapes = [(2, 16, 8, 8), (2, 16, 8, 8), (2, 16, 4, 4), (2, 32, 4, 4), (2, 32, 4, 4)]  # 4 skips, middle
+    zeros = [torch.zeros(s) for s in shapes]
+    with torch.no_grad():
+        plain = net(x, t)
+        assert torch.equal(net(x, t, residuals=zeros), plain)
+        for i in range(len(shapes)):
+            one = [torch.randn(s) if j == i else z for j, (s, z) in enumerate(zip(shapes, zeros))]
+            assert (net(x, t, residuals=one) - plain).abs().max() > 1e-4, i
+    with pytest.raises((ValueError, RuntimeError)):
+        net(x, t, residuals=zeros[:1] + zeros[2:])  # one too few: an error, not a silent misalignment

@@ -1,0 +1,366 @@
+"""Tests for controlnet.py, the paper part: the locked base's schedule, zero convolutions that start
+exactly at the pretrained model, a locked base that never moves, the conditions, and a small
+learning check (a ControlNet puts a blob where its condition says)."""
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+import common  # noqa: E402
+import controlnet as cn  # noqa: E402
+import ddpm  # noqa: E402  (only to check that the schedules are ddpm.py's own)
+from common import UserError  # noqa: E402
+
+ARGS = {"width": 16, "mults": (1, 2), "res_blocks": 1, "attn": (4,), "dropout": 0.0, "T": 100,
+        "schedule": "linear"}  # the fields ddpm.py's make_model and make_schedule read
+
+
+def perturb(net, scale=0.05, seed=0):
+    """A fresh U-Net's output conv and residual branches start at zero: wake them up, as training would."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in net.parameters():
+            p.add_(scale * torch.randn(p.shape, generator=g))
+    return net
+
+
+def ddpm_checkpoint(net, args=ARGS, shape=(1, 8, 8)):
+    """The parts of a ddpm.py checkpoint that locked_base reads."""
+    return {"method": "ddpm", "args": dict(args), "step": 0, "shape": list(shape), "ema": net.state_dict()}
+
+
+def tiny_base(seed=0, attn=(4,)):
+    torch.manual_seed(seed)
+    net = perturb(common.UNet(1, 16, (1, 2), 1, attn, image_size=8), seed=seed)
+    return cn.locked_base(ddpm_checkpoint(net, {**ARGS, "attn": attn}))
+
+
+def inputs(n=4, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, 1, 8, 8, generator=g)
+    c = torch.rand(n, 1, 8, 8, generator=g) * 2 - 1
+    return x, torch.randint(1, 101, (n,), generator=g), c, torch.randint(0, 3, (n,), generator=g)
+
+
+class Draws:
+    """ddpm.py's Draws for one process: per-example draws of n."""
+
+    def __init__(self, n):
+        self.n = n
+
+    def randn(self, *shape):
+        return torch.randn(self.n, *shape)
+
+    def rand(self):
+        return torch.rand(self.n)
+
+    def randint(self, low, high):
+        return torch.randint(low, high, (self.n,))
+
+
+# ----------------------------------------------------------------------------------------------
+# The locked base's diffusion
+# ----------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("kind", ["linear", "cosine"])
+@pytest.mark.parametrize("T", [1000, 100, 10])
+def test_schedule_is_ddpm_pys(kind, T):
+    sch = cn.base_schedule({"T": T, "schedule": kind})
+    ref = (ddpm.linear_schedule if kind == "linear" else ddpm.cosine_schedule)(T)
+    assert sch.T == T and sch.alpha_bar.shape == (T + 1,) and sch.alpha_bar[0] == 1
+    assert torch.equal(sch.alpha_bar, ref.alpha_bar)
+
+
+def test_unknown_schedule_is_a_user_error():
+    with pytest.raises(UserError, match="unknown schedule 'quadratic'"):
+        cn.base_schedule({"T": 10, "schedule": "quadratic"})
+
+
+def test_q_sample_noise_coefficient_and_its_inverse():
+    sch = cn.base_schedule({"T": 100, "schedule": "linear"})
+    x0, eps, t = torch.rand(3, 1, 4, 4) * 2 - 1, torch.randn(3, 1, 4, 4), torch.tensor([1, 50, 100])
+    ab = sch.alpha_bar[t].float().view(-1, 1, 1, 1)
+    # sqrt(1 - alpha_bar_t) eps, not the notes' (1 - alpha_bar_t) eps
+    assert torch.allclose(cn.q_sample(torch.zeros_like(x0), t, eps, sch), (1 - ab).sqrt() * eps)
+    assert torch.allclose(cn.predict_x0(cn.q_sample(x0, t, eps, sch), t, eps, sch), x0, atol=1e-4)
+
+
+def test_locked_base_rebuilds_a_ddpm_checkpoint(tmp_path):
+    torch.manual_seed(0)
+    net = perturb(common.UNet(1, 16, (1, 2), 1, (4,), image_size=8)).eval()
+    torch.save(ddpm_checkpoint(net), tmp_path / "ckpt.pt")  # through a file, as the command line reads it
+    base = cn.locked_base(torch.load(tmp_path / "ckpt.pt", weights_only=True))
+    x, t, _, _ = inputs()
+    with torch.no_grad():
+        assert torch.equal(base(x, t), net(x, t))
+    assert not base.training and not any(p.requires_grad for p in base.parameters())
+    assert base.class_embed is None  # ddpm.py's base is unconditional: the class lives in the ControlNet
+
+
+def test_locked_base_refuses_other_checkpoints():
+    net = common.UNet(1, 16, (1, 2), 1, (4,), image_size=8)
+    with pytest.raises(UserError, match="must be a ddpm.py checkpoint, this one is from dit") as e:
+        cn.locked_base({**ddpm_checkpoint(net), "method": "dit"})
+    assert "\n" not in str(e.value)
+    with pytest.raises(UserError, match="lacks ema"):
+        cn.locked_base({**ddpm_checkpoint(net), "ema": None})
+
+
+# ----------------------------------------------------------------------------------------------
+# Zero convolutions: training starts exactly at the pretrained model
+# ----------------------------------------------------------------------------------------------
+
+def test_at_init_the_controlnet_changes_nothing():
+    base = tiny_base()
+    net = cn.ControlNet(base, 1, num_classes=3)
+    x, t, c, y = inputs()
+    with torch.no_grad():
+        residuals = net(x, t, c, y)
+        assert len(residuals) == len(base.down) + 2
+        assert all(r.abs().max() == 0 for r in residuals)
+        assert torch.equal(cn.eps_theta(base, [(net, c)], x, t, y), base(x, t))
+
+
+def test_without_zero_convolutions_the_output_moves_at_init():
+    base = tiny_base()
+    torch.manual_seed(0)
+    net = cn.ControlNet(base, 1, num_classes=3, zero=False)
+    x, t, c, y = inputs()
+    with torch.no_grad():
+        assert (cn.eps_theta(base, [(net, c)], x, t, y) - base(x, t)).abs().max() > 1e-3
+
+
+def test_the_copy_starts_as_the_locked_encoder():
+    base = tiny_base()
+    net = cn.ControlNet(base, 1, num_classes=3)
+    for mine, theirs in [(net.conv_in, base.conv_in), (net.down, base.down), (net.mid, base.mid),
+                         (net.time_embed, base.time_embed)]:
+        assert all(torch.equal(a, b) for a, b in zip(mine.state_dict().values(), theirs.state_dict().values()))
+    assert net.class_embed.weight.abs().max() == 0
+    assert all(p.requires_grad for p in net.parameters()) and all(m.training for m in net.modules())
+
+
+def test_sampling_at_init_gives_the_locked_models_samples():
+    base = tiny_base()
+    net = cn.ControlNet(base, 1, num_classes=3)
+    _, _, c, y = inputs()
+    sch = cn.base_schedule(ARGS)
+    plain = cn.sample_ddim(base, [], (4, 1, 8, 8), sch, 5, generator=torch.Generator().manual_seed(0))
+    steps = []
+    guided = cn.sample_ddim(base, [(net, c)], (4, 1, 8, 8), sch, 5, y=y, guidance=3.0,
+                            generator=torch.Generator().manual_seed(0), on_step=lambda x, i, n: steps.append((i, n)))
+    assert torch.equal(guided, plain)
+    assert steps == [(i, 5) for i in range(1, 6)]
+    assert plain.abs().max() <= 1  # the last step returns the clipped x_0
+
+
+def test_zero_convolutions_get_gradients_at_the_first_step():
+    # dZ/dW = the input (non-zero), so Z(.; Theta_z2) learns at once; everything before it sees
+    # dZ/dinput = W = 0 at the first step, and starts learning once W has moved.
+    base = tiny_base()
+    net = cn.ControlNet(base, 1, num_classes=3)
+    x0, t, c, y = inputs()
+    sch = cn.base_schedule(ARGS)
+    eps = torch.randn(x0.shape, generator=torch.Generator().manual_seed(1))
+    cn.loss(base, net, x0, c, y, t, eps, sch).backward()
+    for z in [*net.z_skips, net.z_mid]:
+        assert z.weight.grad.abs().max() > 0 and z.bias.grad.abs().max() > 0
+    before = [net.z_c, net.encoder, net.conv_in, net.down]
+    assert all(p.grad.abs().max() == 0 for m in before for p in m.parameters())
+    torch.optim.SGD(net.parameters(), lr=0.1).step()
+    net.zero_grad()
+    cn.loss(base, net, x0, c, y, t, eps, sch).backward()
+    assert net.z_c.weight.grad.abs().max() > 0 and net.conv_in.weight.grad.abs().max() > 0
+
+
+def test_the_locked_weights_never_change():
+    base = tiny_base()
+    locked = {k: v.clone() for k, v in base.state_dict().items()}
+    net = cn.ControlNet(base, 1, num_classes=3)
+    start = [p.detach().clone() for p in net.parameters()]
+    opt = torch.optim.Adam(net.parameters(), lr=1e-2)
+    x0, _, c, y = inputs()
+    sch = cn.base_schedule(ARGS)
+    for _ in range(3):
+        opt.zero_grad()
+        cn.training_step(base, net, x0, c, y, sch, Draws(4)).backward()
+        opt.step()
+    assert all(torch.equal(v, locked[k]) for k, v in base.state_dict().items())
+    assert all(p.grad is None for p in base.parameters())
+    assert any(not torch.equal(p, q) for p, q in zip(net.parameters(), start))
+
+
+# ----------------------------------------------------------------------------------------------
+# The objective, composition and the control scale
+# ----------------------------------------------------------------------------------------------
+
+def test_training_step_draws_and_label_dropout():
+    base = tiny_base()
+    torch.manual_seed(0)
+    net = perturb(cn.ControlNet(base, 1, num_classes=3))
+    x0, t, c, y = inputs()
+    sch = cn.base_schedule(ARGS)
+    eps = torch.randn_like(x0)
+    calls = []
+
+    class Recording:
+        def randint(self, low, high):
+            calls.append(("randint", low, high))
+            return t
+
+        def randn(self, *shape):
+            calls.append(("randn", shape))
+            return eps
+
+        def rand(self):
+            calls.append(("rand",))
+            return torch.tensor([0.2, 0.7, 0.4, 0.9])  # drop the labels of examples 0 and 2
+
+    got = cn.training_step(base, net, x0, c, y, sch, Recording())
+    assert calls == [("randint", 1, 101), ("randn", (1, 8, 8)), ("rand",)]
+    null = torch.where(torch.tensor([True, False, True, False]), 3, y)
+    assert torch.equal(got, cn.loss(base, net, x0, c, null, t, eps, sch))
+    assert not torch.equal(got, cn.loss(base, net, x0, c, y, t, eps, sch))
+    everyone = torch.ones(4, dtype=torch.bool)
+    assert torch.equal(cn.loss(base, net, x0, c, y, t, eps, sch, drop=everyone),
+                       cn.loss(base, net, x0, c, None, t, eps, sch))
+
+
+def test_composition_adds_the_residuals_and_control_scale_scales_them():
+    base = tiny_base()
+    torch.manual_seed(0)
+    a, b = perturb(cn.ControlNet(base, 1), seed=1), perturb(cn.ControlNet(base, 3), seed=2)
+    x, t, c, _ = inputs()
+    c3 = torch.rand(4, 3, 8, 8) * 2 - 1
+    with torch.no_grad():
+        ra, rb = a(x, t, c), b(x, t, c3)
+        both = base(x, t, residuals=[0.5 * u + 2 * v for u, v in zip(ra, rb)])
+        assert torch.allclose(cn.eps_theta(base, [(a, c), (b, c3)], x, t, control_scale=[0.5, 2.0]), both, atol=1e-6)
+        assert torch.equal(cn.eps_theta(base, [(a, c)], x, t, control_scale=0.0), base(x, t))
+        assert (cn.eps_theta(base, [(a, c)], x, t) - base(x, t)).abs().max() > 1e-3
+
+
+def test_guidance_combines_the_two_passes():
+    base = tiny_base()
+    torch.manual_seed(0)
+    net = perturb(cn.ControlNet(base, 1, num_classes=3))
+    x, t, c, y = inputs()
+    with torch.no_grad():
+        eps_c = cn.eps_theta(base, [(net, c)], x, t, y)
+        eps_uc = cn.eps_theta(base, [(net, c)], x, t, None)
+        got = cn.guided_eps(base, [(net, c)], x, t, y, 2.5, 1.0)
+    assert (eps_c - eps_uc).abs().max() > 1e-4
+    assert torch.allclose(got, eps_uc + 2.5 * (eps_c - eps_uc))
+
+
+# ----------------------------------------------------------------------------------------------
+# The conditions and their fidelity measures
+# ----------------------------------------------------------------------------------------------
+
+def square(size=12, lo=3, hi=9, value=1.0):
+    x = -torch.ones(1, 1, size, size)
+    x[..., lo:hi, lo:hi] = value
+    return x
+
+
+def disk(size=28, radius=8, value=0.3):
+    yy, xx = torch.meshgrid(torch.arange(size), torch.arange(size), indexing="ij")
+    inside = (yy - 13.5) ** 2 + (xx - 12) ** 2 <= radius ** 2
+    return torch.where(inside, value, -1.0)[None, None], inside
+
+
+def test_edges_of_a_filled_square_are_its_outline():
+    outline = torch.zeros(12, 12, dtype=torch.bool)
+    outline[3:9, 3:9] = True
+    outline[4:8, 4:8] = False  # the square's one-pixel border: the inside and the background are no edge
+    e = cn.edges(square())
+    assert e.shape == (1, 1, 12, 12) and set(e.unique().tolist()) <= {-1.0, 1.0}
+    assert torch.equal(e[0, 0] > 0, outline)
+    thick = cn.edges(square(), thin=False)[0, 0] > 0  # unthinned: the background's ring too
+    assert (thick & ~outline).any() and not thick[5:7, 5:7].any()
+    assert (cn.edges(torch.full((1, 3, 12, 12), 0.3)) < 0).all()  # a flat image has no edges
+    assert torch.equal(cn.edges(square().expand(2, 3, -1, -1)), cn.edges(square()).expand(2, -1, -1, -1))
+
+
+def test_mask_of_a_filled_disk_is_the_disk():
+    x, inside = disk()
+    assert torch.equal(cn.mask(x)[0, 0] > 0, inside)
+    x[0, 0, 13, 12] = -1.0  # a dark pixel inside the garment stays in its silhouette
+    assert torch.equal(cn.mask(x)[0, 0] > 0, inside)
+    assert (cn.mask(x, close=False)[0, 0] > 0).sum() == inside.sum() - 1
+    for lo, hi in [(1, 4), (0, 3), (5, 8)]:  # near the border and touching it: the closing keeps the shape
+        x = square(8, lo, hi)
+        assert torch.equal(cn.mask(x), x)
+
+
+def test_lowres_keeps_the_size_and_averages_4x4_blocks():
+    x = torch.rand(2, 3, 28, 28) * 2 - 1
+    low = cn.lowres(x)
+    assert low.shape == x.shape and low.abs().max() <= 1
+    assert torch.allclose(low[..., 4:8, 8:12], x[..., 4:8, 8:12].mean((-1, -2), keepdim=True).expand(-1, -1, 4, 4))
+
+
+def test_fidelity_measures():
+    x, _ = disk()
+    other, _ = disk(radius=4)
+    assert cn.edge_f1(x, cn.edges(x)).item() == 1 and cn.mask_iou(x, cn.mask(x)).item() == 1
+    assert cn.edge_f1(-torch.ones_like(x), cn.edges(x)).item() == 0
+    assert cn.mask_iou(other, cn.mask(x)).item() == pytest.approx((4 / 8) ** 2, abs=0.05)
+    assert cn.lowres_psnr(x, cn.lowres(x)).item() > 60 > cn.lowres_psnr(other, cn.lowres(x)).item()
+    assert set(cn.CONDITIONS) == set(cn.FIDELITY) == {"edges", "mask", "lowres"}
+
+
+# ----------------------------------------------------------------------------------------------
+# Learning: a ControlNet on a locked base puts a blob where its condition says
+# ----------------------------------------------------------------------------------------------
+
+def blobs(quadrant):
+    """8x8 images with a 3x3 white blob in quadrant 0 (top left), 1, 2 or 3 (bottom right)."""
+    x = -torch.ones(len(quadrant), 1, 8, 8)
+    for i, q in enumerate(quadrant.tolist()):
+        r, c = 1 + 3 * (q // 2), 1 + 3 * (q % 2)
+        x[i, 0, r:r + 3, c:c + 3] = 1
+    return x
+
+
+def quadrant_of(x):
+    halves = x[:, 0].unflatten(1, (2, 4)).unflatten(3, (2, 4))  # (B, 2, 4, 2, 4)
+    return halves.mean((2, 4)).flatten(1).argmax(1)
+
+
+def test_a_controlnet_puts_the_blob_where_the_condition_says():
+    torch.manual_seed(0)
+    sch = cn.base_schedule(ARGS)
+    # The pretrained model: DDPM on blobs in any of the four quadrants (ddpm.py's loss, 200 steps).
+    net = common.UNet(1, 16, (1, 2), 1, (), image_size=8)
+    opt = torch.optim.Adam(net.parameters(), lr=3e-3)
+    for _ in range(200):
+        x0 = blobs(torch.randint(0, 4, (32,)))
+        t, eps = torch.randint(1, sch.T + 1, (32,)), torch.randn_like(x0)
+        opt.zero_grad()
+        (eps - net(cn.q_sample(x0, t, eps, sch), t)).square().mean().backward()
+        opt.step()
+    base = cn.locked_base(ddpm_checkpoint(net, {**ARGS, "attn": ()}))
+    # The ControlNet: the blob's silhouette as the condition, the quadrant as the class.
+    control = cn.ControlNet(base, 1, num_classes=4)
+    opt = torch.optim.Adam(control.parameters(), lr=2e-3)
+    for _ in range(120):
+        q = torch.randint(0, 4, (32,))
+        x0 = blobs(q)
+        opt.zero_grad()
+        cn.training_step(base, control, x0, cn.mask(x0), q, sch, Draws(32)).backward()
+        opt.step()
+    want = torch.arange(32) % 4
+    c = cn.mask(blobs(want))
+    g = torch.Generator().manual_seed(1)
+    free = cn.sample_ddim(base, [], (32, 1, 8, 8), sch, 20, generator=g)
+    g = torch.Generator().manual_seed(1)
+    steered = cn.sample_ddim(base, [(control.eval(), c)], (32, 1, 8, 8), sch, 20, generator=g)
+    # The locked base alone puts the blob anywhere; with the ControlNet, in the condition's quadrant.
+    assert (quadrant_of(free) == want).float().mean() < 0.6 and free[c > 0].mean() < 0
+    # (Seeds 0-8 give 0.84 to 1 and a blob mean of 0.6 to 0.9; chance is 0.25.)
+    assert (quadrant_of(steered) == want).float().mean() >= 0.75
+    assert steered[c > 0].mean() > 0.4 and steered[c < 0].mean() < -0.7  # a blob there, dark elsewhere
