@@ -50,6 +50,7 @@ class DataInfo:
     num_classes: int | None  # None: the data set has no labels (its loader yields y = -1)
     name: str
     classes: list | None = None  # the class names, where the data set has them
+    frames: int | None = None  # clips: the frames of each (F, C, H, W) item; None: images
 
 
 class ImageTensors(Dataset):
@@ -168,18 +169,20 @@ def _folder_dataset(path, image_size, flip):
     return ds, DataInfo(channels, image_size, len(ds), len(classes) or None, str(root), classes or None)
 
 
-def _tensor_file_dataset(path):
+def _tensor_file_dataset(path, clips=False):
     """A saved tensor (N, C, H, W), or a dict {"x": (N, C, H, W), "y": (N,) labels, "classes": names}
-    with "y" and "classes" optional: how method files pass data (latents, samples) to each other."""
+    with "y" and "classes" optional: how method files pass data (latents, samples) to each other.
+    clips=True: the tensor holds clips (N, F, C, H, W) instead."""
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
         raise UserError(f"cannot read {path} as a saved tensor ({type(e).__name__}): save images "
                         f"with torch.save(x, path) or torch.save({{'x': x, 'y': y}}, path)") from None
     x, y, classes = (obj.get("x"), obj.get("y"), obj.get("classes")) if isinstance(obj, dict) else (obj, None, None)
-    if not torch.is_tensor(x) or x.ndim != 4 or x.shape[-1] != x.shape[-2] or not len(x):
+    shape = "(N, F, C, H, W)" if clips else "(N, C, H, W)"
+    if not torch.is_tensor(x) or x.ndim != 4 + clips or x.shape[-1] != x.shape[-2] or not len(x):
         got = tuple(x.shape) if torch.is_tensor(x) else type(x).__name__
-        raise UserError(f"{path} must hold a tensor (N, C, H, W) with H = W (or a dict with one under "
+        raise UserError(f"{path} must hold a tensor {shape} with H = W (or a dict with one under "
                         f"'x'), got {got}")
     if x.dtype != torch.uint8 and not x.is_floating_point():
         raise UserError(f"{path} holds {x.dtype} images: save uint8 pixels or float values")
@@ -192,8 +195,8 @@ def _tensor_file_dataset(path):
             raise UserError(f"{path}: label {int(y.max())} but only {num_classes} class names")
         classes = list(classes) if classes else [str(i) for i in range(num_classes)]
     ds = ImageTensors(x, y.long() if y is not None else torch.full((len(x),), -1), flip=False)
-    return ds, DataInfo(x.shape[1], x.shape[-1], len(x), len(classes) if y is not None else None,
-                        str(path), classes if y is not None else None)
+    return ds, DataInfo(x.shape[-3], x.shape[-1], len(x), len(classes) if y is not None else None,
+                        str(path), classes if y is not None else None, x.shape[1] if clips else None)
 
 
 def load_dataset(name, data_dir="./data", train=True, image_size=None, flip=False):
@@ -450,3 +453,65 @@ class UNet(nn.Module):
         for layer in self.up:
             h = layer(torch.cat([h, hs.pop()], dim=1), emb, context) if isinstance(layer, Level) else layer(h)
         return self.out(h)
+
+
+# ----------------------------------------------------------------------------------------------
+# Moving-garment clips (the video data set of latte.py)
+# ----------------------------------------------------------------------------------------------
+
+def bounce(p, travel):
+    """Positions p folded into [0, travel]: a point moving in a straight line and reflected by the
+    walls at 0 and travel (a triangle wave of period 2 travel)."""
+    u = p % (2 * travel)
+    return torch.minimum(u, 2 * travel - u)
+
+
+class MovingClips(Dataset):
+    """Clips (F, C, canvas, canvas) in [-1, 1], labelled with the image's class: image i of `images`
+    (a data set of (x, y), x (C, S, S) in [-1, 1], such as load_dataset's Fashion-MNIST) moving in a
+    straight line on a black canvas (-1) and bouncing off its edges. The whole S x S image stays on
+    the canvas, at whole pixels: nothing is cut off or blurred. Clip i's start and its velocity (1 to
+    max_speed pixels a frame along each axis, either way) come from a generator seeded by (seed, i),
+    so the data set is the same on every run. A 28 x 28 garment on the 40 x 40 canvas travels 12
+    pixels each way."""
+
+    def __init__(self, images, frames=8, canvas=40, seed=0, max_speed=3):
+        size = images[0][0].shape[-1]
+        if canvas <= size:
+            raise UserError(f"the canvas ({canvas}) must be larger than the {size}x{size} images")
+        self.images, self.frames, self.canvas, self.seed = images, frames, canvas, seed
+        self.travel = canvas - size
+        self.max_speed = min(max_speed, self.travel)
+
+    def __len__(self):
+        return len(self.images)
+
+    def path(self, i):
+        """Clip i's top-left corners (F, 2), as (row, column) per frame."""
+        g = torch.Generator().manual_seed(self.seed * 1_000_003 + i)
+        start = torch.randint(0, self.travel + 1, (2,), generator=g)
+        speed = torch.randint(1, self.max_speed + 1, (2,), generator=g)
+        sign = torch.randint(0, 2, (2,), generator=g) * 2 - 1
+        return bounce(start + sign * speed * torch.arange(self.frames)[:, None], self.travel)
+
+    def __getitem__(self, i):
+        x, y = self.images[i]
+        S = x.shape[-1]
+        clip = torch.full((self.frames, x.shape[0], self.canvas, self.canvas), -1.0)
+        for f, (r, c) in enumerate(self.path(i).tolist()):
+            clip[f, :, r:r + S, c:c + S] = x
+        return clip, y
+
+
+def load_clips(name, data_dir="./data", train=True, frames=8, canvas=40, seed=0, image_size=None):
+    """Clips (F, C, H, W) in [-1, 1] and their DataInfo (with .frames): a saved tensor FILE.pt of
+    clips (N, F, C, H, W) (or a dict with them under 'x'), else MovingClips of load_dataset(name)'s
+    images (image_size: a folder's, which must be smaller than the canvas)."""
+    if name.endswith(".pt"):
+        if not os.path.isfile(name):
+            raise UserError(f"no tensor file {name}")
+        return _tensor_file_dataset(name, clips=True)
+    images, info = load_dataset(name, data_dir, train, image_size)
+    clips = MovingClips(images, frames, canvas, seed)
+    return clips, DataInfo(info.channels, canvas, len(clips), info.num_classes, f"moving {info.name}",
+                           info.classes, frames)

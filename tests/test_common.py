@@ -415,3 +415,86 @@ def test_unet_residuals_add_to_the_skips_and_the_middle():
             assert (net(x, t, residuals=one) - plain).abs().max() > 1e-4, i
     with pytest.raises((ValueError, RuntimeError)):
         net(x, t, residuals=zeros[:1] + zeros[2:])  # one too few: an error, not a silent misalignment
+
+
+# ----------------------------------------------------------------------------------------------
+# Moving-garment clips
+# ----------------------------------------------------------------------------------------------
+
+def garments(n=12, size=28, seed=0):
+    """Made-up garments: a bright random blob on black, with a soft edge, (C, S, S) in [-1, 1]."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.full((n, 1, size, size), -1.0)
+    for i in range(n):
+        h, w = torch.randint(8, size - 2, (2,), generator=g).tolist()
+        r = torch.randint(0, size - h + 1, (1,), generator=g).item()
+        c = torch.randint(0, size - w + 1, (1,), generator=g).item()
+        x[i, :, r:r + h, c:c + w] = torch.rand(1, h, w, generator=g) * 1.8 - 0.8
+    return common.ImageTensors(x, torch.arange(n) % 10)
+
+
+def centre_of_mass(frames):
+    """(F, C, H, W) in [-1, 1] -> (F, 2) brightness-weighted (row, column)."""
+    w = (frames + 1).sum(1)  # (F, H, W): black counts 0
+    rows, cols = torch.arange(w.shape[1]).float(), torch.arange(w.shape[2]).float()
+    mass = w.sum((1, 2))
+    return torch.stack([(w.sum(2) * rows).sum(1) / mass, (w.sum(1) * cols).sum(1) / mass], 1)
+
+
+def simulate(start, v, travel, frames):
+    """A point stepped frame by frame, its velocity flipped where it would leave [0, travel]."""
+    p, out = start, []
+    for _ in range(frames):
+        out.append(p)
+        p += v
+        if p < 0 or p > travel:
+            p, v = (-p if p < 0 else 2 * travel - p), -v
+    return out
+
+
+def test_moving_clips_are_deterministic_per_index_and_labelled():
+    ims = garments()
+    a, b = common.MovingClips(ims, frames=8, canvas=40, seed=3), common.MovingClips(ims, frames=8, canvas=40, seed=3)
+    x, y = a[5]
+    assert x.shape == (8, 1, 40, 40) and x.min() >= -1 and x.max() <= 1 and y == ims[5][1]
+    assert torch.equal(x, b[5][0]) and torch.equal(a[7][0], b[7][0])
+    assert not torch.equal(x, common.MovingClips(ims, frames=8, canvas=40, seed=4)[5][0])  # the seed matters
+    assert len({tuple(a.path(i).flatten().tolist()) for i in range(len(ims))}) > len(ims) // 2  # clips differ
+
+
+def test_moving_clips_keep_the_whole_garment_on_the_canvas_and_move_in_bouncing_lines():
+    ims = garments()
+    ds = common.MovingClips(ims, frames=12, canvas=36, seed=0, max_speed=3)
+    bounced = 0
+    for i in range(len(ims)):
+        x, _ = ds[i]
+        ink = (ims[i][0] + 1).sum()
+        assert torch.allclose((x + 1).sum((1, 2, 3)), ink.expand(12))  # every frame holds all the garment
+        com = centre_of_mass(x)
+        path = ds.path(i).float()
+        assert torch.allclose(com - com[:1], path - path[:1], atol=1e-4)  # a rigid move along the path
+        for axis in range(2):
+            p = path[:, axis].tolist()
+            fits = [v for v in range(-3, 4) if v and simulate(p[0], v, ds.travel, 12) == p]
+            assert fits, (i, axis, p)  # a straight line, reflected at 0 and at the travel
+            bounced += any(a < b > c or a > b < c for a, b, c in zip(p, p[1:], p[2:]))
+    assert bounced > 0
+
+
+def test_clips_from_a_tensor_file_and_from_an_image_data_set(tmp_path):
+    clips = torch.randint(0, 256, (3, 4, 1, 8, 8), dtype=torch.uint8)
+    torch.save({"x": clips, "y": torch.tensor([0, 1, 1])}, tmp_path / "clips.pt")
+    ds, info = common.load_clips(str(tmp_path / "clips.pt"))
+    assert (info.frames, info.channels, info.size, info.count, info.num_classes) == (4, 1, 8, 3, 2)
+    assert ds[1][0].shape == (4, 1, 8, 8) and torch.equal(ds[1][0], clips[1].float() / 127.5 - 1)
+    torch.save(clips[0], tmp_path / "images.pt")  # (4, 1, 8, 8): images, not clips
+    with pytest.raises(UserError, match=r"\(N, F, C, H, W\).*\(4, 1, 8, 8\)"):
+        common.load_clips(str(tmp_path / "images.pt"))
+    with pytest.raises(UserError, match=r"\(N, C, H, W\).*\(3, 4, 1, 8, 8\)"):
+        common.load_dataset(str(tmp_path / "clips.pt"))  # an image method refuses clips
+    with pytest.raises(UserError, match="larger than the 28x28"):
+        common.MovingClips(garments(2), canvas=28)
+    for i in range(3):
+        make_image("L", (8, 8), i).save(tmp_path / f"{i}.png")
+    ds, info = common.load_clips(str(tmp_path), frames=3, canvas=12, image_size=8)
+    assert (info.frames, info.channels, info.size, info.count) == (3, 1, 12, 3) and ds[2][0].shape == (3, 1, 12, 12)
