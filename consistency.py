@@ -41,10 +41,6 @@ Run:
     python consistency.py --stage cd --teacher runs/cm_teacher/ckpt.pt --batch-size 64 \
                           --lr-decay cosine --warmup 50 --steps 700
 
-Ctrl-C or SIGTERM stops a run at the end of its current step (under torchrun within 10 steps; in the
-end-of-epoch grid at its next sampling step): it saves ckpt.pt, which --resume continues, and exits
-130 or 143 (128 + the signal's number); a finished run exits 0.
-
 Outputs in --out: ckpt.pt and samples_epochNNN.png per epoch, from fixed noise: the teacher's
 Heun samples (stage teacher); for cd and ct one row per sampler, the teacher at 35 evaluations
 (when there is one) and the consistency model at 1, 2 and 4 steps, the same noise in each column.
@@ -360,16 +356,13 @@ DEFAULT_TAUS = {1: (), 2: (1.5,), 3: (3.0, 0.8), 4: (5.0, 1.5, 0.4)}
 
 
 # ==== harness: the same text in every method file (tests/test_harness.py compares the copies) ====
-# Processes and devices, the random draws of a global batch, checkpoints and resume, signals, EMA,
-# the learning-rate schedule, the training loop's bookkeeping, progress lines and the shared flags.
-
-CHECK_EVERY = 10  # steps between readings of the loss and the stop flag from the device
-DIVERGED = 1000  # a loss this many times its first value (or 1) has diverged, finite or not
+# Processes and devices, a global batch's random draws, checkpoints and resume, signals, EMA, the
+# learning rate, the training loop's bookkeeping, progress lines, --sample's frame and shared flags.
 
 
 def setup_processes(device_name):
-    """Rank 0 of 1, or under torchrun (RANK, WORLD_SIZE, LOCAL_RANK) one process per device: NCCL
-    on GPUs, gloo on CPUs, and only rank 0 prints. Returns (rank, world, device)."""
+    """(rank, world, device): 0 of 1, or under torchrun one process per device, NCCL on GPUs and
+    gloo on CPUs, of which only rank 0 prints."""
     if "RANK" not in os.environ:
         return 0, 1, pick_device(device_name)
     rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
@@ -387,8 +380,8 @@ def setup_processes(device_name):
 
 
 class Draws:
-    """The random draws of a global batch of n: every process draws all n and keeps its slice, so
-    that N processes compute what one process computes on the whole batch."""
+    """A global batch of n's random draws: every process draws all n and keeps its slice, so that
+    N processes compute what one process computes on the whole batch."""
 
     def __init__(self, n, device, rank=0, world=1):
         self.n, self.device = n, device
@@ -417,9 +410,8 @@ def epoch_batches(dataset, args, epoch, skip, rank=0, world=1):
 @torch.no_grad()
 def ema_update(ema, model, n, max_decay):
     """EMA of the weights, its decay warmed up as min(max_decay, (1 + n) / (10 + n))."""
-    decay = min(max_decay, (1 + n) / (10 + n))
     for e, p in zip(ema.parameters(), model.parameters()):
-        e.lerp_(p, 1 - decay)
+        e.lerp_(p, 1 - min(max_decay, (1 + n) / (10 + n)))
 
 
 def learning_rate(args, step, total):
@@ -430,11 +422,9 @@ def learning_rate(args, step, total):
 
 
 def save_checkpoint(path, state):
-    """state and the RNG states, written to a temporary file, then renamed: a crash leaves no
-    broken checkpoint."""
+    """state and the RNG states, written to a temporary file and renamed: a crash leaves no broken file."""
     rng = {"torch": torch.get_rng_state(), "python": random.getstate(),
-           "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
-           "mps": torch.mps.get_rng_state() if torch.backends.mps.is_available() else None}
+           "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None}
     torch.save({**state, "rng": rng}, f"{path}.tmp")
     os.replace(f"{path}.tmp", path)
 
@@ -455,18 +445,6 @@ def load_checkpoint(path, methods, keys, flag="--ckpt"):
     if missing:
         raise UserError(f"{path} is an incomplete {method} checkpoint: no {', '.join(missing)}")
     return ckpt
-
-
-def restore_rng(rng, device):
-    """CUDA's states for the devices this machine has; under torchrun each rank continues rank 0's."""
-    torch.set_rng_state(rng["torch"])
-    random.setstate(rng["python"])
-    for i, state in enumerate(rng["cuda"][:torch.cuda.device_count()]):
-        torch.cuda.set_rng_state(state, i)
-    if device.type == "cuda" and rng["cuda"]:
-        torch.cuda.set_rng_state(rng["cuda"][0], device)
-    if rng["mps"] is not None and torch.backends.mps.is_available():
-        torch.mps.set_rng_state(rng["mps"])
 
 
 def resumed_args(p, args, ckpt, free=("device", "out", "resume", "ckpt", "data_dir", "log_every",
@@ -498,47 +476,60 @@ class SamplingStopped(Exception):
     """Ctrl-C or SIGTERM arrived while a sampler ran."""
 
 
-def duration(seconds):
-    if seconds >= 5400:
-        return f"{seconds / 3600:.1f} h"
-    return f"{seconds / 60:.1f} min" if seconds >= 90 else f"{seconds:.0f} s"
-
-
 class Progress:
-    """Called after each step of a long loop: a line with the time left every few seconds, and
-    SamplingStopped at the next step once `stop` is set."""
+    """Called after each step of a long loop, as progress(done, total) or as a sampler's on_step(x,
+    done, total): a line with the time left every few seconds; SamplingStopped once `stop` is set."""
 
     def __init__(self, what, stop=(), every=5.0):
         self.what, self.stop, self.every = what, stop, every
         self.start = self.last = time.time()
 
-    def __call__(self, done, total):
+    def __call__(self, *step):
+        done, total = step[-2:]
         if self.stop:
             raise SamplingStopped
         if time.time() - self.last >= self.every:
             left = (time.time() - self.start) / done * (total - done)
-            print(f"{self.what}: step {done}/{total}, {duration(left)} left", flush=True)
+            print(f"{self.what}: step {done}/{total}, {left / 60:.1f} min left", flush=True)
             self.last = time.time()
 
 
 class Run(argparse.Namespace):
-    """A training run, built in one place by the method's train(): args, model, opt, dataset,
-    device, rank, world, stop, path (of the checkpoint), method, loss(batch, draws) -> a scalar."""
-    ema = after_step = pictures = None  # an EMA model; after_step(step); pictures(epoch, progress)
-    step, saved, first, grid = 0, None, None, 0.0
+    """A training run: args, method, rank, world, device, path (of its checkpoint), ckpt (resumed, or
+    None), stop, shape (of an example), model, opt, dataset, loss(batch, draws) -> a scalar, and
+    optionally ema, after_step(step), pictures(epoch, progress) and extra() (more to checkpoint)."""
+    ckpt = ema = after_step = pictures = first = None
+    step, saved, grid = 0, 0, 0.0
 
-    def extra(self):  # what the checkpoint holds besides the shared keys
+    def extra(self):
         return {}
 
 
-def prepare(run, ckpt):
-    """A resumed run's weights, optimizer and RNG; run.net, the model as training calls it."""
-    if run.args.batch_size % run.world:
-        raise UserError(f"--batch-size {run.args.batch_size} (the global batch) must divide evenly over "
+def begin(args, p, method, keys):
+    """A Run: its processes, --out, and with --resume its checkpoint and flags; then the seed, the
+    same on every process (see Draws)."""
+    rank, world, device = setup_processes(args.device)
+    run = Run(method=method, rank=rank, world=world, device=device, stop=[], path=out_folder(args.out) / "ckpt.pt")
+    if args.resume:
+        run.ckpt = load_checkpoint(args.ckpt or run.path, [method], ("shape", *keys))
+        args = resumed_args(p, args, run.ckpt)
+    seed_everything(args.seed)
+    run.args = args
+    return run
+
+
+def prepare(run):
+    """A resumed run's weights, optimizer, step and RNG, and run.net: the network as training calls it."""
+    args, ckpt = run.args, run.ckpt
+    if args.batch_size % run.world:
+        raise UserError(f"--batch-size {args.batch_size} (the global batch) must divide evenly over "
                         f"{run.world} processes")
-    if len(run.dataset) < run.args.batch_size:
-        raise UserError(f"{len(run.dataset)} training examples, fewer than --batch-size {run.args.batch_size}")
+    if len(run.dataset) < args.batch_size:
+        raise UserError(f"{len(run.dataset)} training examples, fewer than --batch-size {args.batch_size}")
     if ckpt is not None:
+        if tuple(ckpt["shape"]) != tuple(run.shape):
+            raise UserError(f"the checkpoint was trained on {tuple(ckpt['shape'])} data, not {tuple(run.shape)}: "
+                            f"resume on the data it was trained on")
         try:
             run.model.load_state_dict(ckpt["model"])
         except RuntimeError:
@@ -547,72 +538,72 @@ def prepare(run, ckpt):
             run.ema.load_state_dict(ckpt["ema"])
         run.opt.load_state_dict(ckpt["optimizer"])
         run.step = run.saved = ckpt["step"]
-        restore_rng(ckpt["rng"], run.device)
+        torch.set_rng_state(ckpt["rng"]["torch"])
+        random.setstate(ckpt["rng"]["python"])
+        if ckpt["rng"]["cuda"] is not None and run.device.type == "cuda":  # each rank continues rank 0's
+            torch.cuda.set_rng_state(ckpt["rng"]["cuda"], run.device)
         print(f"resumed from step {run.step}")
+    run.per_epoch = len(run.dataset) // args.batch_size
+    run.total = args.steps or args.epochs * run.per_epoch
     run.net = run.model
     if run.world > 1:  # averages the gradients over the processes in backward()
         run.net = DistributedDataParallel(run.model, [run.device.index] if run.device.type == "cuda" else None)
-    if run.args.compile:
+    if args.compile:
         run.net = torch.compile(run.net)
 
 
-def save(run):
-    if run.rank == 0 and run.saved != run.step:
-        save_checkpoint(run.path, {"method": run.method, "args": vars(run.args), "step": run.step,
-                                   "model": run.model.state_dict(), "optimizer": run.opt.state_dict(),
-                                   "ema": None if run.ema is None else run.ema.state_dict(), **run.extra()})
-    run.saved, run.last_save = run.step, time.time()
+def train(run):
+    """From run.step to the end: global batches, run.loss, gradient steps, EMA. The loss and the stop
+    flag are read from the device every 10 steps and at each epoch's end, whose checkpoint and pictures
+    follow. Ctrl-C or SIGTERM: the step ends, the run saves and exits 128 + the signal's number."""
+    prepare(run)
+    amp = torch.autocast("cuda", torch.bfloat16, enabled=run.args.bf16 and run.device.type == "cuda")
+    losses, run.bad_data, run.last_log = [], torch.zeros((), device=run.device), time.time()
+    run.last_save = run.last_log
+    with signals_to(run.stop):
+        while run.step < run.total and not run.stop:
+            epoch, skip = divmod(run.step, run.per_epoch)
+            for batch in epoch_batches(run.dataset, run.args, epoch, skip, run.rank, run.world):
+                with amp:
+                    losses.append(gradient_step(run, [b.to(run.device) for b in batch]))
+                end = run.step % run.per_epoch == 0 or run.step == run.total
+                if (end or run.step % 10 == 0 or run.world == 1 and run.stop) and check(run, losses) or end:
+                    break
+            if run.step % run.per_epoch == 0 or run.step == run.total:
+                end_of_epoch(run, epoch)
+        save(run)
+    finish(run)
 
 
-def train_loop(run):
-    """From run.step to the end: a global batch, run.loss, a gradient step, EMA; the loss and the
-    stop flag are read from the device every CHECK_EVERY steps and at an epoch's end, its checkpoint
-    and pictures then follow."""
-    args, per_epoch = run.args, len(run.dataset) // run.args.batch_size
-    run.total, run.per_epoch = args.steps or args.epochs * per_epoch, per_epoch
-    amp = torch.autocast("cuda", torch.bfloat16, enabled=args.bf16 and run.device.type == "cuda")
-    run.last_log = run.last_save = time.time()
-    losses, run.bad_data = [], torch.zeros((), device=run.device)
-    while run.step < run.total and not run.stop:
-        epoch, skip = divmod(run.step, per_epoch)
-        for batch in epoch_batches(run.dataset, args, epoch, skip, run.rank, run.world):
-            batch = [b.to(run.device) for b in batch]
-            run.bad_data += (~torch.isfinite(batch[0])).any()
-            for group in run.opt.param_groups:
-                group["lr"] = learning_rate(args, run.step, run.total)
-            with amp:
-                loss = run.loss(batch, Draws(args.batch_size, run.device, run.rank, run.world))
-            run.opt.zero_grad(set_to_none=True)
-            loss.backward()
-            if args.grad_clip:
-                torch.nn.utils.clip_grad_norm_(run.model.parameters(), args.grad_clip)
-            run.opt.step()
-            run.step += 1
-            if run.ema is not None:
-                ema_update(run.ema, run.model, run.step, args.ema)
-            if run.after_step is not None:
-                run.after_step(run.step)
-            losses.append(loss.detach().float())
-            run.first = losses[0] if run.first is None else run.first
-            end = run.step % per_epoch == 0 or run.step == run.total
-            if (end or run.step % CHECK_EVERY == 0 or run.world == 1 and run.stop) and check(run, losses):
-                break
-            if end:
-                break
-        if run.step % per_epoch == 0 or run.step == run.total:
-            end_of_epoch(run, epoch)
+def gradient_step(run, batch):
+    run.bad_data += (~torch.isfinite(batch[0])).any()
+    for group in run.opt.param_groups:
+        group["lr"] = learning_rate(run.args, run.step, run.total)
+    loss = run.loss(batch, Draws(run.args.batch_size, run.device, run.rank, run.world))
+    run.opt.zero_grad(set_to_none=True)
+    loss.backward()
+    if run.args.grad_clip:
+        torch.nn.utils.clip_grad_norm_(run.model.parameters(), run.args.grad_clip)
+    run.opt.step()
+    run.step += 1
+    if run.ema is not None:
+        ema_update(run.ema, run.model, run.step, run.args.ema)
+    if run.after_step is not None:
+        run.after_step(run.step)
+    run.first = loss.detach().float() if run.first is None else run.first
+    return loss.detach().float()
 
 
 def check(run, losses):
-    """Stops a diverged run without saving; prints progress; saves every --save-every minutes.
-    Returns whether any process was asked to stop (one stopped by another exits as on SIGTERM)."""
+    """Stops a diverged run (a loss over 1000 x its first, or 1) without saving; prints progress; saves
+    every --save-every minutes. Returns whether any process was asked to stop."""
     stop = torch.tensor(float(len(run.stop)), device=run.device)
     x = torch.stack([torch.stack(losses).mean(), run.first, run.bad_data, stop])
     if run.world > 1:
         dist.all_reduce(x)
         x /= run.world
     (loss, first, bad, stop), now = x.tolist(), time.time()
-    if bad or not math.isfinite(loss) or loss > DIVERGED * max(first, 1):
+    if bad or not math.isfinite(loss) or loss > 1000 * max(first, 1):
         held = f"{run.path} holds step {run.saved}" if run.saved else "this run has written no checkpoint yet"
         why = "the data hold NaN or inf" if bad else f"the loss went from {first:.3g} to {loss:.3g} " \
             f"(diverged: try a lower --lr)"
@@ -620,15 +611,24 @@ def check(run, losses):
     if now - run.last_log >= run.args.log_every or stop or run.step == run.total:
         speed = len(losses) * run.args.batch_size / (now - run.last_log)
         left = (run.total - run.step) * (run.args.batch_size / speed + run.grid / run.per_epoch)
-        print(f"step {run.step}/{run.total}  loss {loss:.4f}  {speed:.0f} img/s  {duration(left)} left",
+        print(f"step {run.step}/{run.total}  loss {loss:.4f}  {speed:.0f} img/s  {left / 60:.1f} min left",
               flush=True)
         losses.clear()
         run.last_log = now
-    if stop and not run.stop:
+    if stop and not run.stop:  # another process's signal: exit as after SIGTERM
         run.stop.append(SIGTERM)
     if now - run.last_save >= 60 * run.args.save_every or stop:
         save(run)
     return bool(stop)
+
+
+def save(run):
+    if run.rank == 0 and run.saved != run.step:
+        save_checkpoint(run.path, {"method": run.method, "args": vars(run.args), "step": run.step,
+                                   "shape": list(run.shape), "model": run.model.state_dict(),
+                                   "optimizer": run.opt.state_dict(),
+                                   "ema": None if run.ema is None else run.ema.state_dict(), **run.extra()})
+    run.saved, run.last_save = run.step, time.time()
 
 
 def end_of_epoch(run, epoch):
@@ -650,6 +650,32 @@ def finish(run):
     print(f"{'interrupted' if run.stop else 'done'} at step {run.step}; checkpoint {run.path}")
     if run.stop:
         raise SystemExit(128 + run.stop[0])
+
+
+def sample_command(args, methods, keys, load, nrow=None):
+    """--sample: load(ckpt, device) of --ckpt gives (net, draw); --n samples drawn 256 at a time by
+    draw(first, n, progress), checked and written to --save as a tensor or a grid nrow wide (nrow:
+    a number, or a function of the checkpoint)."""
+    if not args.ckpt:
+        raise UserError(f"--sample needs --ckpt PATH, a checkpoint its training wrote (in {args.out})")
+    check_save(args.save)
+    ckpt = load_checkpoint(args.ckpt, methods, ("shape", *keys))
+    net, draw = load(ckpt, pick_device(args.device))
+    if not all(torch.isfinite(w).all() for w in net.parameters()):
+        raise UserError(f"{args.ckpt} holds non-finite weights (its run diverged): retrain with a lower --lr")
+    start, chunks = time.time(), []
+    for i in range(0, args.n, 256):
+        progress = Progress(f"images {i + 1}-{min(i + 256, args.n)} of {args.n}")
+        chunks.append(draw(i, min(256, args.n - i), progress).float().cpu())
+    x = torch.cat(chunks)
+    if not torch.isfinite(x).all():
+        raise UserError(f"the samples of {args.ckpt} came out non-finite: the checkpoint is broken, retrain it")
+    print(f"{args.n} samples in {time.time() - start:.2f} s")
+    if args.save.endswith(".pt"):
+        torch.save(x, args.save)
+    else:
+        save_grid(x[:, :3], args.save, nrow=nrow(ckpt) if callable(nrow) else nrow)
+    print(f"saved {args.save}")
 
 
 def positive_int(s):
@@ -711,10 +737,10 @@ def out_folder(path):
 
 
 def check_save(path):
+    if path and Path(path).is_dir():
+        raise UserError(f"--save {path} is a folder: give a file name ending in .png or .pt")
     if not path or Path(path).suffix not in (".png", ".pt"):
         raise UserError("--sample needs --save FILE.png (a grid) or FILE.pt (a tensor)")
-    if Path(path).is_dir():
-        raise UserError(f"--save {path} is a folder: give a file name ending in .png or .pt")
     try:
         Path(path).parent.mkdir(parents=True, exist_ok=True)
     except OSError as e:
@@ -740,7 +766,7 @@ def run_command(command, args):
 # ==== the command line =============================================================================
 
 METHODS = {"teacher": "consistency-teacher", "cd": "consistency-cd", "ct": "consistency-ct"}
-KEYS = ("shape", "model", "ema", "optimizer", "teacher", "target")  # a teacher's: the first four
+KEYS = ("model", "ema", "optimizer", "teacher", "target")  # besides the harness's; a teacher's: the first 3
 NETWORK = ("width", "mults", "res_blocks", "attn", "dropout", "sigma_data")  # the args make_model reads
 MAX_HEUN_STEPS = 1000  # --sampling-steps of the teacher: a bound, so that a typo is no day's work
 
@@ -792,17 +818,19 @@ def as_flag(v):
     return ",".join(map(str, v)) if isinstance(v, (list, tuple)) else str(v)
 
 
-def teacher_state(args, ckpt, shape):
-    """The teacher's {args, shape, ema} and where it came from: CD's copy in a resumed checkpoint,
-    or --teacher (CT needs none: one given only draws the grid's first row). CD's student takes the
-    teacher's network flags."""
-    if ckpt is not None and ckpt["teacher"] is not None:
-        return ckpt["teacher"], "the checkpoint's copy"
+def training_data(args):
+    dataset, info = load_dataset(args.dataset, args.data_dir, True, args.image_size, flip=args.dataset == "cifar10")
+    return dataset, info, (info.channels, info.size, info.size)
+
+
+def teacher_of(args, shape):
+    """--teacher's {args, shape, ema}, checked against the data's shape (CT needs none: one given only
+    draws the grid's first row). CD's student takes the teacher's network flags."""
     if args.stage == "cd" and not args.teacher:
         raise UserError("--stage cd needs --teacher CKPT: train one first with "
                         "python consistency.py --stage teacher (runs/cm_teacher/ckpt.pt)")
     if args.stage == "teacher" or not args.teacher:
-        return None, None
+        return None
     t_ckpt = load_checkpoint(args.teacher, ["consistency-teacher"], ("shape", "ema"), "--teacher")
     if tuple(t_ckpt["shape"]) != shape:
         raise UserError(f"--teacher {args.teacher} was trained on {tuple(t_ckpt['shape'])} images, "
@@ -813,7 +841,7 @@ def teacher_state(args, ckpt, shape):
             raise UserError(f"--stage cd's student is the teacher's network: the teacher has {flag} {was}; "
                             f"leave out {flag}")
         setattr(args, k, t_ckpt["args"][k])
-    return {k: t_ckpt[k] for k in ("args", "shape", "ema")}, args.teacher
+    return {k: t_ckpt[k] for k in ("args", "shape", "ema")}
 
 
 def load_teacher(state, N, device, source):
@@ -843,102 +871,74 @@ def fill_model_defaults(args, info):
     args.sigma_data = args.sigma_data or 0.5
 
 
-def train(args, p):
-    rank, world, device = setup_processes(args.device)
-    method, keys, ckpt = METHODS[args.stage], KEYS[:4] if args.stage == "teacher" else KEYS, None
-    if args.resume:
-        ckpt = load_checkpoint(args.ckpt or Path(args.out) / "ckpt.pt", [method], keys)
-        args = resumed_args(p, args, ckpt)
-    seed_everything(args.seed)  # the same on every process: see Draws
-    dataset, info = load_dataset(args.dataset, args.data_dir, True, args.image_size,
-                                 flip=args.dataset == "cifar10")
-    shape = (info.channels, info.size, info.size)
-    if ckpt is not None and tuple(ckpt["shape"]) != shape:
-        raise UserError(f"the checkpoint was trained on {tuple(ckpt['shape'])} images, "
-                        f"{args.dataset} now has {shape}: resume on the data it was trained on")
-    state, source = teacher_state(args, ckpt, shape)
+def train_command(args, p):
+    data = None if args.resume else training_data(args)  # a new run's data and teacher are checked
+    state = None if args.resume else teacher_of(args, data[2])  # before begin() makes --out
+    run = begin(args, p, METHODS[args.stage], KEYS[:3] if args.stage == "teacher" else KEYS)
+    args, source = run.args, args.teacher
+    if run.ckpt is not None:  # the checkpoint's flags, and its copy of the teacher (CD's; CT's, if any)
+        data, state, source = training_data(args), run.ckpt["teacher"], "the checkpoint's copy"
+    run.dataset, info, run.shape = data
     fill_model_defaults(args, info)
     if args.clip_x0 is None:  # clamp samples to [-1, 1] for pixels, not for a file of float latents
-        args.clip_x0 = not (args.dataset.endswith(".pt") and dataset.images.is_floating_point())
-    model = make_model(args, *shape[:2], boundary=args.stage != "teacher")
-    model.to(device, memory_format=torch.channels_last)
-    teacher = state and load_teacher(state, args.N, device, source)
-    if args.stage == "cd" and ckpt is None:  # as the official code: the student starts as the teacher
-        model.load_state_dict(teacher.state_dict())
-    target = copy.deepcopy(model).requires_grad_(False)  # Algorithms 2 and 3, line 1: theta^- <- theta
-    # EDM trains with Adam; the consistency paper with RAdam (Appendix C)
-    opt = (torch.optim.Adam if args.stage == "teacher" else torch.optim.RAdam)(model.parameters(), lr=args.lr)
-    print(f"stage {args.stage}: {sum(w.numel() for w in model.parameters()) / 1e6:.2f}M parameters"
+        args.clip_x0 = not (args.dataset.endswith(".pt") and run.dataset.images.is_floating_point())
+    run.model = make_model(args, *run.shape[:2], boundary=args.stage != "teacher")
+    run.model.to(run.device, memory_format=torch.channels_last)
+    teacher = state and load_teacher(state, args.N, run.device, source)
+    if args.stage == "cd" and run.ckpt is None:  # as the official code: the student starts as the teacher
+        run.model.load_state_dict(teacher.state_dict())
+    target = copy.deepcopy(run.model).requires_grad_(False)  # Algorithms 2 and 3, line 1: theta^- <- theta
+    if run.ckpt is not None and args.stage != "teacher" and tuple(run.ckpt["shape"]) == run.shape:
+        load_weights(target, run.ckpt["target"], run.path, "target")  # (other data: train() refuses the resume)
+    run.ema = copy.deepcopy(run.model).requires_grad_(False)
+    adam = torch.optim.Adam if args.stage == "teacher" else torch.optim.RAdam  # EDM's; the paper's (Appendix C)
+    run.opt = adam(run.model.parameters(), lr=args.lr)
+    print(f"stage {args.stage}: {sum(w.numel() for w in run.model.parameters()) / 1e6:.2f}M parameters"
           + (f", teacher {source}" if teacher else ""))
-    run = Run(args=args, method=method, model=model, ema=copy.deepcopy(model).requires_grad_(False), opt=opt,
-              dataset=dataset, device=device, rank=rank, world=world, stop=[], path=out_folder(args.out) / "ckpt.pt",
-              extra=lambda: {"shape": list(shape), "teacher": state,
-                             "target": None if args.stage == "teacher" else target.state_dict()})
-    run.pictures = lambda epoch, progress: pictures(run.ema, teacher, args, shape, device, epoch, progress)
-    with signals_to(run.stop):
-        prepare(run, ckpt)
-        if ckpt is not None and args.stage != "teacher":
-            target.load_state_dict(ckpt["target"])
-        K = args.steps or args.epochs * (len(dataset) // args.batch_size)
-        if args.stage == "teacher":
-            run.loss = lambda batch, draws: teacher_step(run.net, batch[0], args.sigma_data, draws)
-        else:
-            algorithm = (Distillation(run.net, target, teacher, args.N, args.mu, args.ode_solver, args.metric)
-                         if args.stage == "cd" else
-                         Training(run.net, target, K, args.metric, args.ict, args.s0, args.s1, args.mu0))
-            run.loss = lambda batch, draws: algorithm.loss(batch[0], run.step, draws)
-            run.after_step = lambda step: algorithm.update_target(step - 1)  # k: the step just taken
-        train_loop(run)
-        save(run)
-    finish(run)
+    run.extra = lambda: {"teacher": state, "target": None if args.stage == "teacher" else target.state_dict()}
+    run.pictures = lambda epoch, progress: pictures(run.ema, teacher, args, run.shape, run.device, epoch, progress)
+    if args.stage == "teacher":
+        run.loss = lambda batch, draws: teacher_step(run.net, batch[0], args.sigma_data, draws)
+    else:
+        def algorithm(f):  # f: run.net (DDP, --compile) for the loss, run.model for the target's update
+            if args.stage == "cd":
+                return Distillation(f, target, teacher, args.N, args.mu, args.ode_solver, args.metric)
+            return Training(f, target, run.total, args.metric, args.ict, args.s0, args.s1, args.mu0)
+        run.loss = lambda batch, draws: algorithm(run.net).loss(batch[0], run.step, draws)
+        run.after_step = lambda step: algorithm(run.model).update_target(step - 1)  # k: the step just taken
+    train(run)
 
 
 def sample(args):
-    if not args.ckpt:
-        raise UserError("--sample needs --ckpt PATH (e.g. runs/cm_cd/ckpt.pt)")
-    if args.save and Path(args.save).is_dir():  # before check_save asks a folder without a suffix for one
-        raise UserError(f"--save {args.save} is a folder: give a file name ending in .png or .pt")
-    check_save(args.save)
-    ckpt = load_checkpoint(args.ckpt, list(METHODS.values()), KEYS[:4])
-    train_args = argparse.Namespace(**ckpt["args"])
-    teacher = ckpt["method"] == "consistency-teacher"
-    steps = args.sampling_steps or (18 if teacher else 1)
-    if teacher:
-        karras_times(steps)  # a clear error before any work
-        if steps > MAX_HEUN_STEPS:
-            raise UserError(f"--sampling-steps {steps}: the teacher's Heun sampler takes at most "
-                            f"{MAX_HEUN_STEPS} steps (EDM uses 18 on CIFAR-10, the default)")
-        taus, what = (), f"Heun, {steps} steps = {2 * steps - 1} evaluations"
-    else:
-        taus = check_taus(args.taus, steps)
-        what = f"{steps} step{'s' if steps > 1 else ''}" + (f", taus {as_flag(taus)}" if taus else "")
-    device = pick_device(args.device)
-    shape = tuple(ckpt["shape"])
-    model = make_model(train_args, *shape[:2], boundary=not teacher)
-    load_weights(model, ckpt["ema"], args.ckpt, "EMA")
-    model.to(device, memory_format=torch.channels_last).eval()
-    if not all(torch.isfinite(w).all() for w in model.parameters()):
-        raise UserError(f"{args.ckpt} holds non-finite weights (its run diverged): retrain with a lower --lr")
-    start, xs = time.time(), []
-    for i in range(0, args.n, 256):
-        g = torch.Generator(device).manual_seed(args.seed + i)
-        z = torch.randn(min(256, args.n - i), *shape, device=device, generator=g)
-        batch = f"images {i + 1}-{i + len(z)} of {args.n}"
+    def load(ckpt, device):
+        train_args, shape = argparse.Namespace(**ckpt["args"]), tuple(ckpt["shape"])
+        teacher = ckpt["method"] == "consistency-teacher"
+        steps = args.sampling_steps or (18 if teacher else 1)
         if teacher:
-            xs.append(sample_heun(model, z, steps, Progress(batch)).cpu())
+            karras_times(steps)  # a clear error before any work
+            if steps > MAX_HEUN_STEPS:
+                raise UserError(f"--sampling-steps {steps}: the teacher's Heun sampler takes at most "
+                                f"{MAX_HEUN_STEPS} steps (EDM uses 18 on CIFAR-10, the default)")
+            taus, what = (), f"Heun, {steps} steps = {2 * steps - 1} evaluations"
         else:
-            xs.append(sample_multistep(model, z, taus, train_args.clip_x0, g).cpu())
-        print(f"{batch} ({what})", flush=True)
-    x = torch.cat(xs)
-    if not torch.isfinite(x).all():
-        raise UserError(f"the samples of {args.ckpt} came out non-finite: the checkpoint is broken, retrain it")
-    x = x.clamp(-1, 1) if train_args.clip_x0 else x
-    print(f"{args.n} samples in {time.time() - start:.2f} s")
-    if args.save.endswith(".pt"):
-        torch.save(x, args.save)
-    else:
-        save_grid(x, args.save)
-    print(f"saved {args.save}")
+            taus = check_taus(args.taus, steps)
+            what = f"{steps} step{'s' if steps > 1 else ''}" + (f", taus {as_flag(taus)}" if taus else "")
+        model = make_model(train_args, *shape[:2], boundary=not teacher)
+        load_weights(model, ckpt["ema"], args.ckpt, "EMA")
+        model.to(device, memory_format=torch.channels_last).eval()
+        print(f"sampling: {what}")
+
+        def draw(first, n, progress):
+            g = torch.Generator(device).manual_seed(args.seed + first)
+            z = torch.randn(n, *shape, device=device, generator=g)
+            if teacher:
+                x = sample_heun(model, z, steps, progress)
+            else:
+                x = sample_multistep(model, z, taus, train_args.clip_x0, g)
+            return x.clamp(-1, 1) if train_args.clip_x0 and x.isfinite().all() else x  # else sample_command names it
+        return model, draw
+
+    sample_command(args, list(METHODS.values()), KEYS[:3], load)
 
 
 def parser():
@@ -996,7 +996,7 @@ def parse_args(argv=None, p=None):
 def main(argv=None):
     p = parser()
     args = parse_args(argv, p)
-    run_command(sample if args.sample else lambda a: train(a, p), args)
+    run_command(sample if args.sample else lambda a: train_command(a, p), args)
 
 
 if __name__ == "__main__":

@@ -222,16 +222,13 @@ def sample_ddim(eps_theta, shape, sch, steps, eta=0.0, clip_x0=True, device="cpu
 
 
 # ==== harness: the same text in every method file (tests/test_harness.py compares the copies) ====
-# Processes and devices, the random draws of a global batch, checkpoints and resume, signals, EMA,
-# the learning-rate schedule, the training loop's bookkeeping, progress lines and the shared flags.
-
-CHECK_EVERY = 10  # steps between readings of the loss and the stop flag from the device
-DIVERGED = 1000  # a loss this many times its first value (or 1) has diverged, finite or not
+# Processes and devices, a global batch's random draws, checkpoints and resume, signals, EMA, the
+# learning rate, the training loop's bookkeeping, progress lines, --sample's frame and shared flags.
 
 
 def setup_processes(device_name):
-    """Rank 0 of 1, or under torchrun (RANK, WORLD_SIZE, LOCAL_RANK) one process per device: NCCL
-    on GPUs, gloo on CPUs, and only rank 0 prints. Returns (rank, world, device)."""
+    """(rank, world, device): 0 of 1, or under torchrun one process per device, NCCL on GPUs and
+    gloo on CPUs, of which only rank 0 prints."""
     if "RANK" not in os.environ:
         return 0, 1, pick_device(device_name)
     rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
@@ -249,8 +246,8 @@ def setup_processes(device_name):
 
 
 class Draws:
-    """The random draws of a global batch of n: every process draws all n and keeps its slice, so
-    that N processes compute what one process computes on the whole batch."""
+    """A global batch of n's random draws: every process draws all n and keeps its slice, so that
+    N processes compute what one process computes on the whole batch."""
 
     def __init__(self, n, device, rank=0, world=1):
         self.n, self.device = n, device
@@ -279,9 +276,8 @@ def epoch_batches(dataset, args, epoch, skip, rank=0, world=1):
 @torch.no_grad()
 def ema_update(ema, model, n, max_decay):
     """EMA of the weights, its decay warmed up as min(max_decay, (1 + n) / (10 + n))."""
-    decay = min(max_decay, (1 + n) / (10 + n))
     for e, p in zip(ema.parameters(), model.parameters()):
-        e.lerp_(p, 1 - decay)
+        e.lerp_(p, 1 - min(max_decay, (1 + n) / (10 + n)))
 
 
 def learning_rate(args, step, total):
@@ -292,11 +288,9 @@ def learning_rate(args, step, total):
 
 
 def save_checkpoint(path, state):
-    """state and the RNG states, written to a temporary file, then renamed: a crash leaves no
-    broken checkpoint."""
+    """state and the RNG states, written to a temporary file and renamed: a crash leaves no broken file."""
     rng = {"torch": torch.get_rng_state(), "python": random.getstate(),
-           "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
-           "mps": torch.mps.get_rng_state() if torch.backends.mps.is_available() else None}
+           "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None}
     torch.save({**state, "rng": rng}, f"{path}.tmp")
     os.replace(f"{path}.tmp", path)
 
@@ -317,18 +311,6 @@ def load_checkpoint(path, methods, keys, flag="--ckpt"):
     if missing:
         raise UserError(f"{path} is an incomplete {method} checkpoint: no {', '.join(missing)}")
     return ckpt
-
-
-def restore_rng(rng, device):
-    """CUDA's states for the devices this machine has; under torchrun each rank continues rank 0's."""
-    torch.set_rng_state(rng["torch"])
-    random.setstate(rng["python"])
-    for i, state in enumerate(rng["cuda"][:torch.cuda.device_count()]):
-        torch.cuda.set_rng_state(state, i)
-    if device.type == "cuda" and rng["cuda"]:
-        torch.cuda.set_rng_state(rng["cuda"][0], device)
-    if rng["mps"] is not None and torch.backends.mps.is_available():
-        torch.mps.set_rng_state(rng["mps"])
 
 
 def resumed_args(p, args, ckpt, free=("device", "out", "resume", "ckpt", "data_dir", "log_every",
@@ -360,47 +342,60 @@ class SamplingStopped(Exception):
     """Ctrl-C or SIGTERM arrived while a sampler ran."""
 
 
-def duration(seconds):
-    if seconds >= 5400:
-        return f"{seconds / 3600:.1f} h"
-    return f"{seconds / 60:.1f} min" if seconds >= 90 else f"{seconds:.0f} s"
-
-
 class Progress:
-    """Called after each step of a long loop: a line with the time left every few seconds, and
-    SamplingStopped at the next step once `stop` is set."""
+    """Called after each step of a long loop, as progress(done, total) or as a sampler's on_step(x,
+    done, total): a line with the time left every few seconds; SamplingStopped once `stop` is set."""
 
     def __init__(self, what, stop=(), every=5.0):
         self.what, self.stop, self.every = what, stop, every
         self.start = self.last = time.time()
 
-    def __call__(self, done, total):
+    def __call__(self, *step):
+        done, total = step[-2:]
         if self.stop:
             raise SamplingStopped
         if time.time() - self.last >= self.every:
             left = (time.time() - self.start) / done * (total - done)
-            print(f"{self.what}: step {done}/{total}, {duration(left)} left", flush=True)
+            print(f"{self.what}: step {done}/{total}, {left / 60:.1f} min left", flush=True)
             self.last = time.time()
 
 
 class Run(argparse.Namespace):
-    """A training run, built in one place by the method's train(): args, model, opt, dataset,
-    device, rank, world, stop, path (of the checkpoint), method, loss(batch, draws) -> a scalar."""
-    ema = after_step = pictures = None  # an EMA model; after_step(step); pictures(epoch, progress)
-    step, saved, first, grid = 0, None, None, 0.0
+    """A training run: args, method, rank, world, device, path (of its checkpoint), ckpt (resumed, or
+    None), stop, shape (of an example), model, opt, dataset, loss(batch, draws) -> a scalar, and
+    optionally ema, after_step(step), pictures(epoch, progress) and extra() (more to checkpoint)."""
+    ckpt = ema = after_step = pictures = first = None
+    step, saved, grid = 0, 0, 0.0
 
-    def extra(self):  # what the checkpoint holds besides the shared keys
+    def extra(self):
         return {}
 
 
-def prepare(run, ckpt):
-    """A resumed run's weights, optimizer and RNG; run.net, the model as training calls it."""
-    if run.args.batch_size % run.world:
-        raise UserError(f"--batch-size {run.args.batch_size} (the global batch) must divide evenly over "
+def begin(args, p, method, keys):
+    """A Run: its processes, --out, and with --resume its checkpoint and flags; then the seed, the
+    same on every process (see Draws)."""
+    rank, world, device = setup_processes(args.device)
+    run = Run(method=method, rank=rank, world=world, device=device, stop=[], path=out_folder(args.out) / "ckpt.pt")
+    if args.resume:
+        run.ckpt = load_checkpoint(args.ckpt or run.path, [method], ("shape", *keys))
+        args = resumed_args(p, args, run.ckpt)
+    seed_everything(args.seed)
+    run.args = args
+    return run
+
+
+def prepare(run):
+    """A resumed run's weights, optimizer, step and RNG, and run.net: the network as training calls it."""
+    args, ckpt = run.args, run.ckpt
+    if args.batch_size % run.world:
+        raise UserError(f"--batch-size {args.batch_size} (the global batch) must divide evenly over "
                         f"{run.world} processes")
-    if len(run.dataset) < run.args.batch_size:
-        raise UserError(f"{len(run.dataset)} training examples, fewer than --batch-size {run.args.batch_size}")
+    if len(run.dataset) < args.batch_size:
+        raise UserError(f"{len(run.dataset)} training examples, fewer than --batch-size {args.batch_size}")
     if ckpt is not None:
+        if tuple(ckpt["shape"]) != tuple(run.shape):
+            raise UserError(f"the checkpoint was trained on {tuple(ckpt['shape'])} data, not {tuple(run.shape)}: "
+                            f"resume on the data it was trained on")
         try:
             run.model.load_state_dict(ckpt["model"])
         except RuntimeError:
@@ -409,72 +404,72 @@ def prepare(run, ckpt):
             run.ema.load_state_dict(ckpt["ema"])
         run.opt.load_state_dict(ckpt["optimizer"])
         run.step = run.saved = ckpt["step"]
-        restore_rng(ckpt["rng"], run.device)
+        torch.set_rng_state(ckpt["rng"]["torch"])
+        random.setstate(ckpt["rng"]["python"])
+        if ckpt["rng"]["cuda"] is not None and run.device.type == "cuda":  # each rank continues rank 0's
+            torch.cuda.set_rng_state(ckpt["rng"]["cuda"], run.device)
         print(f"resumed from step {run.step}")
+    run.per_epoch = len(run.dataset) // args.batch_size
+    run.total = args.steps or args.epochs * run.per_epoch
     run.net = run.model
     if run.world > 1:  # averages the gradients over the processes in backward()
         run.net = DistributedDataParallel(run.model, [run.device.index] if run.device.type == "cuda" else None)
-    if run.args.compile:
+    if args.compile:
         run.net = torch.compile(run.net)
 
 
-def save(run):
-    if run.rank == 0 and run.saved != run.step:
-        save_checkpoint(run.path, {"method": run.method, "args": vars(run.args), "step": run.step,
-                                   "model": run.model.state_dict(), "optimizer": run.opt.state_dict(),
-                                   "ema": None if run.ema is None else run.ema.state_dict(), **run.extra()})
-    run.saved, run.last_save = run.step, time.time()
+def train(run):
+    """From run.step to the end: global batches, run.loss, gradient steps, EMA. The loss and the stop
+    flag are read from the device every 10 steps and at each epoch's end, whose checkpoint and pictures
+    follow. Ctrl-C or SIGTERM: the step ends, the run saves and exits 128 + the signal's number."""
+    prepare(run)
+    amp = torch.autocast("cuda", torch.bfloat16, enabled=run.args.bf16 and run.device.type == "cuda")
+    losses, run.bad_data, run.last_log = [], torch.zeros((), device=run.device), time.time()
+    run.last_save = run.last_log
+    with signals_to(run.stop):
+        while run.step < run.total and not run.stop:
+            epoch, skip = divmod(run.step, run.per_epoch)
+            for batch in epoch_batches(run.dataset, run.args, epoch, skip, run.rank, run.world):
+                with amp:
+                    losses.append(gradient_step(run, [b.to(run.device) for b in batch]))
+                end = run.step % run.per_epoch == 0 or run.step == run.total
+                if (end or run.step % 10 == 0 or run.world == 1 and run.stop) and check(run, losses) or end:
+                    break
+            if run.step % run.per_epoch == 0 or run.step == run.total:
+                end_of_epoch(run, epoch)
+        save(run)
+    finish(run)
 
 
-def train_loop(run):
-    """From run.step to the end: a global batch, run.loss, a gradient step, EMA; the loss and the
-    stop flag are read from the device every CHECK_EVERY steps and at an epoch's end, its checkpoint
-    and pictures then follow."""
-    args, per_epoch = run.args, len(run.dataset) // run.args.batch_size
-    run.total, run.per_epoch = args.steps or args.epochs * per_epoch, per_epoch
-    amp = torch.autocast("cuda", torch.bfloat16, enabled=args.bf16 and run.device.type == "cuda")
-    run.last_log = run.last_save = time.time()
-    losses, run.bad_data = [], torch.zeros((), device=run.device)
-    while run.step < run.total and not run.stop:
-        epoch, skip = divmod(run.step, per_epoch)
-        for batch in epoch_batches(run.dataset, args, epoch, skip, run.rank, run.world):
-            batch = [b.to(run.device) for b in batch]
-            run.bad_data += (~torch.isfinite(batch[0])).any()
-            for group in run.opt.param_groups:
-                group["lr"] = learning_rate(args, run.step, run.total)
-            with amp:
-                loss = run.loss(batch, Draws(args.batch_size, run.device, run.rank, run.world))
-            run.opt.zero_grad(set_to_none=True)
-            loss.backward()
-            if args.grad_clip:
-                torch.nn.utils.clip_grad_norm_(run.model.parameters(), args.grad_clip)
-            run.opt.step()
-            run.step += 1
-            if run.ema is not None:
-                ema_update(run.ema, run.model, run.step, args.ema)
-            if run.after_step is not None:
-                run.after_step(run.step)
-            losses.append(loss.detach().float())
-            run.first = losses[0] if run.first is None else run.first
-            end = run.step % per_epoch == 0 or run.step == run.total
-            if (end or run.step % CHECK_EVERY == 0 or run.world == 1 and run.stop) and check(run, losses):
-                break
-            if end:
-                break
-        if run.step % per_epoch == 0 or run.step == run.total:
-            end_of_epoch(run, epoch)
+def gradient_step(run, batch):
+    run.bad_data += (~torch.isfinite(batch[0])).any()
+    for group in run.opt.param_groups:
+        group["lr"] = learning_rate(run.args, run.step, run.total)
+    loss = run.loss(batch, Draws(run.args.batch_size, run.device, run.rank, run.world))
+    run.opt.zero_grad(set_to_none=True)
+    loss.backward()
+    if run.args.grad_clip:
+        torch.nn.utils.clip_grad_norm_(run.model.parameters(), run.args.grad_clip)
+    run.opt.step()
+    run.step += 1
+    if run.ema is not None:
+        ema_update(run.ema, run.model, run.step, run.args.ema)
+    if run.after_step is not None:
+        run.after_step(run.step)
+    run.first = loss.detach().float() if run.first is None else run.first
+    return loss.detach().float()
 
 
 def check(run, losses):
-    """Stops a diverged run without saving; prints progress; saves every --save-every minutes.
-    Returns whether any process was asked to stop (one stopped by another exits as on SIGTERM)."""
+    """Stops a diverged run (a loss over 1000 x its first, or 1) without saving; prints progress; saves
+    every --save-every minutes. Returns whether any process was asked to stop."""
     stop = torch.tensor(float(len(run.stop)), device=run.device)
     x = torch.stack([torch.stack(losses).mean(), run.first, run.bad_data, stop])
     if run.world > 1:
         dist.all_reduce(x)
         x /= run.world
     (loss, first, bad, stop), now = x.tolist(), time.time()
-    if bad or not math.isfinite(loss) or loss > DIVERGED * max(first, 1):
+    if bad or not math.isfinite(loss) or loss > 1000 * max(first, 1):
         held = f"{run.path} holds step {run.saved}" if run.saved else "this run has written no checkpoint yet"
         why = "the data hold NaN or inf" if bad else f"the loss went from {first:.3g} to {loss:.3g} " \
             f"(diverged: try a lower --lr)"
@@ -482,15 +477,24 @@ def check(run, losses):
     if now - run.last_log >= run.args.log_every or stop or run.step == run.total:
         speed = len(losses) * run.args.batch_size / (now - run.last_log)
         left = (run.total - run.step) * (run.args.batch_size / speed + run.grid / run.per_epoch)
-        print(f"step {run.step}/{run.total}  loss {loss:.4f}  {speed:.0f} img/s  {duration(left)} left",
+        print(f"step {run.step}/{run.total}  loss {loss:.4f}  {speed:.0f} img/s  {left / 60:.1f} min left",
               flush=True)
         losses.clear()
         run.last_log = now
-    if stop and not run.stop:
+    if stop and not run.stop:  # another process's signal: exit as after SIGTERM
         run.stop.append(SIGTERM)
     if now - run.last_save >= 60 * run.args.save_every or stop:
         save(run)
     return bool(stop)
+
+
+def save(run):
+    if run.rank == 0 and run.saved != run.step:
+        save_checkpoint(run.path, {"method": run.method, "args": vars(run.args), "step": run.step,
+                                   "shape": list(run.shape), "model": run.model.state_dict(),
+                                   "optimizer": run.opt.state_dict(),
+                                   "ema": None if run.ema is None else run.ema.state_dict(), **run.extra()})
+    run.saved, run.last_save = run.step, time.time()
 
 
 def end_of_epoch(run, epoch):
@@ -512,6 +516,32 @@ def finish(run):
     print(f"{'interrupted' if run.stop else 'done'} at step {run.step}; checkpoint {run.path}")
     if run.stop:
         raise SystemExit(128 + run.stop[0])
+
+
+def sample_command(args, methods, keys, load, nrow=None):
+    """--sample: load(ckpt, device) of --ckpt gives (net, draw); --n samples drawn 256 at a time by
+    draw(first, n, progress), checked and written to --save as a tensor or a grid nrow wide (nrow:
+    a number, or a function of the checkpoint)."""
+    if not args.ckpt:
+        raise UserError(f"--sample needs --ckpt PATH, a checkpoint its training wrote (in {args.out})")
+    check_save(args.save)
+    ckpt = load_checkpoint(args.ckpt, methods, ("shape", *keys))
+    net, draw = load(ckpt, pick_device(args.device))
+    if not all(torch.isfinite(w).all() for w in net.parameters()):
+        raise UserError(f"{args.ckpt} holds non-finite weights (its run diverged): retrain with a lower --lr")
+    start, chunks = time.time(), []
+    for i in range(0, args.n, 256):
+        progress = Progress(f"images {i + 1}-{min(i + 256, args.n)} of {args.n}")
+        chunks.append(draw(i, min(256, args.n - i), progress).float().cpu())
+    x = torch.cat(chunks)
+    if not torch.isfinite(x).all():
+        raise UserError(f"the samples of {args.ckpt} came out non-finite: the checkpoint is broken, retrain it")
+    print(f"{args.n} samples in {time.time() - start:.2f} s")
+    if args.save.endswith(".pt"):
+        torch.save(x, args.save)
+    else:
+        save_grid(x[:, :3], args.save, nrow=nrow(ckpt) if callable(nrow) else nrow)
+    print(f"saved {args.save}")
 
 
 def positive_int(s):
@@ -573,10 +603,10 @@ def out_folder(path):
 
 
 def check_save(path):
+    if path and Path(path).is_dir():
+        raise UserError(f"--save {path} is a folder: give a file name ending in .png or .pt")
     if not path or Path(path).suffix not in (".png", ".pt"):
         raise UserError("--sample needs --save FILE.png (a grid) or FILE.pt (a tensor)")
-    if Path(path).is_dir():
-        raise UserError(f"--save {path} is a folder: give a file name ending in .png or .pt")
     try:
         Path(path).parent.mkdir(parents=True, exist_ok=True)
     except OSError as e:
@@ -601,7 +631,7 @@ def run_command(command, args):
 
 # ==== the command line =============================================================================
 
-KEYS = ("shape", "model", "ema", "optimizer")  # of a ddpm.py checkpoint, besides the harness's
+KEYS = ("model", "ema", "optimizer")  # of a ddpm.py checkpoint, besides the harness's
 
 
 def make_schedule(args):
@@ -615,12 +645,6 @@ def draw(eps_theta, n, shape, sch, args, device, seed=0, on_step=None):
         steps = args.sampling_steps or min(50, sch.T)
         return sample_ddim(eps_theta, (n, *shape), sch, steps, args.eta, args.clip_x0, device, g, on_step)
     return sample_ddpm(eps_theta, (n, *shape), sch, args.sigma, args.clip_x0, device, g, on_step)
-
-
-def save_strip(images, path, count=10):
-    """`count` images spread evenly over a list of (1, C, H, W) images, in one row."""
-    idx = torch.linspace(0, len(images) - 1, count).round().long().tolist()
-    save_grid(torch.cat([images[i] for i in idx]), path, nrow=count)
 
 
 @torch.no_grad()
@@ -637,19 +661,29 @@ def print_loss_by_t(eps_theta, x0, sch, bins=10):
     print("loss by t: " + "  ".join(parts))
 
 
-def pictures(ema, sch, args, shape, device, epoch, progress, x0):
-    """The epoch's grid (EMA weights, fixed noise), reverse.png (x_T -> x_0 of its first image) and
-    the EMA model's loss by t on the data's first images."""
-    print_loss_by_t(ema.eval(), x0, sch)
-    frames = []
+def strips(x0, sch, frames, out, count=10):
+    """forward.png, x_0 noised by q(x_t | x_0) at `count` times from 0 to T (one eps), and
+    reverse.png, `count` of a sampler's frames x_T -> x_0."""
+    t = torch.linspace(0, sch.T, count).round().long()
+    eps = torch.randn(1, *x0.shape, generator=torch.Generator().manual_seed(0)).expand(count, -1, -1, -1)
+    save_grid(q_sample(x0.expand(count, -1, -1, -1), t, eps, sch), out / "forward.png", nrow=count)
+    idx = torch.linspace(0, len(frames) - 1, count).round().long().tolist()
+    save_grid(torch.cat([frames[i] for i in idx]), out / "reverse.png", nrow=count)
+
+
+def pictures(run, sch, x0, epoch, progress):
+    """The epoch's grid (EMA weights, fixed noise), the strips of strips() and the EMA model's loss
+    by t on the data's first images."""
+    ema, args, frames = run.ema.eval(), run.args, []
+    print_loss_by_t(ema, x0, sch)
 
     def on_step(x, done, total):
         frames.append(x[:1].cpu())
         progress(done, total)
 
     path = Path(args.out) / f"samples_epoch{epoch + 1:03d}.png"
-    save_grid(draw(ema.eval(), min(args.n, 64), shape, sch, args, device, 0, on_step), path)
-    save_strip(frames, Path(args.out) / "reverse.png")
+    save_grid(draw(ema, min(args.n, 64), run.shape, sch, args, run.device, 0, on_step), path)
+    strips(x0[0].cpu(), sch, frames, Path(args.out))
     print(f"epoch {epoch + 1}: samples in {path}")
 
 
@@ -662,77 +696,39 @@ def fill_model_defaults(args, info):
     args.dropout = args.dropout if args.dropout is not None else (0.1 if args.dataset == "cifar10" else 0.0)
 
 
-def train(args, p):
-    rank, world, device = setup_processes(args.device)
-    ckpt = None
-    if args.resume:
-        ckpt = load_checkpoint(args.ckpt or Path(args.out) / "ckpt.pt", ["ddpm"], KEYS)
-        args = resumed_args(p, args, ckpt)
-    seed_everything(args.seed)  # the same on every process: see Draws
-    dataset, info = load_dataset(args.dataset, args.data_dir, True, args.image_size,
-                                 flip=args.dataset == "cifar10")
-    shape = (info.channels, info.size, info.size)
-    if ckpt is not None and tuple(ckpt["shape"]) != shape:
-        raise UserError(f"the checkpoint was trained on {tuple(ckpt['shape'])} images, "
-                        f"{args.dataset} now has {shape}: resume on the data it was trained on")
+def train_command(args, p):
+    run = begin(args, p, "ddpm", KEYS)
+    args = run.args
+    run.dataset, info = load_dataset(args.dataset, args.data_dir, True, args.image_size,
+                                     flip=args.dataset == "cifar10")
+    run.shape = (info.channels, info.size, info.size)
     fill_model_defaults(args, info)
     sch = make_schedule(args)
     print(f"schedule: {args.schedule}, T = {args.T}, sqrt(alpha_bar_T) = {sch.alpha_bar[-1].sqrt():.2e}")
-    model = make_model(args, *shape[:2]).to(device, memory_format=torch.channels_last)
-    print(f"model: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters")
-    out = out_folder(args.out)
-    run = Run(args=args, method="ddpm", model=model, ema=copy.deepcopy(model).requires_grad_(False),
-              opt=torch.optim.Adam(model.parameters(), lr=args.lr), dataset=dataset, device=device,
-              rank=rank, world=world, stop=[], path=out / "ckpt.pt", extra=lambda: {"shape": list(shape)})
+    run.model = make_model(args, *run.shape[:2]).to(run.device, memory_format=torch.channels_last)
+    print(f"model: {sum(p.numel() for p in run.model.parameters()) / 1e6:.2f}M parameters")
+    run.ema = copy.deepcopy(run.model).requires_grad_(False)
+    run.opt = torch.optim.Adam(run.model.parameters(), lr=args.lr)
     run.loss = lambda batch, draws: training_step(run.net, batch[0], sch, draws)
-    x0 = torch.stack([dataset[i][0] for i in range(min(64, len(dataset)))]).to(device)
-    run.pictures = lambda epoch, progress: pictures(run.ema, sch, args, shape, device, epoch, progress, x0)
-    with signals_to(run.stop):
-        prepare(run, ckpt)
-        if run.step == 0 and rank == 0:
-            save_forward_strip(dataset[0][0], sch, out / "forward.png")
-        train_loop(run)
-        save(run)
-    finish(run)
-
-
-def save_forward_strip(x0, sch, path, count=10):
-    """One data image noised by q(x_t | x_0) at `count` times from 0 to T (shared noise eps)."""
-    t = torch.linspace(0, sch.T, count).round().long()
-    eps = torch.randn(1, *x0.shape, generator=torch.Generator().manual_seed(0)).expand(count, -1, -1, -1)
-    save_grid(q_sample(x0.expand(count, -1, -1, -1), t, eps, sch), path, nrow=count)
+    x0 = torch.stack([run.dataset[i][0] for i in range(min(64, len(run.dataset)))]).to(run.device)
+    run.pictures = lambda epoch, progress: pictures(run, sch, x0, epoch, progress)
+    train(run)
 
 
 def sample(args):
-    if not args.ckpt:
-        raise UserError("--sample needs --ckpt PATH (e.g. runs/ddpm/ckpt.pt)")
-    check_save(args.save)
-    ckpt = load_checkpoint(args.ckpt, ["ddpm"], KEYS)
-    device = pick_device(args.device)
-    train_args = argparse.Namespace(**ckpt["args"])
-    sch = make_schedule(train_args)
-    if args.sampler == "ddim":
-        args.sampling_steps = args.sampling_steps or min(50, sch.T)
-        ddim_timesteps(sch.T, args.sampling_steps)  # a clear error before any work
-    shape = tuple(ckpt["shape"])
-    ema = make_model(train_args, *shape[:2]).to(device, memory_format=torch.channels_last)
-    ema.load_state_dict(ckpt["ema"])
-    if not all(torch.isfinite(w).all() for w in ema.parameters()):
-        raise UserError(f"{args.ckpt} holds non-finite weights (its run diverged): retrain with a lower --lr")
-    start, chunks = time.time(), []
-    for i in range(0, args.n, 256):
-        progress = Progress(f"images {i + 1}-{min(i + 256, args.n)} of {args.n}")
-        chunks.append(draw(ema.eval(), min(256, args.n - i), shape, sch, args, device, args.seed + i,
-                           lambda x, done, total: progress(done, total)).cpu())
-    x = torch.cat(chunks)
-    if not torch.isfinite(x).all():
-        raise UserError(f"the samples of {args.ckpt} came out non-finite: the checkpoint is broken, retrain it")
-    print(f"{args.n} samples in {time.time() - start:.2f} s")
-    if args.save.endswith(".pt"):
-        torch.save(x.clamp(-1, 1), args.save)
-    else:
-        save_grid(x.clamp(-1, 1), args.save)
-    print(f"saved {args.save}")
+    def load(ckpt, device):
+        train_args, shape = argparse.Namespace(**ckpt["args"]), tuple(ckpt["shape"])
+        sch = make_schedule(train_args)
+        if args.sampler == "ddim":
+            ddim_timesteps(sch.T, args.sampling_steps or min(50, sch.T))  # a clear error before any work
+        ema = make_model(train_args, *shape[:2]).to(device, memory_format=torch.channels_last)
+        ema.load_state_dict(ckpt["ema"])
+
+        def draw_chunk(first, n, progress):
+            return draw(ema.eval(), n, shape, sch, args, device, args.seed + first, progress).clamp(-1, 1)
+        return ema, draw_chunk
+
+    sample_command(args, ["ddpm"], KEYS, load)
 
 
 def parser():
@@ -770,7 +766,7 @@ def parse_args(argv=None, p=None):
 def main(argv=None):
     p = parser()
     args = parse_args(argv, p)
-    run_command(sample if args.sample else lambda a: train(a, p), args)
+    run_command(sample if args.sample else lambda a: train_command(a, p), args)
 
 
 if __name__ == "__main__":

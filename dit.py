@@ -45,9 +45,6 @@ Differences from the paper:
 - With --dataset FILE.pt of float latents, L_vlb's t = 1 term (the decoder NLL, DDPM Eq. 13) still
   bins every value as an 8-bit pixel of [-1, 1] (bins 2/255 wide), as the official DiT does on its
   latents, so its bits per dimension are no likelihood of the latents.
-
-Ctrl-C or SIGTERM ends a training run after the current step with a checkpoint; the run then
-exits with status 130 (SIGINT) or 143 (SIGTERM), a finished one with 0.
 """
 import argparse
 import contextlib
@@ -464,16 +461,13 @@ def sample_ddim(f, x, sch, steps, clip_x0, on_step=None):
 
 
 # ==== harness: the same text in every method file (tests/test_harness.py compares the copies) ====
-# Processes and devices, the random draws of a global batch, checkpoints and resume, signals, EMA,
-# the learning-rate schedule, the training loop's bookkeeping, progress lines and the shared flags.
-
-CHECK_EVERY = 10  # steps between readings of the loss and the stop flag from the device
-DIVERGED = 1000  # a loss this many times its first value (or 1) has diverged, finite or not
+# Processes and devices, a global batch's random draws, checkpoints and resume, signals, EMA, the
+# learning rate, the training loop's bookkeeping, progress lines, --sample's frame and shared flags.
 
 
 def setup_processes(device_name):
-    """Rank 0 of 1, or under torchrun (RANK, WORLD_SIZE, LOCAL_RANK) one process per device: NCCL
-    on GPUs, gloo on CPUs, and only rank 0 prints. Returns (rank, world, device)."""
+    """(rank, world, device): 0 of 1, or under torchrun one process per device, NCCL on GPUs and
+    gloo on CPUs, of which only rank 0 prints."""
     if "RANK" not in os.environ:
         return 0, 1, pick_device(device_name)
     rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
@@ -491,8 +485,8 @@ def setup_processes(device_name):
 
 
 class Draws:
-    """The random draws of a global batch of n: every process draws all n and keeps its slice, so
-    that N processes compute what one process computes on the whole batch."""
+    """A global batch of n's random draws: every process draws all n and keeps its slice, so that
+    N processes compute what one process computes on the whole batch."""
 
     def __init__(self, n, device, rank=0, world=1):
         self.n, self.device = n, device
@@ -521,9 +515,8 @@ def epoch_batches(dataset, args, epoch, skip, rank=0, world=1):
 @torch.no_grad()
 def ema_update(ema, model, n, max_decay):
     """EMA of the weights, its decay warmed up as min(max_decay, (1 + n) / (10 + n))."""
-    decay = min(max_decay, (1 + n) / (10 + n))
     for e, p in zip(ema.parameters(), model.parameters()):
-        e.lerp_(p, 1 - decay)
+        e.lerp_(p, 1 - min(max_decay, (1 + n) / (10 + n)))
 
 
 def learning_rate(args, step, total):
@@ -534,11 +527,9 @@ def learning_rate(args, step, total):
 
 
 def save_checkpoint(path, state):
-    """state and the RNG states, written to a temporary file, then renamed: a crash leaves no
-    broken checkpoint."""
+    """state and the RNG states, written to a temporary file and renamed: a crash leaves no broken file."""
     rng = {"torch": torch.get_rng_state(), "python": random.getstate(),
-           "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
-           "mps": torch.mps.get_rng_state() if torch.backends.mps.is_available() else None}
+           "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None}
     torch.save({**state, "rng": rng}, f"{path}.tmp")
     os.replace(f"{path}.tmp", path)
 
@@ -559,18 +550,6 @@ def load_checkpoint(path, methods, keys, flag="--ckpt"):
     if missing:
         raise UserError(f"{path} is an incomplete {method} checkpoint: no {', '.join(missing)}")
     return ckpt
-
-
-def restore_rng(rng, device):
-    """CUDA's states for the devices this machine has; under torchrun each rank continues rank 0's."""
-    torch.set_rng_state(rng["torch"])
-    random.setstate(rng["python"])
-    for i, state in enumerate(rng["cuda"][:torch.cuda.device_count()]):
-        torch.cuda.set_rng_state(state, i)
-    if device.type == "cuda" and rng["cuda"]:
-        torch.cuda.set_rng_state(rng["cuda"][0], device)
-    if rng["mps"] is not None and torch.backends.mps.is_available():
-        torch.mps.set_rng_state(rng["mps"])
 
 
 def resumed_args(p, args, ckpt, free=("device", "out", "resume", "ckpt", "data_dir", "log_every",
@@ -602,47 +581,60 @@ class SamplingStopped(Exception):
     """Ctrl-C or SIGTERM arrived while a sampler ran."""
 
 
-def duration(seconds):
-    if seconds >= 5400:
-        return f"{seconds / 3600:.1f} h"
-    return f"{seconds / 60:.1f} min" if seconds >= 90 else f"{seconds:.0f} s"
-
-
 class Progress:
-    """Called after each step of a long loop: a line with the time left every few seconds, and
-    SamplingStopped at the next step once `stop` is set."""
+    """Called after each step of a long loop, as progress(done, total) or as a sampler's on_step(x,
+    done, total): a line with the time left every few seconds; SamplingStopped once `stop` is set."""
 
     def __init__(self, what, stop=(), every=5.0):
         self.what, self.stop, self.every = what, stop, every
         self.start = self.last = time.time()
 
-    def __call__(self, done, total):
+    def __call__(self, *step):
+        done, total = step[-2:]
         if self.stop:
             raise SamplingStopped
         if time.time() - self.last >= self.every:
             left = (time.time() - self.start) / done * (total - done)
-            print(f"{self.what}: step {done}/{total}, {duration(left)} left", flush=True)
+            print(f"{self.what}: step {done}/{total}, {left / 60:.1f} min left", flush=True)
             self.last = time.time()
 
 
 class Run(argparse.Namespace):
-    """A training run, built in one place by the method's train(): args, model, opt, dataset,
-    device, rank, world, stop, path (of the checkpoint), method, loss(batch, draws) -> a scalar."""
-    ema = after_step = pictures = None  # an EMA model; after_step(step); pictures(epoch, progress)
-    step, saved, first, grid = 0, None, None, 0.0
+    """A training run: args, method, rank, world, device, path (of its checkpoint), ckpt (resumed, or
+    None), stop, shape (of an example), model, opt, dataset, loss(batch, draws) -> a scalar, and
+    optionally ema, after_step(step), pictures(epoch, progress) and extra() (more to checkpoint)."""
+    ckpt = ema = after_step = pictures = first = None
+    step, saved, grid = 0, 0, 0.0
 
-    def extra(self):  # what the checkpoint holds besides the shared keys
+    def extra(self):
         return {}
 
 
-def prepare(run, ckpt):
-    """A resumed run's weights, optimizer and RNG; run.net, the model as training calls it."""
-    if run.args.batch_size % run.world:
-        raise UserError(f"--batch-size {run.args.batch_size} (the global batch) must divide evenly over "
+def begin(args, p, method, keys):
+    """A Run: its processes, --out, and with --resume its checkpoint and flags; then the seed, the
+    same on every process (see Draws)."""
+    rank, world, device = setup_processes(args.device)
+    run = Run(method=method, rank=rank, world=world, device=device, stop=[], path=out_folder(args.out) / "ckpt.pt")
+    if args.resume:
+        run.ckpt = load_checkpoint(args.ckpt or run.path, [method], ("shape", *keys))
+        args = resumed_args(p, args, run.ckpt)
+    seed_everything(args.seed)
+    run.args = args
+    return run
+
+
+def prepare(run):
+    """A resumed run's weights, optimizer, step and RNG, and run.net: the network as training calls it."""
+    args, ckpt = run.args, run.ckpt
+    if args.batch_size % run.world:
+        raise UserError(f"--batch-size {args.batch_size} (the global batch) must divide evenly over "
                         f"{run.world} processes")
-    if len(run.dataset) < run.args.batch_size:
-        raise UserError(f"{len(run.dataset)} training examples, fewer than --batch-size {run.args.batch_size}")
+    if len(run.dataset) < args.batch_size:
+        raise UserError(f"{len(run.dataset)} training examples, fewer than --batch-size {args.batch_size}")
     if ckpt is not None:
+        if tuple(ckpt["shape"]) != tuple(run.shape):
+            raise UserError(f"the checkpoint was trained on {tuple(ckpt['shape'])} data, not {tuple(run.shape)}: "
+                            f"resume on the data it was trained on")
         try:
             run.model.load_state_dict(ckpt["model"])
         except RuntimeError:
@@ -651,72 +643,72 @@ def prepare(run, ckpt):
             run.ema.load_state_dict(ckpt["ema"])
         run.opt.load_state_dict(ckpt["optimizer"])
         run.step = run.saved = ckpt["step"]
-        restore_rng(ckpt["rng"], run.device)
+        torch.set_rng_state(ckpt["rng"]["torch"])
+        random.setstate(ckpt["rng"]["python"])
+        if ckpt["rng"]["cuda"] is not None and run.device.type == "cuda":  # each rank continues rank 0's
+            torch.cuda.set_rng_state(ckpt["rng"]["cuda"], run.device)
         print(f"resumed from step {run.step}")
+    run.per_epoch = len(run.dataset) // args.batch_size
+    run.total = args.steps or args.epochs * run.per_epoch
     run.net = run.model
     if run.world > 1:  # averages the gradients over the processes in backward()
         run.net = DistributedDataParallel(run.model, [run.device.index] if run.device.type == "cuda" else None)
-    if run.args.compile:
+    if args.compile:
         run.net = torch.compile(run.net)
 
 
-def save(run):
-    if run.rank == 0 and run.saved != run.step:
-        save_checkpoint(run.path, {"method": run.method, "args": vars(run.args), "step": run.step,
-                                   "model": run.model.state_dict(), "optimizer": run.opt.state_dict(),
-                                   "ema": None if run.ema is None else run.ema.state_dict(), **run.extra()})
-    run.saved, run.last_save = run.step, time.time()
+def train(run):
+    """From run.step to the end: global batches, run.loss, gradient steps, EMA. The loss and the stop
+    flag are read from the device every 10 steps and at each epoch's end, whose checkpoint and pictures
+    follow. Ctrl-C or SIGTERM: the step ends, the run saves and exits 128 + the signal's number."""
+    prepare(run)
+    amp = torch.autocast("cuda", torch.bfloat16, enabled=run.args.bf16 and run.device.type == "cuda")
+    losses, run.bad_data, run.last_log = [], torch.zeros((), device=run.device), time.time()
+    run.last_save = run.last_log
+    with signals_to(run.stop):
+        while run.step < run.total and not run.stop:
+            epoch, skip = divmod(run.step, run.per_epoch)
+            for batch in epoch_batches(run.dataset, run.args, epoch, skip, run.rank, run.world):
+                with amp:
+                    losses.append(gradient_step(run, [b.to(run.device) for b in batch]))
+                end = run.step % run.per_epoch == 0 or run.step == run.total
+                if (end or run.step % 10 == 0 or run.world == 1 and run.stop) and check(run, losses) or end:
+                    break
+            if run.step % run.per_epoch == 0 or run.step == run.total:
+                end_of_epoch(run, epoch)
+        save(run)
+    finish(run)
 
 
-def train_loop(run):
-    """From run.step to the end: a global batch, run.loss, a gradient step, EMA; the loss and the
-    stop flag are read from the device every CHECK_EVERY steps and at an epoch's end, its checkpoint
-    and pictures then follow."""
-    args, per_epoch = run.args, len(run.dataset) // run.args.batch_size
-    run.total, run.per_epoch = args.steps or args.epochs * per_epoch, per_epoch
-    amp = torch.autocast("cuda", torch.bfloat16, enabled=args.bf16 and run.device.type == "cuda")
-    run.last_log = run.last_save = time.time()
-    losses, run.bad_data = [], torch.zeros((), device=run.device)
-    while run.step < run.total and not run.stop:
-        epoch, skip = divmod(run.step, per_epoch)
-        for batch in epoch_batches(run.dataset, args, epoch, skip, run.rank, run.world):
-            batch = [b.to(run.device) for b in batch]
-            run.bad_data += (~torch.isfinite(batch[0])).any()
-            for group in run.opt.param_groups:
-                group["lr"] = learning_rate(args, run.step, run.total)
-            with amp:
-                loss = run.loss(batch, Draws(args.batch_size, run.device, run.rank, run.world))
-            run.opt.zero_grad(set_to_none=True)
-            loss.backward()
-            if args.grad_clip:
-                torch.nn.utils.clip_grad_norm_(run.model.parameters(), args.grad_clip)
-            run.opt.step()
-            run.step += 1
-            if run.ema is not None:
-                ema_update(run.ema, run.model, run.step, args.ema)
-            if run.after_step is not None:
-                run.after_step(run.step)
-            losses.append(loss.detach().float())
-            run.first = losses[0] if run.first is None else run.first
-            end = run.step % per_epoch == 0 or run.step == run.total
-            if (end or run.step % CHECK_EVERY == 0 or run.world == 1 and run.stop) and check(run, losses):
-                break
-            if end:
-                break
-        if run.step % per_epoch == 0 or run.step == run.total:
-            end_of_epoch(run, epoch)
+def gradient_step(run, batch):
+    run.bad_data += (~torch.isfinite(batch[0])).any()
+    for group in run.opt.param_groups:
+        group["lr"] = learning_rate(run.args, run.step, run.total)
+    loss = run.loss(batch, Draws(run.args.batch_size, run.device, run.rank, run.world))
+    run.opt.zero_grad(set_to_none=True)
+    loss.backward()
+    if run.args.grad_clip:
+        torch.nn.utils.clip_grad_norm_(run.model.parameters(), run.args.grad_clip)
+    run.opt.step()
+    run.step += 1
+    if run.ema is not None:
+        ema_update(run.ema, run.model, run.step, run.args.ema)
+    if run.after_step is not None:
+        run.after_step(run.step)
+    run.first = loss.detach().float() if run.first is None else run.first
+    return loss.detach().float()
 
 
 def check(run, losses):
-    """Stops a diverged run without saving; prints progress; saves every --save-every minutes.
-    Returns whether any process was asked to stop (one stopped by another exits as on SIGTERM)."""
+    """Stops a diverged run (a loss over 1000 x its first, or 1) without saving; prints progress; saves
+    every --save-every minutes. Returns whether any process was asked to stop."""
     stop = torch.tensor(float(len(run.stop)), device=run.device)
     x = torch.stack([torch.stack(losses).mean(), run.first, run.bad_data, stop])
     if run.world > 1:
         dist.all_reduce(x)
         x /= run.world
     (loss, first, bad, stop), now = x.tolist(), time.time()
-    if bad or not math.isfinite(loss) or loss > DIVERGED * max(first, 1):
+    if bad or not math.isfinite(loss) or loss > 1000 * max(first, 1):
         held = f"{run.path} holds step {run.saved}" if run.saved else "this run has written no checkpoint yet"
         why = "the data hold NaN or inf" if bad else f"the loss went from {first:.3g} to {loss:.3g} " \
             f"(diverged: try a lower --lr)"
@@ -724,15 +716,24 @@ def check(run, losses):
     if now - run.last_log >= run.args.log_every or stop or run.step == run.total:
         speed = len(losses) * run.args.batch_size / (now - run.last_log)
         left = (run.total - run.step) * (run.args.batch_size / speed + run.grid / run.per_epoch)
-        print(f"step {run.step}/{run.total}  loss {loss:.4f}  {speed:.0f} img/s  {duration(left)} left",
+        print(f"step {run.step}/{run.total}  loss {loss:.4f}  {speed:.0f} img/s  {left / 60:.1f} min left",
               flush=True)
         losses.clear()
         run.last_log = now
-    if stop and not run.stop:
+    if stop and not run.stop:  # another process's signal: exit as after SIGTERM
         run.stop.append(SIGTERM)
     if now - run.last_save >= 60 * run.args.save_every or stop:
         save(run)
     return bool(stop)
+
+
+def save(run):
+    if run.rank == 0 and run.saved != run.step:
+        save_checkpoint(run.path, {"method": run.method, "args": vars(run.args), "step": run.step,
+                                   "shape": list(run.shape), "model": run.model.state_dict(),
+                                   "optimizer": run.opt.state_dict(),
+                                   "ema": None if run.ema is None else run.ema.state_dict(), **run.extra()})
+    run.saved, run.last_save = run.step, time.time()
 
 
 def end_of_epoch(run, epoch):
@@ -754,6 +755,32 @@ def finish(run):
     print(f"{'interrupted' if run.stop else 'done'} at step {run.step}; checkpoint {run.path}")
     if run.stop:
         raise SystemExit(128 + run.stop[0])
+
+
+def sample_command(args, methods, keys, load, nrow=None):
+    """--sample: load(ckpt, device) of --ckpt gives (net, draw); --n samples drawn 256 at a time by
+    draw(first, n, progress), checked and written to --save as a tensor or a grid nrow wide (nrow:
+    a number, or a function of the checkpoint)."""
+    if not args.ckpt:
+        raise UserError(f"--sample needs --ckpt PATH, a checkpoint its training wrote (in {args.out})")
+    check_save(args.save)
+    ckpt = load_checkpoint(args.ckpt, methods, ("shape", *keys))
+    net, draw = load(ckpt, pick_device(args.device))
+    if not all(torch.isfinite(w).all() for w in net.parameters()):
+        raise UserError(f"{args.ckpt} holds non-finite weights (its run diverged): retrain with a lower --lr")
+    start, chunks = time.time(), []
+    for i in range(0, args.n, 256):
+        progress = Progress(f"images {i + 1}-{min(i + 256, args.n)} of {args.n}")
+        chunks.append(draw(i, min(256, args.n - i), progress).float().cpu())
+    x = torch.cat(chunks)
+    if not torch.isfinite(x).all():
+        raise UserError(f"the samples of {args.ckpt} came out non-finite: the checkpoint is broken, retrain it")
+    print(f"{args.n} samples in {time.time() - start:.2f} s")
+    if args.save.endswith(".pt"):
+        torch.save(x, args.save)
+    else:
+        save_grid(x[:, :3], args.save, nrow=nrow(ckpt) if callable(nrow) else nrow)
+    print(f"saved {args.save}")
 
 
 def positive_int(s):
@@ -815,10 +842,10 @@ def out_folder(path):
 
 
 def check_save(path):
+    if path and Path(path).is_dir():
+        raise UserError(f"--save {path} is a folder: give a file name ending in .png or .pt")
     if not path or Path(path).suffix not in (".png", ".pt"):
         raise UserError("--sample needs --save FILE.png (a grid) or FILE.pt (a tensor)")
-    if Path(path).is_dir():
-        raise UserError(f"--save {path} is a folder: give a file name ending in .png or .pt")
     try:
         Path(path).parent.mkdir(parents=True, exist_ok=True)
     except OSError as e:
@@ -843,7 +870,7 @@ def run_command(command, args):
 
 # ==== the command line =============================================================================
 
-KEYS = ("shape", "classes", "model", "ema", "optimizer")  # of a dit.py checkpoint, besides the harness's
+KEYS = ("classes", "model", "ema", "optimizer")  # of a dit.py checkpoint, besides the harness's
 GUIDANCE_ROWS = (1.0, 1.5, 2.0, 4.0)  # the rows of every class-conditional grid
 
 
@@ -885,104 +912,82 @@ def draw(ema, y, n, shape, sch, args, device, seed, scale, on_step=None):
     return sample_ddpm(f, x, sch, steps, args.learn_sigma, args.clip_x0, g, on_step)
 
 
-def pictures(ema, classes, shape, sch, args, device, epoch, progress):
+def pictures(run, classes, sch, epoch, progress):
     """The epoch's grid: one column per class (the first 10) and one row per guidance scale, or 64
     unconditional samples."""
-    ema.eval()
+    ema, args = run.ema.eval(), run.args
     if classes:
         K, rows = min(len(classes), 10), []
         for r, scale in enumerate(GUIDANCE_ROWS):  # the grid's progress counted over all its rows
-            rows.append(draw(ema, torch.arange(K, device=device), K, shape, sch, args, device, 0, scale,
-                             lambda x, done, total: progress(r * total + done, len(GUIDANCE_ROWS) * total)))
+            rows.append(draw(ema, torch.arange(K, device=run.device), K, run.shape, sch, args, run.device, 0,
+                             scale, lambda x, done, total: progress(r * total + done, len(GUIDANCE_ROWS) * total)))
         x, nrow, note = torch.cat(rows), K, f" (rows: guidance {', '.join(map(str, GUIDANCE_ROWS))})"
     else:
-        x = draw(ema, None, 64, shape, sch, args, device, 0, 1, lambda x, done, total: progress(done, total))
-        nrow, note = 8, ""
+        x, nrow, note = draw(ema, None, 64, run.shape, sch, args, run.device, 0, 1, progress), 8, ""
     path = Path(args.out) / f"samples_epoch{epoch + 1:03d}.png"
     save_grid(x[:, :3], path, nrow=nrow)
     print(f"epoch {epoch + 1}: samples in {path}{note}")
 
 
-def train(args):
-    rank, world, device = setup_processes(args.device)
-    ckpt = None
-    if args.resume:
-        ckpt = load_checkpoint(args.ckpt or Path(args.out) / "ckpt.pt", ["dit"], KEYS)
-        args = resumed_args(parser(), args, ckpt)
+def train_command(args, p):
+    run = begin(args, p, "dit", KEYS)
+    args = run.args
     sch = linear_schedule(args.T)
     respace(sch, sampling_steps(args))  # a clear error before any work
-    seed_everything(args.seed)  # the same on every process: see Draws
-    if device.type == "cuda":
+    if run.device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
-    dataset, info = load_dataset(args.dataset, args.data_dir, True, args.image_size,
-                                 flip=args.dataset == "cifar10")
-    shape, classes = (info.channels, info.size, info.size), info.classes if info.num_classes else None
-    if ckpt is not None and tuple(ckpt["shape"]) != shape:
-        raise UserError(f"the checkpoint was trained on {tuple(ckpt['shape'])} data, not {shape}: resume on its data")
+    run.dataset, info = load_dataset(args.dataset, args.data_dir, True, args.image_size,
+                                     flip=args.dataset == "cifar10")
+    run.shape, classes = (info.channels, info.size, info.size), info.classes if info.num_classes else None
     fill_model_defaults(args)
     # pixels live in [-1, 1] and the predicted x_0 is clipped there; float tensors (latents) are not
-    args.clip_x0 = not getattr(getattr(dataset, "images", None), "is_floating_point", bool)()
+    args.clip_x0 = not getattr(getattr(run.dataset, "images", None), "is_floating_point", bool)()
     K = len(classes) if classes else None
-    model = make_model(args, shape, K)
+    run.model = make_model(args, run.shape, K)
     print(f"model: DiT {args.model} (depth {args.depth}, width {args.width}, {args.heads} heads, {args.block}), "
-          f"{(shape[-1] // args.patch) ** 2} tokens, {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M "
-          f"parameters, {gflops(model, shape, torch.zeros(1, dtype=torch.long) if K else None):.3f} Gflops")
-    model.to(device)
-    run = Run(args=args, method="dit", model=model, ema=copy.deepcopy(model).requires_grad_(False),
-              opt=torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0), dataset=dataset,
-              device=device, rank=rank, world=world, stop=[], path=out_folder(args.out) / "ckpt.pt",
-              extra=lambda: {"shape": list(shape), "classes": classes})
+          f"{(run.shape[-1] // args.patch) ** 2} tokens, {sum(p.numel() for p in run.model.parameters()) / 1e6:.2f}M "
+          f"parameters, {gflops(run.model, run.shape, torch.zeros(1, dtype=torch.long) if K else None):.3f} Gflops")
+    run.model.to(run.device)
+    run.ema = copy.deepcopy(run.model).requires_grad_(False)
+    run.opt = torch.optim.AdamW(run.model.parameters(), lr=args.lr, weight_decay=0)
+    run.extra = lambda: {"classes": classes}
     run.loss = lambda batch, draws: training_step(run.net, batch[0], batch[1] if K else None, sch, draws, K,
                                                   args.p_uncond, args.learn_sigma, args.lambda_vlb)
-    run.pictures = lambda epoch, progress: pictures(run.ema, classes, shape, sch, args, device, epoch, progress)
-    with signals_to(run.stop):
-        prepare(run, ckpt)
-        train_loop(run)
-        save(run)
-    finish(run)
+    run.pictures = lambda epoch, progress: pictures(run, classes, sch, epoch, progress)
+    train(run)
 
 
 def sample(args):
-    if not args.ckpt:
-        raise UserError("--sample needs --ckpt PATH (e.g. runs/dit/ckpt.pt)")
-    check_save(args.save)
-    ckpt = load_checkpoint(args.ckpt, ["dit"], KEYS)
-    train_args = argparse.Namespace(**{**ckpt["args"], "sampler": args.sampler, "sampling_steps": args.sampling_steps})
-    classes, shape = ckpt["classes"], tuple(ckpt["shape"])
-    sch = linear_schedule(train_args.T)
-    respace(sch, sampling_steps(train_args))  # a clear error before any work
-    fixed = None  # the class of every sample; None: the classes in turn
-    if args.prompt is not None:
-        if not classes:
-            raise UserError(f"--prompt needs a conditional model; {args.ckpt} was trained without labels")
-        if args.prompt.lower() not in [c.lower() for c in classes]:
-            raise UserError(f"a DiT knows only its classes: --prompt one of {', '.join(classes)}")
-        fixed = [c.lower() for c in classes].index(args.prompt.lower())
-    device = pick_device(args.device)
-    ema = make_model(train_args, shape, len(classes) if classes else None)
-    ema.load_state_dict(ckpt["ema"])
-    ema.to(device).eval()
-    if not all(torch.isfinite(w).all() for w in ema.parameters()):
-        raise UserError(f"{args.ckpt} holds non-finite weights (its run diverged): retrain with a lower --lr")
-    start, chunks = time.time(), []
-    for i in range(0, args.n, 256):
-        y = None  # an unconditional model
-        if classes:
-            y = torch.arange(i, min(i + 256, args.n), device=device)
-            y = y % len(classes) if fixed is None else torch.full_like(y, fixed)
-        progress = Progress(f"images {i + 1}-{min(i + 256, args.n)} of {args.n}")
-        chunks.append(draw(ema, y, min(256, args.n - i), shape, sch, train_args, device, args.seed + i,
-                           args.cfg_scale, lambda x, done, total: progress(done, total)).float().cpu())
-    x = torch.cat(chunks)
-    if not torch.isfinite(x).all():
-        raise UserError(f"the samples of {args.ckpt} came out non-finite: the checkpoint is broken, retrain it")
-    x = x.clamp(-1, 1) if train_args.clip_x0 else x
-    print(f"{args.n} samples in {time.time() - start:.2f} s")
-    if args.save.endswith(".pt"):
-        torch.save(x, args.save)
-    else:
-        save_grid(x[:, :3], args.save, nrow=len(classes) if classes and args.prompt is None else None)
-    print(f"saved {args.save}")
+    def load(ckpt, device):
+        train_args = argparse.Namespace(**{**ckpt["args"], "sampler": args.sampler,
+                                           "sampling_steps": args.sampling_steps})
+        classes, shape = ckpt["classes"], tuple(ckpt["shape"])
+        sch = linear_schedule(train_args.T)
+        respace(sch, sampling_steps(train_args))  # a clear error before any work
+        fixed = None  # the class of every sample; None: the classes in turn
+        if args.prompt is not None:
+            if not classes:
+                raise UserError(f"--prompt needs a conditional model; {args.ckpt} was trained without labels")
+            if args.prompt.lower() not in [c.lower() for c in classes]:
+                raise UserError(f"a DiT knows only its classes: --prompt one of {', '.join(classes)}")
+            fixed = [c.lower() for c in classes].index(args.prompt.lower())
+        ema = make_model(train_args, shape, len(classes) if classes else None)
+        ema.load_state_dict(ckpt["ema"])
+        ema.to(device).eval()
+
+        def draw_chunk(first, n, progress):
+            y = None  # an unconditional model
+            if classes:
+                y = torch.arange(first, first + n, device=device)
+                y = y % len(classes) if fixed is None else torch.full_like(y, fixed)
+            x = draw(ema, y, n, shape, sch, train_args, device, args.seed + first, args.cfg_scale, progress)
+            return x.clamp(-1, 1) if train_args.clip_x0 else x
+        return ema, draw_chunk
+
+    def columns(ckpt):  # a grid of the classes in turn: one column per class
+        return len(ckpt["classes"]) if ckpt["classes"] and args.prompt is None else None
+
+    sample_command(args, ["dit"], KEYS, load, nrow=columns)
 
 
 def parser():
@@ -1008,8 +1013,8 @@ def parser():
     return p
 
 
-def parse_args(argv=None):
-    p = parser()
+def parse_args(argv=None, p=None):
+    p = p or parser()
     args = p.parse_args(argv)
     check_shared_flags(p, args)
     if args.lambda_vlb < 0:
@@ -1024,8 +1029,9 @@ def parse_args(argv=None):
 
 
 def main(argv=None):
-    args = parse_args(argv)
-    run_command(sample if args.sample else train, args)
+    p = parser()
+    args = parse_args(argv, p)
+    run_command(sample if args.sample else lambda a: train_command(a, p), args)
 
 
 if __name__ == "__main__":

@@ -79,7 +79,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, Subset, TensorDataset
 
 import common
-from common import Attention, Downsample, ResBlock, UNet, Upsample, UserError, load_dataset, pick_device, save_grid
+from common import Attention, ResBlock, UNet, UserError, load_dataset, pick_device, save_grid, seed_everything
 
 # ==== the paper ====================================================================================
 # Stage 1: the KL-regularised autoencoder (Sec. 3.1, Appendix G)
@@ -122,7 +122,7 @@ class Encoder(nn.Module):
                 layers.append(ResBlock(ch, w))
                 ch = w
             if i < len(widths) - 1:
-                layers.append(Downsample(ch))
+                layers.append(common.Downsample(ch))
         layers += [ResBlock(ch, ch), Attention(ch), ResBlock(ch, ch),
                    common.norm(ch), nn.SiLU(), nn.Conv2d(ch, 2 * latent_channels, 3, padding=1)]
         self.layers = nn.Sequential(*layers)
@@ -145,7 +145,7 @@ class Decoder(nn.Module):
                 layers.append(ResBlock(ch, w))
                 ch = w
             if i > 0:
-                layers.append(Upsample(ch))
+                layers.append(common.Upsample(ch))
         layers += [common.norm(ch), nn.SiLU(), nn.Conv2d(ch, channels, 3, padding=1)]
         self.layers = nn.Sequential(*layers)
 
@@ -174,19 +174,6 @@ class Autoencoder(nn.Module):
 
 def make_autoencoder(args, channels):
     return Autoencoder(channels, args.f, args.latent_channels, args.ae_width, args.ae_res_blocks)
-
-
-def autoencoder_loss(ae, x, eps, kl_weight, l2_weight=0.0):
-    """Stage 1's loss: |x - D(z)|_1 (+ l2_weight |x - D(z)|_2^2) + kl_weight KL, z = mu + sigma * eps;
-    summed over pixels and latent entries per image, as the official loss, so that the KL weight 1e-6
-    means what it does there; the mean over the batch."""
-    # Stage 1, lines 2-3: q(z | x) = N(mu, diag(sigma^2)) = E(x); z = mu + sigma * eps; D(z)
-    moments, x_rec = ae(x, eps)
-    # Stage 1, line 4: L = |x - D(z)|_1 + w_KL KL(q(z | x) || N(0, I))
-    rec = (x - x_rec).abs().flatten(1).sum(1)
-    if l2_weight:
-        rec = rec + l2_weight * (x - x_rec).square().flatten(1).sum(1)
-    return (rec + kl_weight * DiagonalGaussian(moments).kl()).mean()
 
 
 @torch.no_grad()
@@ -457,12 +444,18 @@ def decode(decoder, z, scale):
 # The training steps of the two stages; the caller takes the gradient step
 
 def stage_1_step(ae, x, latent_shape, kl_weight, l2_weight, draw):
-    """Stage 1, lines 2-4, for a batch x ~ data (line 1). draw: the random draws (torch's own, or
-    one process's share of a global batch's)."""
+    """Stage 1, lines 2-4, for a batch x ~ data (line 1): |x - D(z)|_1 (+ l2_weight |x - D(z)|_2^2)
+    + kl_weight KL, summed over pixels and latent entries per image as the official loss (so that the
+    KL weight 1e-6 means what it does there), the mean over the batch. draw: the random draws."""
     # Stage 1, line 3: eps ~ N(0, I), for z = mu + sigma * eps
     eps = draw.randn(*latent_shape)
-    # Stage 1, lines 2-4: E(x), z, D(z), L = |x - D(z)|_1 + w_KL KL
-    return autoencoder_loss(ae, x, eps, kl_weight, l2_weight)
+    # Stage 1, lines 2-3: q(z | x) = N(mu, diag(sigma^2)) = E(x); z = mu + sigma * eps; D(z)
+    moments, x_rec = ae(x, eps)
+    # Stage 1, line 4: L = |x - D(z)|_1 + w_KL KL(q(z | x) || N(0, I))
+    rec = (x - x_rec).abs().flatten(1).sum(1)
+    if l2_weight:
+        rec = rec + l2_weight * (x - x_rec).square().flatten(1).sum(1)
+    return (rec + kl_weight * DiagonalGaussian(moments).kl()).mean()
 
 
 def stage_2_step(eps_theta, moments, y, scale, table, p_uncond, sch, draw):
@@ -482,16 +475,13 @@ def stage_2_step(eps_theta, moments, y, scale, table, p_uncond, sch, draw):
 
 
 # ==== harness: the same text in every method file (tests/test_harness.py compares the copies) ====
-# Processes and devices, the random draws of a global batch, checkpoints and resume, signals, EMA,
-# the learning-rate schedule, the training loop's bookkeeping, progress lines and the shared flags.
-
-CHECK_EVERY = 10  # steps between readings of the loss and the stop flag from the device
-DIVERGED = 1000  # a loss this many times its first value (or 1) has diverged, finite or not
+# Processes and devices, a global batch's random draws, checkpoints and resume, signals, EMA, the
+# learning rate, the training loop's bookkeeping, progress lines, --sample's frame and shared flags.
 
 
 def setup_processes(device_name):
-    """Rank 0 of 1, or under torchrun (RANK, WORLD_SIZE, LOCAL_RANK) one process per device: NCCL
-    on GPUs, gloo on CPUs, and only rank 0 prints. Returns (rank, world, device)."""
+    """(rank, world, device): 0 of 1, or under torchrun one process per device, NCCL on GPUs and
+    gloo on CPUs, of which only rank 0 prints."""
     if "RANK" not in os.environ:
         return 0, 1, pick_device(device_name)
     rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
@@ -509,8 +499,8 @@ def setup_processes(device_name):
 
 
 class Draws:
-    """The random draws of a global batch of n: every process draws all n and keeps its slice, so
-    that N processes compute what one process computes on the whole batch."""
+    """A global batch of n's random draws: every process draws all n and keeps its slice, so that
+    N processes compute what one process computes on the whole batch."""
 
     def __init__(self, n, device, rank=0, world=1):
         self.n, self.device = n, device
@@ -539,9 +529,8 @@ def epoch_batches(dataset, args, epoch, skip, rank=0, world=1):
 @torch.no_grad()
 def ema_update(ema, model, n, max_decay):
     """EMA of the weights, its decay warmed up as min(max_decay, (1 + n) / (10 + n))."""
-    decay = min(max_decay, (1 + n) / (10 + n))
     for e, p in zip(ema.parameters(), model.parameters()):
-        e.lerp_(p, 1 - decay)
+        e.lerp_(p, 1 - min(max_decay, (1 + n) / (10 + n)))
 
 
 def learning_rate(args, step, total):
@@ -552,11 +541,9 @@ def learning_rate(args, step, total):
 
 
 def save_checkpoint(path, state):
-    """state and the RNG states, written to a temporary file, then renamed: a crash leaves no
-    broken checkpoint."""
+    """state and the RNG states, written to a temporary file and renamed: a crash leaves no broken file."""
     rng = {"torch": torch.get_rng_state(), "python": random.getstate(),
-           "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
-           "mps": torch.mps.get_rng_state() if torch.backends.mps.is_available() else None}
+           "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None}
     torch.save({**state, "rng": rng}, f"{path}.tmp")
     os.replace(f"{path}.tmp", path)
 
@@ -577,18 +564,6 @@ def load_checkpoint(path, methods, keys, flag="--ckpt"):
     if missing:
         raise UserError(f"{path} is an incomplete {method} checkpoint: no {', '.join(missing)}")
     return ckpt
-
-
-def restore_rng(rng, device):
-    """CUDA's states for the devices this machine has; under torchrun each rank continues rank 0's."""
-    torch.set_rng_state(rng["torch"])
-    random.setstate(rng["python"])
-    for i, state in enumerate(rng["cuda"][:torch.cuda.device_count()]):
-        torch.cuda.set_rng_state(state, i)
-    if device.type == "cuda" and rng["cuda"]:
-        torch.cuda.set_rng_state(rng["cuda"][0], device)
-    if rng["mps"] is not None and torch.backends.mps.is_available():
-        torch.mps.set_rng_state(rng["mps"])
 
 
 def resumed_args(p, args, ckpt, free=("device", "out", "resume", "ckpt", "data_dir", "log_every",
@@ -620,47 +595,60 @@ class SamplingStopped(Exception):
     """Ctrl-C or SIGTERM arrived while a sampler ran."""
 
 
-def duration(seconds):
-    if seconds >= 5400:
-        return f"{seconds / 3600:.1f} h"
-    return f"{seconds / 60:.1f} min" if seconds >= 90 else f"{seconds:.0f} s"
-
-
 class Progress:
-    """Called after each step of a long loop: a line with the time left every few seconds, and
-    SamplingStopped at the next step once `stop` is set."""
+    """Called after each step of a long loop, as progress(done, total) or as a sampler's on_step(x,
+    done, total): a line with the time left every few seconds; SamplingStopped once `stop` is set."""
 
     def __init__(self, what, stop=(), every=5.0):
         self.what, self.stop, self.every = what, stop, every
         self.start = self.last = time.time()
 
-    def __call__(self, done, total):
+    def __call__(self, *step):
+        done, total = step[-2:]
         if self.stop:
             raise SamplingStopped
         if time.time() - self.last >= self.every:
             left = (time.time() - self.start) / done * (total - done)
-            print(f"{self.what}: step {done}/{total}, {duration(left)} left", flush=True)
+            print(f"{self.what}: step {done}/{total}, {left / 60:.1f} min left", flush=True)
             self.last = time.time()
 
 
 class Run(argparse.Namespace):
-    """A training run, built in one place by the method's train(): args, model, opt, dataset,
-    device, rank, world, stop, path (of the checkpoint), method, loss(batch, draws) -> a scalar."""
-    ema = after_step = pictures = None  # an EMA model; after_step(step); pictures(epoch, progress)
-    step, saved, first, grid = 0, None, None, 0.0
+    """A training run: args, method, rank, world, device, path (of its checkpoint), ckpt (resumed, or
+    None), stop, shape (of an example), model, opt, dataset, loss(batch, draws) -> a scalar, and
+    optionally ema, after_step(step), pictures(epoch, progress) and extra() (more to checkpoint)."""
+    ckpt = ema = after_step = pictures = first = None
+    step, saved, grid = 0, 0, 0.0
 
-    def extra(self):  # what the checkpoint holds besides the shared keys
+    def extra(self):
         return {}
 
 
-def prepare(run, ckpt):
-    """A resumed run's weights, optimizer and RNG; run.net, the model as training calls it."""
-    if run.args.batch_size % run.world:
-        raise UserError(f"--batch-size {run.args.batch_size} (the global batch) must divide evenly over "
+def begin(args, p, method, keys):
+    """A Run: its processes, --out, and with --resume its checkpoint and flags; then the seed, the
+    same on every process (see Draws)."""
+    rank, world, device = setup_processes(args.device)
+    run = Run(method=method, rank=rank, world=world, device=device, stop=[], path=out_folder(args.out) / "ckpt.pt")
+    if args.resume:
+        run.ckpt = load_checkpoint(args.ckpt or run.path, [method], ("shape", *keys))
+        args = resumed_args(p, args, run.ckpt)
+    seed_everything(args.seed)
+    run.args = args
+    return run
+
+
+def prepare(run):
+    """A resumed run's weights, optimizer, step and RNG, and run.net: the network as training calls it."""
+    args, ckpt = run.args, run.ckpt
+    if args.batch_size % run.world:
+        raise UserError(f"--batch-size {args.batch_size} (the global batch) must divide evenly over "
                         f"{run.world} processes")
-    if len(run.dataset) < run.args.batch_size:
-        raise UserError(f"{len(run.dataset)} training examples, fewer than --batch-size {run.args.batch_size}")
+    if len(run.dataset) < args.batch_size:
+        raise UserError(f"{len(run.dataset)} training examples, fewer than --batch-size {args.batch_size}")
     if ckpt is not None:
+        if tuple(ckpt["shape"]) != tuple(run.shape):
+            raise UserError(f"the checkpoint was trained on {tuple(ckpt['shape'])} data, not {tuple(run.shape)}: "
+                            f"resume on the data it was trained on")
         try:
             run.model.load_state_dict(ckpt["model"])
         except RuntimeError:
@@ -669,72 +657,72 @@ def prepare(run, ckpt):
             run.ema.load_state_dict(ckpt["ema"])
         run.opt.load_state_dict(ckpt["optimizer"])
         run.step = run.saved = ckpt["step"]
-        restore_rng(ckpt["rng"], run.device)
+        torch.set_rng_state(ckpt["rng"]["torch"])
+        random.setstate(ckpt["rng"]["python"])
+        if ckpt["rng"]["cuda"] is not None and run.device.type == "cuda":  # each rank continues rank 0's
+            torch.cuda.set_rng_state(ckpt["rng"]["cuda"], run.device)
         print(f"resumed from step {run.step}")
+    run.per_epoch = len(run.dataset) // args.batch_size
+    run.total = args.steps or args.epochs * run.per_epoch
     run.net = run.model
     if run.world > 1:  # averages the gradients over the processes in backward()
         run.net = DistributedDataParallel(run.model, [run.device.index] if run.device.type == "cuda" else None)
-    if run.args.compile:
+    if args.compile:
         run.net = torch.compile(run.net)
 
 
-def save(run):
-    if run.rank == 0 and run.saved != run.step:
-        save_checkpoint(run.path, {"method": run.method, "args": vars(run.args), "step": run.step,
-                                   "model": run.model.state_dict(), "optimizer": run.opt.state_dict(),
-                                   "ema": None if run.ema is None else run.ema.state_dict(), **run.extra()})
-    run.saved, run.last_save = run.step, time.time()
+def train(run):
+    """From run.step to the end: global batches, run.loss, gradient steps, EMA. The loss and the stop
+    flag are read from the device every 10 steps and at each epoch's end, whose checkpoint and pictures
+    follow. Ctrl-C or SIGTERM: the step ends, the run saves and exits 128 + the signal's number."""
+    prepare(run)
+    amp = torch.autocast("cuda", torch.bfloat16, enabled=run.args.bf16 and run.device.type == "cuda")
+    losses, run.bad_data, run.last_log = [], torch.zeros((), device=run.device), time.time()
+    run.last_save = run.last_log
+    with signals_to(run.stop):
+        while run.step < run.total and not run.stop:
+            epoch, skip = divmod(run.step, run.per_epoch)
+            for batch in epoch_batches(run.dataset, run.args, epoch, skip, run.rank, run.world):
+                with amp:
+                    losses.append(gradient_step(run, [b.to(run.device) for b in batch]))
+                end = run.step % run.per_epoch == 0 or run.step == run.total
+                if (end or run.step % 10 == 0 or run.world == 1 and run.stop) and check(run, losses) or end:
+                    break
+            if run.step % run.per_epoch == 0 or run.step == run.total:
+                end_of_epoch(run, epoch)
+        save(run)
+    finish(run)
 
 
-def train_loop(run):
-    """From run.step to the end: a global batch, run.loss, a gradient step, EMA; the loss and the
-    stop flag are read from the device every CHECK_EVERY steps and at an epoch's end, its checkpoint
-    and pictures then follow."""
-    args, per_epoch = run.args, len(run.dataset) // run.args.batch_size
-    run.total, run.per_epoch = args.steps or args.epochs * per_epoch, per_epoch
-    amp = torch.autocast("cuda", torch.bfloat16, enabled=args.bf16 and run.device.type == "cuda")
-    run.last_log = run.last_save = time.time()
-    losses, run.bad_data = [], torch.zeros((), device=run.device)
-    while run.step < run.total and not run.stop:
-        epoch, skip = divmod(run.step, per_epoch)
-        for batch in epoch_batches(run.dataset, args, epoch, skip, run.rank, run.world):
-            batch = [b.to(run.device) for b in batch]
-            run.bad_data += (~torch.isfinite(batch[0])).any()
-            for group in run.opt.param_groups:
-                group["lr"] = learning_rate(args, run.step, run.total)
-            with amp:
-                loss = run.loss(batch, Draws(args.batch_size, run.device, run.rank, run.world))
-            run.opt.zero_grad(set_to_none=True)
-            loss.backward()
-            if args.grad_clip:
-                torch.nn.utils.clip_grad_norm_(run.model.parameters(), args.grad_clip)
-            run.opt.step()
-            run.step += 1
-            if run.ema is not None:
-                ema_update(run.ema, run.model, run.step, args.ema)
-            if run.after_step is not None:
-                run.after_step(run.step)
-            losses.append(loss.detach().float())
-            run.first = losses[0] if run.first is None else run.first
-            end = run.step % per_epoch == 0 or run.step == run.total
-            if (end or run.step % CHECK_EVERY == 0 or run.world == 1 and run.stop) and check(run, losses):
-                break
-            if end:
-                break
-        if run.step % per_epoch == 0 or run.step == run.total:
-            end_of_epoch(run, epoch)
+def gradient_step(run, batch):
+    run.bad_data += (~torch.isfinite(batch[0])).any()
+    for group in run.opt.param_groups:
+        group["lr"] = learning_rate(run.args, run.step, run.total)
+    loss = run.loss(batch, Draws(run.args.batch_size, run.device, run.rank, run.world))
+    run.opt.zero_grad(set_to_none=True)
+    loss.backward()
+    if run.args.grad_clip:
+        torch.nn.utils.clip_grad_norm_(run.model.parameters(), run.args.grad_clip)
+    run.opt.step()
+    run.step += 1
+    if run.ema is not None:
+        ema_update(run.ema, run.model, run.step, run.args.ema)
+    if run.after_step is not None:
+        run.after_step(run.step)
+    run.first = loss.detach().float() if run.first is None else run.first
+    return loss.detach().float()
 
 
 def check(run, losses):
-    """Stops a diverged run without saving; prints progress; saves every --save-every minutes.
-    Returns whether any process was asked to stop (one stopped by another exits as on SIGTERM)."""
+    """Stops a diverged run (a loss over 1000 x its first, or 1) without saving; prints progress; saves
+    every --save-every minutes. Returns whether any process was asked to stop."""
     stop = torch.tensor(float(len(run.stop)), device=run.device)
     x = torch.stack([torch.stack(losses).mean(), run.first, run.bad_data, stop])
     if run.world > 1:
         dist.all_reduce(x)
         x /= run.world
     (loss, first, bad, stop), now = x.tolist(), time.time()
-    if bad or not math.isfinite(loss) or loss > DIVERGED * max(first, 1):
+    if bad or not math.isfinite(loss) or loss > 1000 * max(first, 1):
         held = f"{run.path} holds step {run.saved}" if run.saved else "this run has written no checkpoint yet"
         why = "the data hold NaN or inf" if bad else f"the loss went from {first:.3g} to {loss:.3g} " \
             f"(diverged: try a lower --lr)"
@@ -742,15 +730,24 @@ def check(run, losses):
     if now - run.last_log >= run.args.log_every or stop or run.step == run.total:
         speed = len(losses) * run.args.batch_size / (now - run.last_log)
         left = (run.total - run.step) * (run.args.batch_size / speed + run.grid / run.per_epoch)
-        print(f"step {run.step}/{run.total}  loss {loss:.4f}  {speed:.0f} img/s  {duration(left)} left",
+        print(f"step {run.step}/{run.total}  loss {loss:.4f}  {speed:.0f} img/s  {left / 60:.1f} min left",
               flush=True)
         losses.clear()
         run.last_log = now
-    if stop and not run.stop:
+    if stop and not run.stop:  # another process's signal: exit as after SIGTERM
         run.stop.append(SIGTERM)
     if now - run.last_save >= 60 * run.args.save_every or stop:
         save(run)
     return bool(stop)
+
+
+def save(run):
+    if run.rank == 0 and run.saved != run.step:
+        save_checkpoint(run.path, {"method": run.method, "args": vars(run.args), "step": run.step,
+                                   "shape": list(run.shape), "model": run.model.state_dict(),
+                                   "optimizer": run.opt.state_dict(),
+                                   "ema": None if run.ema is None else run.ema.state_dict(), **run.extra()})
+    run.saved, run.last_save = run.step, time.time()
 
 
 def end_of_epoch(run, epoch):
@@ -772,6 +769,32 @@ def finish(run):
     print(f"{'interrupted' if run.stop else 'done'} at step {run.step}; checkpoint {run.path}")
     if run.stop:
         raise SystemExit(128 + run.stop[0])
+
+
+def sample_command(args, methods, keys, load, nrow=None):
+    """--sample: load(ckpt, device) of --ckpt gives (net, draw); --n samples drawn 256 at a time by
+    draw(first, n, progress), checked and written to --save as a tensor or a grid nrow wide (nrow:
+    a number, or a function of the checkpoint)."""
+    if not args.ckpt:
+        raise UserError(f"--sample needs --ckpt PATH, a checkpoint its training wrote (in {args.out})")
+    check_save(args.save)
+    ckpt = load_checkpoint(args.ckpt, methods, ("shape", *keys))
+    net, draw = load(ckpt, pick_device(args.device))
+    if not all(torch.isfinite(w).all() for w in net.parameters()):
+        raise UserError(f"{args.ckpt} holds non-finite weights (its run diverged): retrain with a lower --lr")
+    start, chunks = time.time(), []
+    for i in range(0, args.n, 256):
+        progress = Progress(f"images {i + 1}-{min(i + 256, args.n)} of {args.n}")
+        chunks.append(draw(i, min(256, args.n - i), progress).float().cpu())
+    x = torch.cat(chunks)
+    if not torch.isfinite(x).all():
+        raise UserError(f"the samples of {args.ckpt} came out non-finite: the checkpoint is broken, retrain it")
+    print(f"{args.n} samples in {time.time() - start:.2f} s")
+    if args.save.endswith(".pt"):
+        torch.save(x, args.save)
+    else:
+        save_grid(x[:, :3], args.save, nrow=nrow(ckpt) if callable(nrow) else nrow)
+    print(f"saved {args.save}")
 
 
 def positive_int(s):
@@ -833,10 +856,10 @@ def out_folder(path):
 
 
 def check_save(path):
+    if path and Path(path).is_dir():
+        raise UserError(f"--save {path} is a folder: give a file name ending in .png or .pt")
     if not path or Path(path).suffix not in (".png", ".pt"):
         raise UserError("--sample needs --save FILE.png (a grid) or FILE.pt (a tensor)")
-    if Path(path).is_dir():
-        raise UserError(f"--save {path} is a folder: give a file name ending in .png or .pt")
     try:
         Path(path).parent.mkdir(parents=True, exist_ok=True)
     except OSError as e:
@@ -862,17 +885,17 @@ def run_command(command, args):
 # ==== the command line =============================================================================
 
 METHODS = {"ae": "ldm-ae", "ldm": "ldm"}  # the "method" of each stage's checkpoint
-KEYS = {"ae": ("shape", "model", "optimizer", "scale"),  # of each stage's checkpoint, besides the harness's
-        "ldm": ("shape", "model", "ema", "optimizer", "classes", "ae")}
+KEYS = {"ae": ("model", "optimizer", "scale"),  # of each stage's checkpoint, besides the harness's
+        "ldm": ("model", "ema", "optimizer", "classes", "ae")}
 FREE = ("device", "out", "resume", "ckpt", "data_dir", "log_every", "save_every", "compile", "bf16")
 GUIDANCE_ROWS = (1.0, 1.5, 2.0, 4.0)  # the rows of every class-conditional grid
 CL = torch.channels_last  # convolutions run faster on CPUs and GPUs with channels innermost
 
 
-def load_stage(path, stage, flag="--ckpt"):
-    """A checkpoint of stage 1 ("ae") or 2 ("ldm") with every flag in its args and, for stage 2,
-    all of the decoder it carries; or one line."""
-    ckpt = load_checkpoint(path, [METHODS[stage]], KEYS[stage], flag)
+def load_stage(path, stage, flag="--ckpt", ckpt=None):
+    """A checkpoint of stage 1 ("ae") or 2 ("ldm"), read from path unless given, with every flag in
+    its args and, for stage 2, all of the decoder it carries; or one line."""
+    ckpt = ckpt or load_checkpoint(path, [METHODS[stage]], ("shape", *KEYS[stage]), flag)
     names = list(vars(parser().parse_args([])))
     if stage == "ldm":  # set by stage 2's set-up
         names += ["num_classes"] + (["text_len"] if ckpt["args"].get("cond") == "text" and ckpt["classes"] else [])
@@ -958,36 +981,36 @@ def draw(model, cond, n, shape, sch, args, device, seed, scale, on_step=None):
     return sample_ddim(eps_theta, z, sch, args.sampling_steps, args.eta, g, on_step)
 
 
-def autoencoder_run(args, device, rank, world):
+def autoencoder_run(run):
     """Stage 1's run: the images, the autoencoder, its loss, its scale factor and its pictures."""
+    args, device = run.args, run.device
     ae_levels(args.f)  # a power of 2, before any work
-    dataset, info = load_dataset(args.dataset, args.data_dir, True, args.image_size, flip=args.dataset == "cifar10")
-    test, _ = load_dataset(args.dataset, args.data_dir, False, args.image_size) \
-        if args.dataset in ("mnist", "fashion-mnist", "cifar10") else (dataset, info)
+    run.dataset, info = load_dataset(args.dataset, args.data_dir, True, args.image_size,
+                                     flip=args.dataset == "cifar10")
+    test = load_dataset(args.dataset, args.data_dir, False, args.image_size)[0] \
+        if args.dataset in ("mnist", "fashion-mnist", "cifar10") else run.dataset
     if info.size % args.f:
         raise UserError(f"--f {args.f} does not divide the {info.size}x{info.size} images: use --f "
                         f"{max(f for f in (1, 2, 4, 8, 16) if info.size % f == 0)} or --image-size "
                         f"{math.ceil(info.size / args.f) * args.f}")
-    shape = (info.channels, info.size, info.size)
+    run.shape = (info.channels, info.size, info.size)
     latent = (args.latent_channels, info.size // args.f, info.size // args.f)
-    model = make_autoencoder(args, info.channels).to(device, memory_format=CL)
-    print(f"stage 1: autoencoder f = {args.f}, {shape} -> latent {latent} "
-          f"({math.prod(shape) / math.prod(latent):.1f}x fewer numbers), "
+    run.model = model = make_autoencoder(args, info.channels).to(device, memory_format=CL)
+    print(f"stage 1: autoencoder f = {args.f}, {run.shape} -> latent {latent} "
+          f"({math.prod(run.shape) / math.prod(latent):.1f}x fewer numbers), "
           f"{sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, KL weight {args.kl_weight:g}")
-    x_test = torch.stack([test[i][0] for i in range(min(1000, len(test)))])
+    run.opt = torch.optim.Adam(model.parameters(), lr=args.lr, betas=(0.5, 0.9))
+    run.loss = lambda batch, draws: stage_1_step(run.net, batch[0].contiguous(memory_format=CL), latent,
+                                                 args.kl_weight, args.l2_weight, draws)
 
     def scale():  # from the first training batch and fixed noise; random's state (flips) kept
         state = random.getstate()
-        x = next(iter(epoch_batches(dataset, args, 0, 0)))[0].to(device)
+        x = next(iter(epoch_batches(run.dataset, args, 0, 0)))[0].to(device)
         random.setstate(state)
         eps = torch.randn(len(x), *latent, generator=torch.Generator().manual_seed(0)).to(device)
         return scale_by_std(model, x, eps)
-
-    run = Run(args=args, method="ldm-ae", model=model, dataset=dataset, device=device, rank=rank, world=world,
-              opt=torch.optim.Adam(model.parameters(), lr=args.lr, betas=(0.5, 0.9)), stop=[],
-              path=Path(args.out) / "ckpt.pt", extra=lambda: {"shape": list(shape), "scale": scale()})
-    run.loss = lambda batch, draws: stage_1_step(run.net, batch[0].contiguous(memory_format=CL), latent,
-                                                 args.kl_weight, args.l2_weight, draws)
+    run.extra = lambda: {"scale": scale()}
+    x_test = torch.stack([test[i][0] for i in range(min(1000, len(test)))])
 
     @torch.no_grad()
     def pictures(epoch, progress):  # test PSNR, and test images over their reconstructions (posterior means)
@@ -996,17 +1019,18 @@ def autoencoder_run(args, device, rank, world):
         path = Path(args.out) / f"reconstructions_epoch{epoch + 1:03d}.png"
         save_grid(torch.cat([x_test[:8], rec[:8].clamp(-1, 1)]), path, nrow=8)
     run.pictures = pictures
-    return run
 
 
-def latent_diffusion_run(args, device, rank, world):
+def latent_diffusion_run(run):
     """Stage 2's run: the data set's posteriors under the frozen encoder, the U-Net and tau_theta,
     the loss, and grids decoded by the decoder the checkpoint carries."""
+    args, device = run.args, run.device
     ae, ae_ckpt, ae_args = load_autoencoder(args.ae, device, "stage 2")
     if args.dataset is None:  # recorded in the checkpoint
         args.dataset, args.image_size = ae_args.dataset, ae_args.image_size
     moments, labels, info = encode_all(args, ae, ae_ckpt, ae_args, device)
-    shape = (ae_args.latent_channels, info.size // ae_args.f, info.size // ae_args.f)
+    run.dataset = TensorDataset(moments, labels)
+    run.shape = shape = (ae_args.latent_channels, info.size // ae_args.f, info.size // ae_args.f)
     classes = info.classes if info.num_classes and args.cond != "none" else None
     if args.cond == "text" and not classes:
         raise UserError(f"--cond text uses the class names as prompts; {info.name} has no labels")
@@ -1015,16 +1039,15 @@ def latent_diffusion_run(args, device, rank, world):
         args.text_len = max(16, max(len(c.encode()) for c in classes))
     fill_model_defaults(args, shape[-1])
     table, sch, scale = condition_table(classes, args, device), Schedule(args.T), ae_ckpt["scale"]
-    model = make_model(args, shape, args.num_classes).to(device, memory_format=CL)
+    run.model = make_model(args, shape, args.num_classes).to(device, memory_format=CL)
     print(f"stage 2: latents {shape} from {args.ae} (f = {ae_args.f}), scale factor {scale:.4f}; U-Net "
-          f"{sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, conditioning: "
+          f"{sum(p.numel() for p in run.model.parameters()) / 1e6:.2f}M parameters, conditioning: "
           f"{args.cond if classes else 'none'}")
-    extra = {"shape": list(shape), "classes": classes,
-             "ae": {"args": ae_ckpt["args"], "decoder": ae.decoder.state_dict(), "scale": scale,
-                    "shape": ae_ckpt["shape"], "path": str(args.ae)}}
-    run = Run(args=args, method="ldm", model=model, ema=copy.deepcopy(model).requires_grad_(False),
-              opt=torch.optim.Adam(model.parameters(), lr=args.lr), dataset=TensorDataset(moments, labels),
-              device=device, rank=rank, world=world, stop=[], path=Path(args.out) / "ckpt.pt", extra=lambda: extra)
+    run.ema = copy.deepcopy(run.model).requires_grad_(False)
+    run.opt = torch.optim.Adam(run.model.parameters(), lr=args.lr)
+    extra = {"classes": classes, "ae": {"args": ae_ckpt["args"], "decoder": ae.decoder.state_dict(), "scale": scale,
+                                        "shape": ae_ckpt["shape"], "path": str(args.ae)}}
+    run.extra = lambda: extra
     run.loss = lambda batch, draws: stage_2_step(run.net, batch[0].contiguous(memory_format=CL), batch[1], scale,
                                                  table, args.p_uncond, sch, draws)
 
@@ -1041,35 +1064,20 @@ def latent_diffusion_run(args, device, rank, world):
         save_grid(decode(ae.decoder, z, scale), path, nrow=nrow)
         print(f"epoch {epoch + 1}: samples in {path}{note}")
     run.pictures = pictures
-    return run
 
 
-def resumed(args, argv, ckpt):
-    """The harness's resumed_args, refusing also a flag given at its default value: a parser whose
-    defaults are all None tells which flags the command line gave."""
-    given = parser()
-    given.set_defaults(**dict.fromkeys(vars(args)))
-    kept = resumed_args(given, given.parse_args(argv), ckpt, FREE)
-    for k in FREE:
-        setattr(kept, k, getattr(args, k))
-    return kept
-
-
-def train(args, argv):
-    rank, world, device = setup_processes(args.device)
-    args.out = args.out or ("runs/ldm_ae" if args.stage == "ae" else "runs/ldm")
-    ckpt = None
-    if args.resume:
-        ckpt = load_stage(args.ckpt or Path(args.out) / "ckpt.pt", args.stage)
-        args = resumed(args, argv, ckpt)
-    common.seed_everything(args.seed)  # the same on every process: see Draws
-    out_folder(args.out)
-    run = (autoencoder_run if args.stage == "ae" else latent_diffusion_run)(args, device, rank, world)
-    with signals_to(run.stop):
-        prepare(run, ckpt)
-        train_loop(run)
-        save(run)
-    finish(run)
+def train_command(args, argv):
+    stage = args.stage
+    args.out = args.out or ("runs/ldm_ae" if stage == "ae" else "runs/ldm")
+    p = parser()
+    if args.resume:  # a flag given even at its default is refused: p without defaults tells which were given
+        p.set_defaults(**dict.fromkeys(vars(args)))
+        args = argparse.Namespace(**{**vars(p.parse_args(argv)), **{k: getattr(args, k) for k in FREE}})
+    run = begin(args, p, METHODS[stage], KEYS[stage])
+    if run.ckpt is not None:
+        load_stage(args.ckpt or run.path, stage, ckpt=run.ckpt)
+    (autoencoder_run if stage == "ae" else latent_diffusion_run)(run)
+    train(run)
 
 
 def check_output(path, what):
@@ -1082,51 +1090,35 @@ def check_output(path, what):
     check_save(path)
 
 
-def write(x, path, nrow=None):
-    if path.endswith(".pt"):
-        torch.save(x, path)
-    else:
-        save_grid(x, path, nrow=nrow)
-    print(f"saved {path}")
-
-
-@torch.no_grad()
 def sample(args):
-    if not args.ckpt:
-        raise UserError("--sample needs --ckpt PATH (a stage-2 checkpoint, e.g. runs/ldm/ckpt.pt)")
     check_output(args.save, "--sample")
-    ckpt = load_stage(args.ckpt, "ldm")
-    steps = args.sampling_steps or min(50, ckpt["args"]["T"])
-    train_args = argparse.Namespace(**{**ckpt["args"], "sampler": args.sampler, "eta": args.eta,
-                                       "sampling_steps": steps})
-    classes, shape, ae = ckpt["classes"], tuple(ckpt["shape"]), ckpt["ae"]
-    if args.cfg_scale != 1 and not classes:
-        raise UserError(f"--cfg-scale needs a conditional model; {args.ckpt} was trained without labels")
-    sch = Schedule(train_args.T)
-    if args.sampler == "ddim":
-        ddim_timesteps(sch.T, steps)  # a clear error before any work
-    device = pick_device(args.device)
-    ema = make_model(train_args, shape, train_args.num_classes)
-    ema.load_state_dict(ckpt["ema"])
-    ema.to(device, memory_format=CL).eval()
-    if not all(torch.isfinite(p).all() for p in ema.parameters()):
-        raise UserError(f"{args.ckpt} holds non-finite weights (its run diverged): retrain with a lower --lr")
-    decoder = make_autoencoder(argparse.Namespace(**ae["args"]), ae["shape"][0]).decoder
-    decoder.load_state_dict(ae["decoder"])
-    decoder.to(device, memory_format=CL).eval()
-    table = condition_table(classes, train_args, device)
-    start, xs = time.time(), []
-    for i in range(0, args.n, 256):
-        ids = torch.arange(i, min(i + 256, args.n), device=device)
-        progress = Progress(f"images {i + 1}-{i + len(ids)} of {args.n}")
-        cond = table[ids % len(classes)] if classes else None
-        z = draw(ema, cond, len(ids), shape, sch, train_args, device, args.seed + i, args.cfg_scale, progress)
-        xs.append(decode(decoder, z, ae["scale"]).float().cpu())
-    x = torch.cat(xs)
-    if not torch.isfinite(x).all():
-        raise UserError(f"the samples of {args.ckpt} came out non-finite: the checkpoint is broken, retrain it")
-    print(f"{args.n} samples in {time.time() - start:.2f} s (guidance {args.cfg_scale})")
-    write(x, args.save, nrow=min(len(classes), 10) if classes else None)
+
+    def load(ckpt, device):
+        classes = load_stage(args.ckpt, "ldm", ckpt=ckpt)["classes"]
+        steps = args.sampling_steps or min(50, ckpt["args"]["T"])
+        train_args = argparse.Namespace(**{**ckpt["args"], "sampler": args.sampler, "eta": args.eta,
+                                           "sampling_steps": steps})
+        shape, ae = tuple(ckpt["shape"]), ckpt["ae"]
+        if args.cfg_scale != 1 and not classes:
+            raise UserError(f"--cfg-scale needs a conditional model; {args.ckpt} was trained without labels")
+        sch = Schedule(train_args.T)
+        if args.sampler == "ddim":
+            ddim_timesteps(sch.T, steps)  # a clear error before any work
+        ema = make_model(train_args, shape, train_args.num_classes).to(device, memory_format=CL).eval()
+        ema.load_state_dict(ckpt["ema"])
+        decoder = make_autoencoder(argparse.Namespace(**ae["args"]), ae["shape"][0]).decoder
+        decoder.to(device, memory_format=CL).eval().load_state_dict(ae["decoder"])
+        table = condition_table(classes, train_args, device)
+
+        @torch.no_grad()
+        def draw_chunk(first, n, progress):  # image i of class i mod K
+            cond = table[torch.arange(first, first + n, device=device) % len(classes)] if classes else None
+            z = draw(ema, cond, n, shape, sch, train_args, device, args.seed + first, args.cfg_scale, progress)
+            return decode(decoder, z, ae["scale"])
+        return ema, draw_chunk
+
+    sample_command(args, ["ldm"], KEYS["ldm"], load,
+                   nrow=lambda ckpt: min(len(ckpt["classes"]), 10) if ckpt["classes"] else None)  # a class a column
 
 
 @torch.no_grad()
@@ -1152,17 +1144,13 @@ def encode(args):
 def decode_file(args):
     """Latents in a tensor file (a tensor or {"x": ...}, scaled as --encode writes them) -> images."""
     check_output(args.save, "--decode")
-    if not args.ckpt or not Path(args.ckpt).is_file():
-        raise UserError(f"--decode needs --ckpt LATENTS.pt (sampled or encoded latents), got {args.ckpt}")
+    path = args.ckpt
+    if not path or not Path(path).is_file():
+        raise UserError(f"--decode needs --ckpt LATENTS.pt (sampled or encoded latents), got {path}")
     device = pick_device(args.device)
     ae, ckpt, ae_args = load_autoencoder(args.ae, device, "--decode")
     h = ckpt["shape"][-1] // ae_args.f
-    z = read_latents(args.ckpt, (ae_args.latent_channels, h, h), args.ae)
-    write(torch.cat([decode(ae.decoder, zb.to(device), ckpt["scale"]).cpu() for zb in z.split(256)]), args.save)
-
-
-def read_latents(path, shape, ae_path):
-    """The (N, c, h, h) latents of a tensor file (a tensor or {"x": ...}), or a clear error."""
+    shape = (ae_args.latent_channels, h, h)
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
@@ -1174,10 +1162,15 @@ def read_latents(path, shape, ae_path):
     z = obj["x"] if isinstance(obj, dict) else obj
     if not torch.is_tensor(z) or tuple(z.shape[1:]) != shape or not len(z):
         got = tuple(z.shape) if torch.is_tensor(z) else f"a {type(z).__name__}"
-        raise UserError(f"{path} must hold latents (N, {', '.join(map(str, shape))}) for {ae_path}, got {got}")
+        raise UserError(f"{path} must hold latents (N, {', '.join(map(str, shape))}) for {args.ae}, got {got}")
     if not torch.isfinite(z.float()).all():
         raise UserError(f"{path} holds non-finite latents (NaN or inf): sample or encode them again")
-    return z.float()
+    x = torch.cat([decode(ae.decoder, zb.to(device), ckpt["scale"]).cpu() for zb in z.float().split(256)])
+    if args.save.endswith(".pt"):
+        torch.save(x, args.save)
+    else:
+        save_grid(x, args.save)
+    print(f"saved {args.save}")
 
 
 def parser():
@@ -1249,15 +1242,8 @@ def parse_args(argv=None):
 
 def main(argv=None):
     args = parse_args(argv)
-    if args.sample:
-        command = sample
-    elif args.encode:
-        command = encode
-    elif args.decode:
-        command = decode_file
-    else:
-        command = functools.partial(train, argv=argv)
-    run_command(command, args)
+    chosen = [c for flag, c in (("sample", sample), ("encode", encode), ("decode", decode_file)) if getattr(args, flag)]
+    run_command(chosen[0] if chosen else functools.partial(train_command, argv=argv), args)
 
 
 if __name__ == "__main__":

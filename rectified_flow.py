@@ -242,16 +242,13 @@ def distillation_step(net, z0, z1, draw, labels=None):
 
 
 # ==== harness: the same text in every method file (tests/test_harness.py compares the copies) ====
-# Processes and devices, the random draws of a global batch, checkpoints and resume, signals, EMA,
-# the learning-rate schedule, the training loop's bookkeeping, progress lines and the shared flags.
-
-CHECK_EVERY = 10  # steps between readings of the loss and the stop flag from the device
-DIVERGED = 1000  # a loss this many times its first value (or 1) has diverged, finite or not
+# Processes and devices, a global batch's random draws, checkpoints and resume, signals, EMA, the
+# learning rate, the training loop's bookkeeping, progress lines, --sample's frame and shared flags.
 
 
 def setup_processes(device_name):
-    """Rank 0 of 1, or under torchrun (RANK, WORLD_SIZE, LOCAL_RANK) one process per device: NCCL
-    on GPUs, gloo on CPUs, and only rank 0 prints. Returns (rank, world, device)."""
+    """(rank, world, device): 0 of 1, or under torchrun one process per device, NCCL on GPUs and
+    gloo on CPUs, of which only rank 0 prints."""
     if "RANK" not in os.environ:
         return 0, 1, pick_device(device_name)
     rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
@@ -269,8 +266,8 @@ def setup_processes(device_name):
 
 
 class Draws:
-    """The random draws of a global batch of n: every process draws all n and keeps its slice, so
-    that N processes compute what one process computes on the whole batch."""
+    """A global batch of n's random draws: every process draws all n and keeps its slice, so that
+    N processes compute what one process computes on the whole batch."""
 
     def __init__(self, n, device, rank=0, world=1):
         self.n, self.device = n, device
@@ -299,9 +296,8 @@ def epoch_batches(dataset, args, epoch, skip, rank=0, world=1):
 @torch.no_grad()
 def ema_update(ema, model, n, max_decay):
     """EMA of the weights, its decay warmed up as min(max_decay, (1 + n) / (10 + n))."""
-    decay = min(max_decay, (1 + n) / (10 + n))
     for e, p in zip(ema.parameters(), model.parameters()):
-        e.lerp_(p, 1 - decay)
+        e.lerp_(p, 1 - min(max_decay, (1 + n) / (10 + n)))
 
 
 def learning_rate(args, step, total):
@@ -312,11 +308,9 @@ def learning_rate(args, step, total):
 
 
 def save_checkpoint(path, state):
-    """state and the RNG states, written to a temporary file, then renamed: a crash leaves no
-    broken checkpoint."""
+    """state and the RNG states, written to a temporary file and renamed: a crash leaves no broken file."""
     rng = {"torch": torch.get_rng_state(), "python": random.getstate(),
-           "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
-           "mps": torch.mps.get_rng_state() if torch.backends.mps.is_available() else None}
+           "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None}
     torch.save({**state, "rng": rng}, f"{path}.tmp")
     os.replace(f"{path}.tmp", path)
 
@@ -337,18 +331,6 @@ def load_checkpoint(path, methods, keys, flag="--ckpt"):
     if missing:
         raise UserError(f"{path} is an incomplete {method} checkpoint: no {', '.join(missing)}")
     return ckpt
-
-
-def restore_rng(rng, device):
-    """CUDA's states for the devices this machine has; under torchrun each rank continues rank 0's."""
-    torch.set_rng_state(rng["torch"])
-    random.setstate(rng["python"])
-    for i, state in enumerate(rng["cuda"][:torch.cuda.device_count()]):
-        torch.cuda.set_rng_state(state, i)
-    if device.type == "cuda" and rng["cuda"]:
-        torch.cuda.set_rng_state(rng["cuda"][0], device)
-    if rng["mps"] is not None and torch.backends.mps.is_available():
-        torch.mps.set_rng_state(rng["mps"])
 
 
 def resumed_args(p, args, ckpt, free=("device", "out", "resume", "ckpt", "data_dir", "log_every",
@@ -380,47 +362,60 @@ class SamplingStopped(Exception):
     """Ctrl-C or SIGTERM arrived while a sampler ran."""
 
 
-def duration(seconds):
-    if seconds >= 5400:
-        return f"{seconds / 3600:.1f} h"
-    return f"{seconds / 60:.1f} min" if seconds >= 90 else f"{seconds:.0f} s"
-
-
 class Progress:
-    """Called after each step of a long loop: a line with the time left every few seconds, and
-    SamplingStopped at the next step once `stop` is set."""
+    """Called after each step of a long loop, as progress(done, total) or as a sampler's on_step(x,
+    done, total): a line with the time left every few seconds; SamplingStopped once `stop` is set."""
 
     def __init__(self, what, stop=(), every=5.0):
         self.what, self.stop, self.every = what, stop, every
         self.start = self.last = time.time()
 
-    def __call__(self, done, total):
+    def __call__(self, *step):
+        done, total = step[-2:]
         if self.stop:
             raise SamplingStopped
         if time.time() - self.last >= self.every:
             left = (time.time() - self.start) / done * (total - done)
-            print(f"{self.what}: step {done}/{total}, {duration(left)} left", flush=True)
+            print(f"{self.what}: step {done}/{total}, {left / 60:.1f} min left", flush=True)
             self.last = time.time()
 
 
 class Run(argparse.Namespace):
-    """A training run, built in one place by the method's train(): args, model, opt, dataset,
-    device, rank, world, stop, path (of the checkpoint), method, loss(batch, draws) -> a scalar."""
-    ema = after_step = pictures = None  # an EMA model; after_step(step); pictures(epoch, progress)
-    step, saved, first, grid = 0, None, None, 0.0
+    """A training run: args, method, rank, world, device, path (of its checkpoint), ckpt (resumed, or
+    None), stop, shape (of an example), model, opt, dataset, loss(batch, draws) -> a scalar, and
+    optionally ema, after_step(step), pictures(epoch, progress) and extra() (more to checkpoint)."""
+    ckpt = ema = after_step = pictures = first = None
+    step, saved, grid = 0, 0, 0.0
 
-    def extra(self):  # what the checkpoint holds besides the shared keys
+    def extra(self):
         return {}
 
 
-def prepare(run, ckpt):
-    """A resumed run's weights, optimizer and RNG; run.net, the model as training calls it."""
-    if run.args.batch_size % run.world:
-        raise UserError(f"--batch-size {run.args.batch_size} (the global batch) must divide evenly over "
+def begin(args, p, method, keys):
+    """A Run: its processes, --out, and with --resume its checkpoint and flags; then the seed, the
+    same on every process (see Draws)."""
+    rank, world, device = setup_processes(args.device)
+    run = Run(method=method, rank=rank, world=world, device=device, stop=[], path=out_folder(args.out) / "ckpt.pt")
+    if args.resume:
+        run.ckpt = load_checkpoint(args.ckpt or run.path, [method], ("shape", *keys))
+        args = resumed_args(p, args, run.ckpt)
+    seed_everything(args.seed)
+    run.args = args
+    return run
+
+
+def prepare(run):
+    """A resumed run's weights, optimizer, step and RNG, and run.net: the network as training calls it."""
+    args, ckpt = run.args, run.ckpt
+    if args.batch_size % run.world:
+        raise UserError(f"--batch-size {args.batch_size} (the global batch) must divide evenly over "
                         f"{run.world} processes")
-    if len(run.dataset) < run.args.batch_size:
-        raise UserError(f"{len(run.dataset)} training examples, fewer than --batch-size {run.args.batch_size}")
+    if len(run.dataset) < args.batch_size:
+        raise UserError(f"{len(run.dataset)} training examples, fewer than --batch-size {args.batch_size}")
     if ckpt is not None:
+        if tuple(ckpt["shape"]) != tuple(run.shape):
+            raise UserError(f"the checkpoint was trained on {tuple(ckpt['shape'])} data, not {tuple(run.shape)}: "
+                            f"resume on the data it was trained on")
         try:
             run.model.load_state_dict(ckpt["model"])
         except RuntimeError:
@@ -429,72 +424,72 @@ def prepare(run, ckpt):
             run.ema.load_state_dict(ckpt["ema"])
         run.opt.load_state_dict(ckpt["optimizer"])
         run.step = run.saved = ckpt["step"]
-        restore_rng(ckpt["rng"], run.device)
+        torch.set_rng_state(ckpt["rng"]["torch"])
+        random.setstate(ckpt["rng"]["python"])
+        if ckpt["rng"]["cuda"] is not None and run.device.type == "cuda":  # each rank continues rank 0's
+            torch.cuda.set_rng_state(ckpt["rng"]["cuda"], run.device)
         print(f"resumed from step {run.step}")
+    run.per_epoch = len(run.dataset) // args.batch_size
+    run.total = args.steps or args.epochs * run.per_epoch
     run.net = run.model
     if run.world > 1:  # averages the gradients over the processes in backward()
         run.net = DistributedDataParallel(run.model, [run.device.index] if run.device.type == "cuda" else None)
-    if run.args.compile:
+    if args.compile:
         run.net = torch.compile(run.net)
 
 
-def save(run):
-    if run.rank == 0 and run.saved != run.step:
-        save_checkpoint(run.path, {"method": run.method, "args": vars(run.args), "step": run.step,
-                                   "model": run.model.state_dict(), "optimizer": run.opt.state_dict(),
-                                   "ema": None if run.ema is None else run.ema.state_dict(), **run.extra()})
-    run.saved, run.last_save = run.step, time.time()
+def train(run):
+    """From run.step to the end: global batches, run.loss, gradient steps, EMA. The loss and the stop
+    flag are read from the device every 10 steps and at each epoch's end, whose checkpoint and pictures
+    follow. Ctrl-C or SIGTERM: the step ends, the run saves and exits 128 + the signal's number."""
+    prepare(run)
+    amp = torch.autocast("cuda", torch.bfloat16, enabled=run.args.bf16 and run.device.type == "cuda")
+    losses, run.bad_data, run.last_log = [], torch.zeros((), device=run.device), time.time()
+    run.last_save = run.last_log
+    with signals_to(run.stop):
+        while run.step < run.total and not run.stop:
+            epoch, skip = divmod(run.step, run.per_epoch)
+            for batch in epoch_batches(run.dataset, run.args, epoch, skip, run.rank, run.world):
+                with amp:
+                    losses.append(gradient_step(run, [b.to(run.device) for b in batch]))
+                end = run.step % run.per_epoch == 0 or run.step == run.total
+                if (end or run.step % 10 == 0 or run.world == 1 and run.stop) and check(run, losses) or end:
+                    break
+            if run.step % run.per_epoch == 0 or run.step == run.total:
+                end_of_epoch(run, epoch)
+        save(run)
+    finish(run)
 
 
-def train_loop(run):
-    """From run.step to the end: a global batch, run.loss, a gradient step, EMA; the loss and the
-    stop flag are read from the device every CHECK_EVERY steps and at an epoch's end, its checkpoint
-    and pictures then follow."""
-    args, per_epoch = run.args, len(run.dataset) // run.args.batch_size
-    run.total, run.per_epoch = args.steps or args.epochs * per_epoch, per_epoch
-    amp = torch.autocast("cuda", torch.bfloat16, enabled=args.bf16 and run.device.type == "cuda")
-    run.last_log = run.last_save = time.time()
-    losses, run.bad_data = [], torch.zeros((), device=run.device)
-    while run.step < run.total and not run.stop:
-        epoch, skip = divmod(run.step, per_epoch)
-        for batch in epoch_batches(run.dataset, args, epoch, skip, run.rank, run.world):
-            batch = [b.to(run.device) for b in batch]
-            run.bad_data += (~torch.isfinite(batch[0])).any()
-            for group in run.opt.param_groups:
-                group["lr"] = learning_rate(args, run.step, run.total)
-            with amp:
-                loss = run.loss(batch, Draws(args.batch_size, run.device, run.rank, run.world))
-            run.opt.zero_grad(set_to_none=True)
-            loss.backward()
-            if args.grad_clip:
-                torch.nn.utils.clip_grad_norm_(run.model.parameters(), args.grad_clip)
-            run.opt.step()
-            run.step += 1
-            if run.ema is not None:
-                ema_update(run.ema, run.model, run.step, args.ema)
-            if run.after_step is not None:
-                run.after_step(run.step)
-            losses.append(loss.detach().float())
-            run.first = losses[0] if run.first is None else run.first
-            end = run.step % per_epoch == 0 or run.step == run.total
-            if (end or run.step % CHECK_EVERY == 0 or run.world == 1 and run.stop) and check(run, losses):
-                break
-            if end:
-                break
-        if run.step % per_epoch == 0 or run.step == run.total:
-            end_of_epoch(run, epoch)
+def gradient_step(run, batch):
+    run.bad_data += (~torch.isfinite(batch[0])).any()
+    for group in run.opt.param_groups:
+        group["lr"] = learning_rate(run.args, run.step, run.total)
+    loss = run.loss(batch, Draws(run.args.batch_size, run.device, run.rank, run.world))
+    run.opt.zero_grad(set_to_none=True)
+    loss.backward()
+    if run.args.grad_clip:
+        torch.nn.utils.clip_grad_norm_(run.model.parameters(), run.args.grad_clip)
+    run.opt.step()
+    run.step += 1
+    if run.ema is not None:
+        ema_update(run.ema, run.model, run.step, run.args.ema)
+    if run.after_step is not None:
+        run.after_step(run.step)
+    run.first = loss.detach().float() if run.first is None else run.first
+    return loss.detach().float()
 
 
 def check(run, losses):
-    """Stops a diverged run without saving; prints progress; saves every --save-every minutes.
-    Returns whether any process was asked to stop (one stopped by another exits as on SIGTERM)."""
+    """Stops a diverged run (a loss over 1000 x its first, or 1) without saving; prints progress; saves
+    every --save-every minutes. Returns whether any process was asked to stop."""
     stop = torch.tensor(float(len(run.stop)), device=run.device)
     x = torch.stack([torch.stack(losses).mean(), run.first, run.bad_data, stop])
     if run.world > 1:
         dist.all_reduce(x)
         x /= run.world
     (loss, first, bad, stop), now = x.tolist(), time.time()
-    if bad or not math.isfinite(loss) or loss > DIVERGED * max(first, 1):
+    if bad or not math.isfinite(loss) or loss > 1000 * max(first, 1):
         held = f"{run.path} holds step {run.saved}" if run.saved else "this run has written no checkpoint yet"
         why = "the data hold NaN or inf" if bad else f"the loss went from {first:.3g} to {loss:.3g} " \
             f"(diverged: try a lower --lr)"
@@ -502,15 +497,24 @@ def check(run, losses):
     if now - run.last_log >= run.args.log_every or stop or run.step == run.total:
         speed = len(losses) * run.args.batch_size / (now - run.last_log)
         left = (run.total - run.step) * (run.args.batch_size / speed + run.grid / run.per_epoch)
-        print(f"step {run.step}/{run.total}  loss {loss:.4f}  {speed:.0f} img/s  {duration(left)} left",
+        print(f"step {run.step}/{run.total}  loss {loss:.4f}  {speed:.0f} img/s  {left / 60:.1f} min left",
               flush=True)
         losses.clear()
         run.last_log = now
-    if stop and not run.stop:
+    if stop and not run.stop:  # another process's signal: exit as after SIGTERM
         run.stop.append(SIGTERM)
     if now - run.last_save >= 60 * run.args.save_every or stop:
         save(run)
     return bool(stop)
+
+
+def save(run):
+    if run.rank == 0 and run.saved != run.step:
+        save_checkpoint(run.path, {"method": run.method, "args": vars(run.args), "step": run.step,
+                                   "shape": list(run.shape), "model": run.model.state_dict(),
+                                   "optimizer": run.opt.state_dict(),
+                                   "ema": None if run.ema is None else run.ema.state_dict(), **run.extra()})
+    run.saved, run.last_save = run.step, time.time()
 
 
 def end_of_epoch(run, epoch):
@@ -532,6 +536,32 @@ def finish(run):
     print(f"{'interrupted' if run.stop else 'done'} at step {run.step}; checkpoint {run.path}")
     if run.stop:
         raise SystemExit(128 + run.stop[0])
+
+
+def sample_command(args, methods, keys, load, nrow=None):
+    """--sample: load(ckpt, device) of --ckpt gives (net, draw); --n samples drawn 256 at a time by
+    draw(first, n, progress), checked and written to --save as a tensor or a grid nrow wide (nrow:
+    a number, or a function of the checkpoint)."""
+    if not args.ckpt:
+        raise UserError(f"--sample needs --ckpt PATH, a checkpoint its training wrote (in {args.out})")
+    check_save(args.save)
+    ckpt = load_checkpoint(args.ckpt, methods, ("shape", *keys))
+    net, draw = load(ckpt, pick_device(args.device))
+    if not all(torch.isfinite(w).all() for w in net.parameters()):
+        raise UserError(f"{args.ckpt} holds non-finite weights (its run diverged): retrain with a lower --lr")
+    start, chunks = time.time(), []
+    for i in range(0, args.n, 256):
+        progress = Progress(f"images {i + 1}-{min(i + 256, args.n)} of {args.n}")
+        chunks.append(draw(i, min(256, args.n - i), progress).float().cpu())
+    x = torch.cat(chunks)
+    if not torch.isfinite(x).all():
+        raise UserError(f"the samples of {args.ckpt} came out non-finite: the checkpoint is broken, retrain it")
+    print(f"{args.n} samples in {time.time() - start:.2f} s")
+    if args.save.endswith(".pt"):
+        torch.save(x, args.save)
+    else:
+        save_grid(x[:, :3], args.save, nrow=nrow(ckpt) if callable(nrow) else nrow)
+    print(f"saved {args.save}")
 
 
 def positive_int(s):
@@ -593,10 +623,10 @@ def out_folder(path):
 
 
 def check_save(path):
+    if path and Path(path).is_dir():
+        raise UserError(f"--save {path} is a folder: give a file name ending in .png or .pt")
     if not path or Path(path).suffix not in (".png", ".pt"):
         raise UserError("--sample needs --save FILE.png (a grid) or FILE.pt (a tensor)")
-    if Path(path).is_dir():
-        raise UserError(f"--save {path} is a folder: give a file name ending in .png or .pt")
     try:
         Path(path).parent.mkdir(parents=True, exist_ok=True)
     except OSError as e:
@@ -621,18 +651,20 @@ def run_command(command, args):
 
 # ==== the command line =============================================================================
 
-KEYS = ("shape", "num_classes", "k", "distilled", "model", "ema", "optimizer")  # besides the harness's
+KEYS = ("num_classes", "k", "distilled", "model", "ema", "optimizer")  # besides the harness's and "shape"
 FREE = ("device", "out", "resume", "ckpt", "data_dir", "log_every", "save_every", "compile", "bf16", "all")
 EULER_STEPS = (1, 2, 4, 8, 100)  # the rows of every stage's grid
 PAIR_CHUNK = 500  # reflow pairs drawn per solver call; each chunk has its own seed
 PAIR_SEED = 2 ** 40  # pair noise seeds start here, far from the seeds grids and --sample use
 
 
-def load_ema(ckpt, device, path):
+def read_checkpoint(path):
+    return load_checkpoint(path, ["rectified_flow"], ("shape", *KEYS))
+
+
+def load_ema(ckpt, device):
     net = make_model(argparse.Namespace(**ckpt["args"]), ckpt["shape"], ckpt["num_classes"])
     net.load_state_dict(ckpt["ema"])
-    if not all(torch.isfinite(p).all() for p in net.parameters()):
-        raise UserError(f"{path} holds non-finite weights (its run diverged): retrain it with a lower --lr")
     return net.to(device, memory_format=torch.channels_last).eval()
 
 
@@ -707,7 +739,9 @@ def reflow_pairs(args, teacher, shape, num_classes, device, stop, rank, world):
               "teacher_sum": sum(w.double().sum().item() for w in teacher["ema"].values()),
               "solver": [args.solver, args.sampling_steps, args.rtol, args.atol, args.cfg_scale]}
     pairs = read_pairs(path, source, shape, args.pairs)
-    net = load_ema(teacher, device, args.teacher) if len(pairs["z0"]) < args.pairs else None
+    net = load_ema(teacher, device) if len(pairs["z0"]) < args.pairs else None
+    if net is not None and not all(torch.isfinite(w).all() for w in net.parameters()):
+        raise UserError(f"{args.teacher} holds non-finite weights (its run diverged): retrain it with a lower --lr")
     start = last = time.time()
     done0 = len(pairs["z0"])
     while len(pairs["z0"]) < args.pairs and not stopped(stop, world, device):
@@ -728,9 +762,8 @@ def reflow_pairs(args, teacher, shape, num_classes, device, stop, rank, world):
         for chunk in chunks:  # in rank order: the chunks in the order one process draws them
             for key, val in zip(("z0", "z1", "y"), chunk):
                 pairs[key] = torch.cat([pairs[key], val])
-        rate = (len(pairs["z0"]) - done0) / (time.time() - start)
-        print(f"pairs {len(pairs['z0'])}/{args.pairs}  {args.solver} NFE {nfe}  "
-              f"{duration((args.pairs - len(pairs['z0'])) / rate)} left", flush=True)
+        left = (args.pairs - len(pairs["z0"])) / (len(pairs["z0"]) - done0) * (time.time() - start)
+        print(f"pairs {len(pairs['z0'])}/{args.pairs}  {args.solver} NFE {nfe}  {left / 60:.1f} min left", flush=True)
         if time.time() - last > 60 and rank == 0:
             write_pairs(pairs, path)
             last = time.time()
@@ -740,45 +773,6 @@ def reflow_pairs(args, teacher, shape, num_classes, device, stop, rank, world):
         print(f"interrupted while drawing pairs; {path} keeps them for the same command (with or without --resume)")
         raise SystemExit(128 + stop[0])  # as an interrupted training
     return TensorDataset(*(pairs[k][:args.pairs] for k in ("z0", "z1", "y")))
-
-
-def fill_model_defaults(args, size):
-    """As ddpm.py: 28x28 gets a 6.5M U-Net; 32x32 the DDPM CIFAR-10 one."""
-    big = size >= 32
-    args.width = args.width or (128 if big else 64)
-    args.mults = args.mults or ((1, 2, 2, 2) if big else (1, 2, 2))
-    args.attn = args.attn or ((16,) if big else (size // 4,))
-    args.dropout = args.dropout if args.dropout is not None else (0.1 if args.dataset == "cifar10" else 0.0)
-
-
-def load_teacher(args):
-    """With --reflow or --distill, the k-RF checkpoint --ckpt (None for a 1-RF)."""
-    if not (args.reflow or args.distill):
-        return None
-    if not args.ckpt:
-        raise UserError(f"--{'reflow' if args.reflow else 'distill'} needs --ckpt PATH, the k-RF checkpoint "
-                        f"to start from (e.g. {Path(args.out) / 'ckpt_1rf.pt'})")
-    teacher = load_checkpoint(args.ckpt, ["rectified_flow"], KEYS)
-    if teacher["distilled"]:
-        raise UserError(f"{args.ckpt} is a distilled one-step model: reflow or distill a k-RF")
-    return teacher
-
-
-def stage_data(args, teacher, stop, device, rank, world):
-    """The 1-RF's images (X_1, y), or the k-RF teacher's pairs (Z_0, Z_1, y); their shape and classes."""
-    if args.stage_k == 1 and not args.distilled:
-        dataset, info = load_dataset(args.dataset, args.data_dir, True, args.image_size,
-                                     flip=args.dataset == "cifar10")
-        if args.class_cond and not info.num_classes:
-            raise UserError(f"--class-cond needs labels; {info.name} has none (put its images in one "
-                            f"subfolder per class)")
-        fill_model_defaults(args, info.size)
-        return dataset, (info.channels, info.size, info.size), info.num_classes if args.class_cond else None
-    for key in ARCH + ("dataset", "image_size", "class_cond", "p_uncond"):  # the teacher's
-        setattr(args, key, teacher["args"][key])
-    args.solver, args.sampling_steps = args.solver or "rk45", args.sampling_steps or 100
-    shape, num_classes = tuple(teacher["shape"]), teacher["num_classes"]
-    return reflow_pairs(args, teacher, shape, num_classes, device, stop, rank, world), shape, num_classes
 
 
 def stage_step(args, num_classes):
@@ -793,22 +787,17 @@ def stage_step(args, num_classes):
     return step
 
 
-def long_run_note(run):
-    """On a CPU, after the stage's first step: a stage of over half an hour says so at once."""
-    start, first = time.time(), run.step + 1
-
-    def after_step(step):
-        left = (time.time() - start) * (run.total - step)
-        if step == first and run.device.type == "cpu" and left > 1800:
-            print(f"note: this stage needs about {left / 3600:.1f} h on this CPU; README.md's CPU recipe "
-                  f"shows real results in about 15 minutes a stage")
-    return after_step
-
-
 def stage_args(args):
     """The stage's flags (a resumed stage's from its checkpoint), the checkpoint it resumes (or None)
-    and its teacher, the k-RF of --reflow and --distill (None for a 1-RF)."""
-    teacher = load_teacher(args)
+    and its teacher, the k-RF --ckpt of --reflow and --distill (None for a 1-RF)."""
+    teacher = None
+    if args.reflow or args.distill:
+        if not args.ckpt:
+            raise UserError(f"--{'reflow' if args.reflow else 'distill'} needs --ckpt PATH, the k-RF checkpoint "
+                            f"to start from (e.g. {Path(args.out) / 'ckpt_1rf.pt'})")
+        teacher = read_checkpoint(args.ckpt)
+        if teacher["distilled"]:
+            raise UserError(f"{args.ckpt} is a distilled one-step model: reflow or distill a k-RF")
     k, out = teacher["k"] + args.reflow if teacher else 1, Path(args.out)
     path = Path(args.ckpt) if args.resume and args.ckpt and teacher is None else \
         out / f"ckpt_{k}rf{'_distilled' if args.distill else ''}.pt"
@@ -816,14 +805,14 @@ def stage_args(args):
     # a reflow or distillation stopped while drawing pairs has no checkpoint yet: it starts afresh,
     # and its stored pairs are kept
     if args.resume and (path.exists() or not (args.all or teacher)):
-        ckpt = load_checkpoint(path, ["rectified_flow"], KEYS)
+        ckpt = read_checkpoint(path)
         args = resumed_args(parser(), args, ckpt, FREE)
     else:
         args.stage_k, args.distilled = k, args.distill
     if teacher:
         args.teacher = str(Path(args.ckpt).resolve())
     elif args.stage_k > 1 or args.distilled:  # resumed from --ckpt without --reflow or --distill
-        teacher = load_checkpoint(args.teacher, ["rectified_flow"], KEYS)
+        teacher = read_checkpoint(args.teacher)
     if teacher:
         args.pairs_file = str((out / f"pairs_{teacher['k']}rf.pt").resolve())
     args.epochs = args.epochs or (None if args.steps else 10)  # a stage not begun, resumed
@@ -833,45 +822,74 @@ def stage_args(args):
     return args, ckpt, teacher
 
 
-def train(args):
+def fill_model_defaults(args, size):
+    """As ddpm.py: 28x28 gets a 6.5M U-Net; 32x32 the DDPM CIFAR-10 one."""
+    big = size >= 32
+    args.width = args.width or (128 if big else 64)
+    args.mults = args.mults or ((1, 2, 2, 2) if big else (1, 2, 2))
+    args.attn = args.attn or ((16,) if big else (size // 4,))
+    args.dropout = args.dropout if args.dropout is not None else (0.1 if args.dataset == "cifar10" else 0.0)
+
+
+def stage_data(run, teacher):
+    """The 1-RF's images (X_1, y), or the k-RF teacher's pairs (Z_0, Z_1, y); their shape and classes."""
+    args = run.args
+    if args.stage_k == 1 and not args.distilled:
+        dataset, info = load_dataset(args.dataset, args.data_dir, True, args.image_size,
+                                     flip=args.dataset == "cifar10")
+        if args.class_cond and not info.num_classes:
+            raise UserError(f"--class-cond needs labels; {info.name} has none (put its images in one "
+                            f"subfolder per class)")
+        fill_model_defaults(args, info.size)
+        return dataset, (info.channels, info.size, info.size), info.num_classes if args.class_cond else None
+    for key in ARCH + ("dataset", "image_size", "class_cond", "p_uncond"):  # the teacher's
+        setattr(args, key, teacher["args"][key])
+    args.solver, args.sampling_steps = args.solver or "rk45", args.sampling_steps or 100
+    shape, num_classes = tuple(teacher["shape"]), teacher["num_classes"]
+    with signals_to(run.stop):
+        pairs = reflow_pairs(args, teacher, shape, num_classes, run.device, run.stop, run.rank, run.world)
+    return pairs, shape, num_classes
+
+
+def train_stage(args):
     """One stage: 1-RF on the data; with --reflow a (k+1)-RF, with --distill a one-step model, both
     on pairs from the k-RF --ckpt. Returns the checkpoint's path; interrupted, exits 130 or 143."""
     args, ckpt, teacher = stage_args(args)
     rank, world, device = setup_processes(args.device)
     seed_everything(args.seed)  # the same on every process: see Draws
-    out_folder(args.out)
-    stop = []
-    with signals_to(stop):
-        dataset, shape, num_classes = stage_data(args, teacher, stop, device, rank, world)
-        if ckpt is not None and tuple(ckpt["shape"]) != shape:
-            raise UserError(f"the run was trained on {tuple(ckpt['shape'])} images, not {shape}: resume on its data")
-        name = f"{args.stage_k}rf" + ("_distilled" if args.distilled else "")
-        model = make_model(args, shape, num_classes).to(device, memory_format=torch.channels_last)
-        if teacher is not None:  # reflow and distillation start from the k-RF
-            model.load_state_dict(teacher["ema"])
-        print(f"stage {name}: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, "
-              f"{len(dataset)} training {'pairs' if teacher else 'images'}")
-        run = Run(args=args, method="rectified_flow", model=model, ema=copy.deepcopy(model).requires_grad_(False),
-                  opt=torch.optim.Adam(model.parameters(), lr=args.lr), dataset=dataset, device=device,
-                  rank=rank, world=world, stop=stop, path=Path(args.out) / f"ckpt_{name}.pt",
-                  extra=lambda: {"shape": list(shape), "num_classes": num_classes, "k": args.stage_k,
-                                 "distilled": args.distilled})
-        step = stage_step(args, num_classes)
-        run.loss = lambda batch, draws: step(run.net, batch, draws)
-        run.pictures = lambda epoch, progress: pictures(run.ema, args, shape, device, name, epoch, progress)
-        prepare(run, ckpt)
-        run.after_step = long_run_note(run)
-        train_loop(run)
-        save(run)
-    finish(run)
+    name = f"{args.stage_k}rf" + ("_distilled" if args.distilled else "")
+    run = Run(args=args, method="rectified_flow", rank=rank, world=world, device=device, stop=[], ckpt=ckpt,
+              path=out_folder(args.out) / f"ckpt_{name}.pt")
+    run.dataset, run.shape, num_classes = stage_data(run, teacher)
+    run.model = make_model(args, run.shape, num_classes).to(device, memory_format=torch.channels_last)
+    if teacher is not None:  # reflow and distillation start from the k-RF
+        run.model.load_state_dict(teacher["ema"])
+    print(f"stage {name}: {sum(p.numel() for p in run.model.parameters()) / 1e6:.2f}M parameters, "
+          f"{len(run.dataset)} training {'pairs' if teacher else 'images'}")
+    run.ema = copy.deepcopy(run.model).requires_grad_(False)
+    run.opt = torch.optim.Adam(run.model.parameters(), lr=args.lr)
+    run.extra = lambda: {"num_classes": num_classes, "k": args.stage_k, "distilled": args.distilled}
+    loss = stage_step(args, num_classes)
+    run.loss = lambda batch, draws: loss(run.net, batch, draws)
+    run.pictures = lambda epoch, progress: pictures(run.ema, args, run.shape, device, name, epoch, progress)
+    start = time.time()
+
+    def after_step(step):  # on a CPU, after the stage's first step: over half an hour says so at once
+        run.after_step = None
+        left = (time.time() - start) * (run.total - step)
+        if device.type == "cpu" and left > 1800:
+            print(f"note: this stage needs about {left / 3600:.1f} h on this CPU; docs/rectified_flow.md's "
+                  f"CPU recipe shows real results in about 15 minutes a stage")
+    run.after_step = after_step
+    train(run)
     return run.path
 
 
 def train_all(args):
     """1-RF, then reflow to a 2-RF, then distil the 2-RF, with the same flags for each stage."""
-    path = train(argparse.Namespace(**{**vars(args), "reflow": False, "distill": False}))
+    path = train_stage(argparse.Namespace(**{**vars(args), "reflow": False, "distill": False}))
     for stage in ("reflow", "distill"):
-        path = train(argparse.Namespace(**{**vars(args), stage: True, "ckpt": str(path)}))
+        path = train_stage(argparse.Namespace(**{**vars(args), stage: True, "ckpt": str(path)}))
 
 
 def reporting(v, what, every):
@@ -884,49 +902,42 @@ def reporting(v, what, every):
         if now - last >= every:
             s = t.flatten()[0].item()
             if s > 0:
-                print(f"{what}: t = {s:.2f}, {duration((now - start) / s * (1 - s))} left", flush=True)
+                print(f"{what}: t = {s:.2f}, {(now - start) / s * (1 - s) / 60:.1f} min left", flush=True)
             last = now
         return v(z, t)
     return wrapped
 
 
 def sample(args):
-    if not args.ckpt:
-        raise UserError("--sample needs --ckpt PATH (e.g. runs/rectified_flow/ckpt_2rf.pt)")
-    check_save(args.save)
-    ckpt = load_checkpoint(args.ckpt, ["rectified_flow"], KEYS)
-    if args.cfg_scale != 1 and not ckpt["num_classes"]:
-        raise UserError(f"--cfg-scale needs a class-conditional model; {args.ckpt} was trained without --class-cond")
-    device = pick_device(args.device)
-    net, shape, K = load_ema(ckpt, device, args.ckpt), tuple(ckpt["shape"]), ckpt["num_classes"]
-    # a distilled model is a one-step map: one Euler step unless told otherwise
-    solver = args.solver or ("euler" if ckpt["distilled"] else "rk45")
-    steps = args.sampling_steps or (1 if ckpt["distilled"] else 100)
-    start, xs, s, nfe = time.time(), [], 0.0, 0
-    for i in range(0, args.n, 256):
-        z0 = torch.randn(min(256, args.n - i), *shape, generator=torch.Generator().manual_seed(args.seed + i))
-        y = torch.arange(i, i + len(z0), device=device) % K if K else None
-        vs = [] if solver == "euler" else None
-        v = reporting(velocity(net, y, args.cfg_scale), f"images {i + 1}-{i + len(z0)} of {args.n}", args.log_every)
-        z1, n_eval = solve(v, z0.to(device), solver, steps, args.rtol, args.atol, vs)
-        nfe, done = max(nfe, n_eval), i + len(z0)
-        s += straightness(z0.to(device), z1, vs) * len(z0) if vs else 0.0
-        xs.append(z1.float().cpu())
-        if done < args.n:
-            print(f"sampling: {done}/{args.n} images, {duration((time.time() - start) / done * (args.n - done))} "
-                  f"left", flush=True)
-    x = torch.cat(xs)
-    if not torch.isfinite(x).all():
-        raise UserError(f"the samples of {args.ckpt} came out non-finite: the checkpoint is broken, retrain it")
-    # one Euler step is a straight line whatever the model: S is 0 and says nothing
-    print(f"{args.n} samples in {time.time() - start:.2f} s with {solver} ("
-          + (f"N = {steps}, " if solver != "rk45" else "") + f"NFE {nfe})"
-          + (f"; straightness S = {s / args.n:.4f} on these paths" if solver == "euler" and steps > 1 else ""))
-    if args.save.endswith(".pt"):
-        torch.save(x.clamp(-1, 1), args.save)
-    else:
-        save_grid(x.clamp(-1, 1), args.save)
-    print(f"saved {args.save}")
+    def load(ckpt, device):
+        if args.cfg_scale != 1 and not ckpt["num_classes"]:
+            raise UserError(f"--cfg-scale needs a class-conditional model; {args.ckpt} was trained without "
+                            f"--class-cond")
+        net, shape, K = load_ema(ckpt, device), tuple(ckpt["shape"]), ckpt["num_classes"]
+        # a distilled model is a one-step map: one Euler step unless told otherwise
+        solver = args.solver or ("euler" if ckpt["distilled"] else "rk45")
+        steps = args.sampling_steps or (1 if ckpt["distilled"] else 100)
+        start, s, nfe = time.time(), 0.0, 0
+
+        def draw(first, n, progress):
+            nonlocal s, nfe
+            if first:
+                left = (time.time() - start) / first * (args.n - first)
+                print(f"sampling: {first}/{args.n} images, {left / 60:.1f} min left", flush=True)
+            z0 = torch.randn(n, *shape, generator=torch.Generator().manual_seed(args.seed + first)).to(device)
+            y = torch.arange(first, first + n, device=device) % K if K else None
+            vs = [] if solver == "euler" else None
+            v = reporting(velocity(net, y, args.cfg_scale), progress.what, args.log_every)
+            z1, n_eval = solve(v, z0, solver, steps, args.rtol, args.atol, vs)
+            nfe, s = max(nfe, n_eval), s + (straightness(z0, z1, vs) * n if vs else 0.0)
+            if first + n == args.n:  # (one Euler step is a straight line whatever the model: S = 0 says nothing)
+                how = f"N = {steps}, NFE {nfe}" if solver != "rk45" else f"NFE {nfe}"
+                straight = f"; straightness S = {s / args.n:.4f} on these paths" if vs and steps > 1 else ""
+                print(f"solved with {solver} ({how}){straight}")
+            return z1.clamp(-1, 1)
+        return net, draw
+
+    sample_command(args, ["rectified_flow"], KEYS, load)
 
 
 def positive_float(s):
@@ -976,7 +987,7 @@ def parse_args(argv=None):
 
 def main(argv=None):
     args = parse_args(argv)
-    run_command(sample if args.sample else train_all if args.all else train, args)
+    run_command(sample if args.sample else train_all if args.all else train_stage, args)
 
 
 if __name__ == "__main__":

@@ -117,8 +117,7 @@ class VAE(nn.Module):
             self.log_sigma2 = nn.Parameter(torch.zeros(()))
 
     def encode(self, x):
-        mu, logvar = self.encoder(x).chunk(2, dim=-1)  # (B, J) each
-        return mu, logvar
+        return self.encoder(x).chunk(2, dim=-1)  # mu, log sigma^2: (B, J) each
 
     def log_p_x_given_z(self, x, z):
         """log p_theta(x|z) summed over pixels: (B, ...) and (B, J) -> (B,)."""
@@ -202,8 +201,8 @@ def training_step(model, x, latent_dim, draw, beta=1.0, binary=False):
 
 @torch.no_grad()
 def sample_prior(model, z):
-    """New images from z ~ p(z) = N(0, I): the decoder's means E[x|z], in chunks of 1024."""
-    return torch.cat([model.mean(part) for part in z.split(1024)])
+    """New images from z ~ p(z) = N(0, I): the decoder's means E[x|z]."""
+    return model.mean(z)
 
 
 @torch.no_grad()
@@ -224,16 +223,13 @@ def iw_log_likelihood(model, x, K, generator=None):
 
 
 # ==== harness: the same text in every method file (tests/test_harness.py compares the copies) ====
-# Processes and devices, the random draws of a global batch, checkpoints and resume, signals, EMA,
-# the learning-rate schedule, the training loop's bookkeeping, progress lines and the shared flags.
-
-CHECK_EVERY = 10  # steps between readings of the loss and the stop flag from the device
-DIVERGED = 1000  # a loss this many times its first value (or 1) has diverged, finite or not
+# Processes and devices, a global batch's random draws, checkpoints and resume, signals, EMA, the
+# learning rate, the training loop's bookkeeping, progress lines, --sample's frame and shared flags.
 
 
 def setup_processes(device_name):
-    """Rank 0 of 1, or under torchrun (RANK, WORLD_SIZE, LOCAL_RANK) one process per device: NCCL
-    on GPUs, gloo on CPUs, and only rank 0 prints. Returns (rank, world, device)."""
+    """(rank, world, device): 0 of 1, or under torchrun one process per device, NCCL on GPUs and
+    gloo on CPUs, of which only rank 0 prints."""
     if "RANK" not in os.environ:
         return 0, 1, pick_device(device_name)
     rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
@@ -251,8 +247,8 @@ def setup_processes(device_name):
 
 
 class Draws:
-    """The random draws of a global batch of n: every process draws all n and keeps its slice, so
-    that N processes compute what one process computes on the whole batch."""
+    """A global batch of n's random draws: every process draws all n and keeps its slice, so that
+    N processes compute what one process computes on the whole batch."""
 
     def __init__(self, n, device, rank=0, world=1):
         self.n, self.device = n, device
@@ -281,9 +277,8 @@ def epoch_batches(dataset, args, epoch, skip, rank=0, world=1):
 @torch.no_grad()
 def ema_update(ema, model, n, max_decay):
     """EMA of the weights, its decay warmed up as min(max_decay, (1 + n) / (10 + n))."""
-    decay = min(max_decay, (1 + n) / (10 + n))
     for e, p in zip(ema.parameters(), model.parameters()):
-        e.lerp_(p, 1 - decay)
+        e.lerp_(p, 1 - min(max_decay, (1 + n) / (10 + n)))
 
 
 def learning_rate(args, step, total):
@@ -294,11 +289,9 @@ def learning_rate(args, step, total):
 
 
 def save_checkpoint(path, state):
-    """state and the RNG states, written to a temporary file, then renamed: a crash leaves no
-    broken checkpoint."""
+    """state and the RNG states, written to a temporary file and renamed: a crash leaves no broken file."""
     rng = {"torch": torch.get_rng_state(), "python": random.getstate(),
-           "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
-           "mps": torch.mps.get_rng_state() if torch.backends.mps.is_available() else None}
+           "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None}
     torch.save({**state, "rng": rng}, f"{path}.tmp")
     os.replace(f"{path}.tmp", path)
 
@@ -319,18 +312,6 @@ def load_checkpoint(path, methods, keys, flag="--ckpt"):
     if missing:
         raise UserError(f"{path} is an incomplete {method} checkpoint: no {', '.join(missing)}")
     return ckpt
-
-
-def restore_rng(rng, device):
-    """CUDA's states for the devices this machine has; under torchrun each rank continues rank 0's."""
-    torch.set_rng_state(rng["torch"])
-    random.setstate(rng["python"])
-    for i, state in enumerate(rng["cuda"][:torch.cuda.device_count()]):
-        torch.cuda.set_rng_state(state, i)
-    if device.type == "cuda" and rng["cuda"]:
-        torch.cuda.set_rng_state(rng["cuda"][0], device)
-    if rng["mps"] is not None and torch.backends.mps.is_available():
-        torch.mps.set_rng_state(rng["mps"])
 
 
 def resumed_args(p, args, ckpt, free=("device", "out", "resume", "ckpt", "data_dir", "log_every",
@@ -362,47 +343,60 @@ class SamplingStopped(Exception):
     """Ctrl-C or SIGTERM arrived while a sampler ran."""
 
 
-def duration(seconds):
-    if seconds >= 5400:
-        return f"{seconds / 3600:.1f} h"
-    return f"{seconds / 60:.1f} min" if seconds >= 90 else f"{seconds:.0f} s"
-
-
 class Progress:
-    """Called after each step of a long loop: a line with the time left every few seconds, and
-    SamplingStopped at the next step once `stop` is set."""
+    """Called after each step of a long loop, as progress(done, total) or as a sampler's on_step(x,
+    done, total): a line with the time left every few seconds; SamplingStopped once `stop` is set."""
 
     def __init__(self, what, stop=(), every=5.0):
         self.what, self.stop, self.every = what, stop, every
         self.start = self.last = time.time()
 
-    def __call__(self, done, total):
+    def __call__(self, *step):
+        done, total = step[-2:]
         if self.stop:
             raise SamplingStopped
         if time.time() - self.last >= self.every:
             left = (time.time() - self.start) / done * (total - done)
-            print(f"{self.what}: step {done}/{total}, {duration(left)} left", flush=True)
+            print(f"{self.what}: step {done}/{total}, {left / 60:.1f} min left", flush=True)
             self.last = time.time()
 
 
 class Run(argparse.Namespace):
-    """A training run, built in one place by the method's train(): args, model, opt, dataset,
-    device, rank, world, stop, path (of the checkpoint), method, loss(batch, draws) -> a scalar."""
-    ema = after_step = pictures = None  # an EMA model; after_step(step); pictures(epoch, progress)
-    step, saved, first, grid = 0, None, None, 0.0
+    """A training run: args, method, rank, world, device, path (of its checkpoint), ckpt (resumed, or
+    None), stop, shape (of an example), model, opt, dataset, loss(batch, draws) -> a scalar, and
+    optionally ema, after_step(step), pictures(epoch, progress) and extra() (more to checkpoint)."""
+    ckpt = ema = after_step = pictures = first = None
+    step, saved, grid = 0, 0, 0.0
 
-    def extra(self):  # what the checkpoint holds besides the shared keys
+    def extra(self):
         return {}
 
 
-def prepare(run, ckpt):
-    """A resumed run's weights, optimizer and RNG; run.net, the model as training calls it."""
-    if run.args.batch_size % run.world:
-        raise UserError(f"--batch-size {run.args.batch_size} (the global batch) must divide evenly over "
+def begin(args, p, method, keys):
+    """A Run: its processes, --out, and with --resume its checkpoint and flags; then the seed, the
+    same on every process (see Draws)."""
+    rank, world, device = setup_processes(args.device)
+    run = Run(method=method, rank=rank, world=world, device=device, stop=[], path=out_folder(args.out) / "ckpt.pt")
+    if args.resume:
+        run.ckpt = load_checkpoint(args.ckpt or run.path, [method], ("shape", *keys))
+        args = resumed_args(p, args, run.ckpt)
+    seed_everything(args.seed)
+    run.args = args
+    return run
+
+
+def prepare(run):
+    """A resumed run's weights, optimizer, step and RNG, and run.net: the network as training calls it."""
+    args, ckpt = run.args, run.ckpt
+    if args.batch_size % run.world:
+        raise UserError(f"--batch-size {args.batch_size} (the global batch) must divide evenly over "
                         f"{run.world} processes")
-    if len(run.dataset) < run.args.batch_size:
-        raise UserError(f"{len(run.dataset)} training examples, fewer than --batch-size {run.args.batch_size}")
+    if len(run.dataset) < args.batch_size:
+        raise UserError(f"{len(run.dataset)} training examples, fewer than --batch-size {args.batch_size}")
     if ckpt is not None:
+        if tuple(ckpt["shape"]) != tuple(run.shape):
+            raise UserError(f"the checkpoint was trained on {tuple(ckpt['shape'])} data, not {tuple(run.shape)}: "
+                            f"resume on the data it was trained on")
         try:
             run.model.load_state_dict(ckpt["model"])
         except RuntimeError:
@@ -411,72 +405,72 @@ def prepare(run, ckpt):
             run.ema.load_state_dict(ckpt["ema"])
         run.opt.load_state_dict(ckpt["optimizer"])
         run.step = run.saved = ckpt["step"]
-        restore_rng(ckpt["rng"], run.device)
+        torch.set_rng_state(ckpt["rng"]["torch"])
+        random.setstate(ckpt["rng"]["python"])
+        if ckpt["rng"]["cuda"] is not None and run.device.type == "cuda":  # each rank continues rank 0's
+            torch.cuda.set_rng_state(ckpt["rng"]["cuda"], run.device)
         print(f"resumed from step {run.step}")
+    run.per_epoch = len(run.dataset) // args.batch_size
+    run.total = args.steps or args.epochs * run.per_epoch
     run.net = run.model
     if run.world > 1:  # averages the gradients over the processes in backward()
         run.net = DistributedDataParallel(run.model, [run.device.index] if run.device.type == "cuda" else None)
-    if run.args.compile:
+    if args.compile:
         run.net = torch.compile(run.net)
 
 
-def save(run):
-    if run.rank == 0 and run.saved != run.step:
-        save_checkpoint(run.path, {"method": run.method, "args": vars(run.args), "step": run.step,
-                                   "model": run.model.state_dict(), "optimizer": run.opt.state_dict(),
-                                   "ema": None if run.ema is None else run.ema.state_dict(), **run.extra()})
-    run.saved, run.last_save = run.step, time.time()
+def train(run):
+    """From run.step to the end: global batches, run.loss, gradient steps, EMA. The loss and the stop
+    flag are read from the device every 10 steps and at each epoch's end, whose checkpoint and pictures
+    follow. Ctrl-C or SIGTERM: the step ends, the run saves and exits 128 + the signal's number."""
+    prepare(run)
+    amp = torch.autocast("cuda", torch.bfloat16, enabled=run.args.bf16 and run.device.type == "cuda")
+    losses, run.bad_data, run.last_log = [], torch.zeros((), device=run.device), time.time()
+    run.last_save = run.last_log
+    with signals_to(run.stop):
+        while run.step < run.total and not run.stop:
+            epoch, skip = divmod(run.step, run.per_epoch)
+            for batch in epoch_batches(run.dataset, run.args, epoch, skip, run.rank, run.world):
+                with amp:
+                    losses.append(gradient_step(run, [b.to(run.device) for b in batch]))
+                end = run.step % run.per_epoch == 0 or run.step == run.total
+                if (end or run.step % 10 == 0 or run.world == 1 and run.stop) and check(run, losses) or end:
+                    break
+            if run.step % run.per_epoch == 0 or run.step == run.total:
+                end_of_epoch(run, epoch)
+        save(run)
+    finish(run)
 
 
-def train_loop(run):
-    """From run.step to the end: a global batch, run.loss, a gradient step, EMA; the loss and the
-    stop flag are read from the device every CHECK_EVERY steps and at an epoch's end, its checkpoint
-    and pictures then follow."""
-    args, per_epoch = run.args, len(run.dataset) // run.args.batch_size
-    run.total, run.per_epoch = args.steps or args.epochs * per_epoch, per_epoch
-    amp = torch.autocast("cuda", torch.bfloat16, enabled=args.bf16 and run.device.type == "cuda")
-    run.last_log = run.last_save = time.time()
-    losses, run.bad_data = [], torch.zeros((), device=run.device)
-    while run.step < run.total and not run.stop:
-        epoch, skip = divmod(run.step, per_epoch)
-        for batch in epoch_batches(run.dataset, args, epoch, skip, run.rank, run.world):
-            batch = [b.to(run.device) for b in batch]
-            run.bad_data += (~torch.isfinite(batch[0])).any()
-            for group in run.opt.param_groups:
-                group["lr"] = learning_rate(args, run.step, run.total)
-            with amp:
-                loss = run.loss(batch, Draws(args.batch_size, run.device, run.rank, run.world))
-            run.opt.zero_grad(set_to_none=True)
-            loss.backward()
-            if args.grad_clip:
-                torch.nn.utils.clip_grad_norm_(run.model.parameters(), args.grad_clip)
-            run.opt.step()
-            run.step += 1
-            if run.ema is not None:
-                ema_update(run.ema, run.model, run.step, args.ema)
-            if run.after_step is not None:
-                run.after_step(run.step)
-            losses.append(loss.detach().float())
-            run.first = losses[0] if run.first is None else run.first
-            end = run.step % per_epoch == 0 or run.step == run.total
-            if (end or run.step % CHECK_EVERY == 0 or run.world == 1 and run.stop) and check(run, losses):
-                break
-            if end:
-                break
-        if run.step % per_epoch == 0 or run.step == run.total:
-            end_of_epoch(run, epoch)
+def gradient_step(run, batch):
+    run.bad_data += (~torch.isfinite(batch[0])).any()
+    for group in run.opt.param_groups:
+        group["lr"] = learning_rate(run.args, run.step, run.total)
+    loss = run.loss(batch, Draws(run.args.batch_size, run.device, run.rank, run.world))
+    run.opt.zero_grad(set_to_none=True)
+    loss.backward()
+    if run.args.grad_clip:
+        torch.nn.utils.clip_grad_norm_(run.model.parameters(), run.args.grad_clip)
+    run.opt.step()
+    run.step += 1
+    if run.ema is not None:
+        ema_update(run.ema, run.model, run.step, run.args.ema)
+    if run.after_step is not None:
+        run.after_step(run.step)
+    run.first = loss.detach().float() if run.first is None else run.first
+    return loss.detach().float()
 
 
 def check(run, losses):
-    """Stops a diverged run without saving; prints progress; saves every --save-every minutes.
-    Returns whether any process was asked to stop (one stopped by another exits as on SIGTERM)."""
+    """Stops a diverged run (a loss over 1000 x its first, or 1) without saving; prints progress; saves
+    every --save-every minutes. Returns whether any process was asked to stop."""
     stop = torch.tensor(float(len(run.stop)), device=run.device)
     x = torch.stack([torch.stack(losses).mean(), run.first, run.bad_data, stop])
     if run.world > 1:
         dist.all_reduce(x)
         x /= run.world
     (loss, first, bad, stop), now = x.tolist(), time.time()
-    if bad or not math.isfinite(loss) or loss > DIVERGED * max(first, 1):
+    if bad or not math.isfinite(loss) or loss > 1000 * max(first, 1):
         held = f"{run.path} holds step {run.saved}" if run.saved else "this run has written no checkpoint yet"
         why = "the data hold NaN or inf" if bad else f"the loss went from {first:.3g} to {loss:.3g} " \
             f"(diverged: try a lower --lr)"
@@ -484,15 +478,24 @@ def check(run, losses):
     if now - run.last_log >= run.args.log_every or stop or run.step == run.total:
         speed = len(losses) * run.args.batch_size / (now - run.last_log)
         left = (run.total - run.step) * (run.args.batch_size / speed + run.grid / run.per_epoch)
-        print(f"step {run.step}/{run.total}  loss {loss:.4f}  {speed:.0f} img/s  {duration(left)} left",
+        print(f"step {run.step}/{run.total}  loss {loss:.4f}  {speed:.0f} img/s  {left / 60:.1f} min left",
               flush=True)
         losses.clear()
         run.last_log = now
-    if stop and not run.stop:
+    if stop and not run.stop:  # another process's signal: exit as after SIGTERM
         run.stop.append(SIGTERM)
     if now - run.last_save >= 60 * run.args.save_every or stop:
         save(run)
     return bool(stop)
+
+
+def save(run):
+    if run.rank == 0 and run.saved != run.step:
+        save_checkpoint(run.path, {"method": run.method, "args": vars(run.args), "step": run.step,
+                                   "shape": list(run.shape), "model": run.model.state_dict(),
+                                   "optimizer": run.opt.state_dict(),
+                                   "ema": None if run.ema is None else run.ema.state_dict(), **run.extra()})
+    run.saved, run.last_save = run.step, time.time()
 
 
 def end_of_epoch(run, epoch):
@@ -514,6 +517,32 @@ def finish(run):
     print(f"{'interrupted' if run.stop else 'done'} at step {run.step}; checkpoint {run.path}")
     if run.stop:
         raise SystemExit(128 + run.stop[0])
+
+
+def sample_command(args, methods, keys, load, nrow=None):
+    """--sample: load(ckpt, device) of --ckpt gives (net, draw); --n samples drawn 256 at a time by
+    draw(first, n, progress), checked and written to --save as a tensor or a grid nrow wide (nrow:
+    a number, or a function of the checkpoint)."""
+    if not args.ckpt:
+        raise UserError(f"--sample needs --ckpt PATH, a checkpoint its training wrote (in {args.out})")
+    check_save(args.save)
+    ckpt = load_checkpoint(args.ckpt, methods, ("shape", *keys))
+    net, draw = load(ckpt, pick_device(args.device))
+    if not all(torch.isfinite(w).all() for w in net.parameters()):
+        raise UserError(f"{args.ckpt} holds non-finite weights (its run diverged): retrain with a lower --lr")
+    start, chunks = time.time(), []
+    for i in range(0, args.n, 256):
+        progress = Progress(f"images {i + 1}-{min(i + 256, args.n)} of {args.n}")
+        chunks.append(draw(i, min(256, args.n - i), progress).float().cpu())
+    x = torch.cat(chunks)
+    if not torch.isfinite(x).all():
+        raise UserError(f"the samples of {args.ckpt} came out non-finite: the checkpoint is broken, retrain it")
+    print(f"{args.n} samples in {time.time() - start:.2f} s")
+    if args.save.endswith(".pt"):
+        torch.save(x, args.save)
+    else:
+        save_grid(x[:, :3], args.save, nrow=nrow(ckpt) if callable(nrow) else nrow)
+    print(f"saved {args.save}")
 
 
 def positive_int(s):
@@ -575,10 +604,10 @@ def out_folder(path):
 
 
 def check_save(path):
+    if path and Path(path).is_dir():
+        raise UserError(f"--save {path} is a folder: give a file name ending in .png or .pt")
     if not path or Path(path).suffix not in (".png", ".pt"):
         raise UserError("--sample needs --save FILE.png (a grid) or FILE.pt (a tensor)")
-    if Path(path).is_dir():
-        raise UserError(f"--save {path} is a folder: give a file name ending in .png or .pt")
     try:
         Path(path).parent.mkdir(parents=True, exist_ok=True)
     except OSError as e:
@@ -603,7 +632,7 @@ def run_command(command, args):
 
 # ==== the command line =============================================================================
 
-KEYS = ("shape", "model", "optimizer")  # of a vae.py checkpoint, besides the harness's
+KEYS = ("model", "optimizer")  # of a vae.py checkpoint, besides the harness's
 
 
 def check_data(args, info, dataset, test_set):
@@ -626,8 +655,6 @@ def check_data(args, info, dataset, test_set):
         labels = torch.as_tensor(dataset.labels)
         dataset = Subset(dataset, (labels != args.anomaly_class).nonzero().flatten().tolist())
         print(f"anomaly detection: training on {len(dataset)} images without class {args.anomaly_class}")
-    if len(dataset) < args.batch_size:
-        raise UserError(f"{args.dataset} has {len(dataset)} images, fewer than --batch-size {args.batch_size}")
     if args.retrieval and args.retrieval >= len(test_set):
         raise UserError(f"--retrieval {args.retrieval} needs more test images than {len(test_set)}")
     if os.path.isdir(args.dataset):
@@ -725,83 +752,57 @@ def evaluate(args, model, test_set, device, out):
               f"ROC AUC {roc_auc(-elbo, bad):.3f}")
 
 
-def pictures(model, test_set, args, device, epoch):
-    """The epoch's grid (decoder means at fixed z ~ N(0, I)) and its test -ELBO."""
-    rec, kl, _, _ = per_image_elbo(model, test_set, device)
-    z = torch.randn(64, args.latent_dim, generator=torch.Generator().manual_seed(0)).to(device)
-    path = Path(args.out) / f"samples_epoch{epoch + 1:03d}.png"
-    save_grid(sample_prior(model, z), path)
-    print(f"epoch {epoch + 1}: test -ELBO {(kl - rec).mean():.2f} nats/image (-log p(x|z) {-rec.mean():.2f} "
-          f"+ KL {kl.mean():.2f}); samples in {path}", flush=True)
-
-
-def train(args, p):
-    rank, world, device = setup_processes(args.device)
-    ckpt = None
-    if args.resume:
-        ckpt = load_checkpoint(args.ckpt or Path(args.out) / "ckpt.pt", ["vae"], KEYS)
-        args = resumed_args(p, args, ckpt)
-    seed_everything(args.seed)  # the same on every process: see Draws
+def train_command(args, p):
+    run = begin(args, p, "vae", KEYS)
+    args = run.args
     dataset, info = load_dataset(args.dataset, args.data_dir, True, args.image_size)
     test_set, _ = load_dataset(args.dataset, args.data_dir, False, args.image_size)
-    shape = (info.channels, info.size, info.size)
-    if ckpt is not None and tuple(ckpt["shape"]) != shape:
-        raise UserError(f"the checkpoint was trained on {tuple(ckpt['shape'])} images, "
-                        f"{args.dataset} now has {shape}: resume on the data it was trained on")
-    dataset, test_set = check_data(args, info, dataset, test_set)
+    run.shape = (info.channels, info.size, info.size)
+    run.dataset, test_set = check_data(args, info, dataset, test_set)
     # Algorithm 1, line 1: theta, phi <- Initialize parameters
-    model = make_model(args, shape).to(device)
+    run.model = make_model(args, run.shape).to(run.device)
     print(f"model: {args.arch}, latent {args.latent_dim}, {args.likelihood} decoder, "
-          f"{sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, beta {args.beta}")
+          f"{sum(p.numel() for p in run.model.parameters()) / 1e6:.2f}M parameters, beta {args.beta}")
     # Adam moves a weight by about lr a step, and log sigma^2 must go from 0 to log(reconstruction
     # error), about -4, early on: its group's lr is 10 x the harness's (set in step_loss)
-    groups = [[p for n, p in model.named_parameters() if (n == "log_sigma2") == s] for s in (False, True)]
-    opt = torch.optim.Adam([{"params": g} for g in groups if g], lr=args.lr)
-    out = out_folder(args.out)
-    run = Run(args=args, method="vae", model=model, ema=None, opt=opt, dataset=dataset, device=device,
-              rank=rank, world=world, stop=[], path=out / "ckpt.pt", extra=lambda: {"shape": list(shape)})
+    groups = [[p for n, p in run.model.named_parameters() if (n == "log_sigma2") == s] for s in (False, True)]
+    run.opt = torch.optim.Adam([{"params": g} for g in groups if g], lr=args.lr)
 
     def step_loss(batch, draws):
-        for group in opt.param_groups[1:]:
+        for group in run.opt.param_groups[1:]:
             group["lr"] *= 10
         return training_step(run.net, batch[0], args.latent_dim, draws, args.beta, args.binarize)
 
-    run.loss = step_loss
-    run.pictures = lambda epoch, progress: pictures(model, test_set, args, device, epoch)
-    with signals_to(run.stop):
-        prepare(run, ckpt)
-        train_loop(run)  # Algorithm 1, lines 2-7, a fixed number of steps
-        save(run)  # Algorithm 1, line 8: return theta, phi
-    finish(run)
-    if rank == 0:
+    def pictures(epoch, progress):
+        """The epoch's grid (decoder means at fixed z ~ N(0, I)) and its test -ELBO."""
+        rec, kl, _, _ = per_image_elbo(run.model, test_set, run.device)
+        z = torch.randn(64, args.latent_dim, generator=torch.Generator().manual_seed(0)).to(run.device)
+        path = Path(args.out) / f"samples_epoch{epoch + 1:03d}.png"
+        save_grid(sample_prior(run.model, z), path)
+        print(f"epoch {epoch + 1}: test -ELBO {(kl - rec).mean():.2f} nats/image (-log p(x|z) {-rec.mean():.2f} "
+              f"+ KL {kl.mean():.2f}); samples in {path}", flush=True)
+
+    run.loss, run.pictures = step_loss, pictures
+    train(run)  # Algorithm 1, lines 2-8: a fixed number of steps, then theta, phi in the checkpoint
+    if run.rank == 0:
         try:
-            evaluate(args, model, test_set, device, out)
+            evaluate(args, run.model, test_set, run.device, Path(args.out))
         except KeyboardInterrupt:
             print(f"interrupted during the evaluation; {run.path} holds step {run.step}", file=sys.stderr)
             sys.exit(130)
 
 
 def sample(args):
-    if not args.ckpt:
-        raise UserError("--sample needs --ckpt PATH (e.g. runs/vae/ckpt.pt)")
-    check_save(args.save)
-    ckpt = load_checkpoint(args.ckpt, ["vae"], KEYS)
-    device = pick_device(args.device)
-    model = make_model(argparse.Namespace(**ckpt["args"]), tuple(ckpt["shape"])).to(device)
-    model.load_state_dict(ckpt["model"])
-    if not all(torch.isfinite(w).all() for w in model.parameters()):
-        raise UserError(f"{args.ckpt} holds non-finite weights (its run diverged): retrain with a lower --lr")
-    z = torch.randn(args.n, model.latent_dim, generator=torch.Generator().manual_seed(args.seed)).to(device)
-    start = time.time()
-    x = sample_prior(model, z).cpu()
-    print(f"{args.n} samples in {time.time() - start:.3f} s")  # one decoder pass: milliseconds
-    if not torch.isfinite(x).all():
-        raise UserError(f"the samples of {args.ckpt} came out non-finite: the checkpoint is broken, retrain it")
-    if args.save.endswith(".pt"):
-        torch.save(x, args.save)
-    else:
-        save_grid(x, args.save)
-    print(f"saved {args.n} samples to {args.save}")
+    def load(ckpt, device):
+        model = make_model(argparse.Namespace(**ckpt["args"]), tuple(ckpt["shape"])).to(device)
+        model.load_state_dict(ckpt["model"])
+
+        def draw(first, n, progress):  # one decoder pass: milliseconds
+            z = torch.randn(n, model.latent_dim, generator=torch.Generator().manual_seed(args.seed + first))
+            return sample_prior(model, z.to(device))
+        return model, draw
+
+    sample_command(args, ["vae"], KEYS, load)
 
 
 def parser():
@@ -837,7 +838,7 @@ def parse_args(argv=None, p=None):
 def main(argv=None):
     p = parser()
     args = parse_args(argv, p)
-    run_command(sample if args.sample else lambda a: train(a, p), args)
+    run_command(sample if args.sample else lambda a: train_command(a, p), args)
 
 
 if __name__ == "__main__":

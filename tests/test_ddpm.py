@@ -1,7 +1,6 @@
 """Tests for ddpm.py: the paper's math checked numerically, a small learning check, the command line."""
 import math
 import os
-import random
 import re
 import shutil
 import signal
@@ -670,16 +669,6 @@ def test_ddim_without_sampling_steps_uses_the_checkpoints_T(trained, tmp_path):
     assert load(tmp_path / "x.pt").shape == (2, 1, 16, 16)
 
 
-def test_rng_states_of_missing_gpus_are_skipped(monkeypatch):
-    restored = []
-    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
-    monkeypatch.setattr(torch.cuda, "set_rng_state", lambda state, i: restored.append(i))
-    rng = {"torch": torch.get_rng_state(), "python": random.getstate(), "mps": None,
-           "cuda": [torch.zeros(8, dtype=torch.uint8)] * 4}
-    ddpm.restore_rng(rng, torch.device("cpu"))
-    assert restored == [0]  # a checkpoint from a 4-GPU machine resumes on a 1-GPU one
-
-
 def test_ctrl_c_while_drawing_the_grid_stops_within_a_step(folder, tmp_path, monkeypatch, capsys):
     real, calls = ddpm.p_mean, []
 
@@ -702,7 +691,8 @@ def test_progress_says_the_time_left(capsys):
     progress = ddpm.Progress("grid", every=0)
     progress(5, 20)
     assert "grid: step 5/20" in capsys.readouterr().out
-    assert ddpm.duration(3 * 3600) == "3.0 h" and ddpm.duration(600) == "10.0 min" and ddpm.duration(42) == "42 s"
+    progress(torch.zeros(1), 10, 20)  # as a sampler's on_step(x, done, total)
+    assert "grid: step 10/20" in capsys.readouterr().out
 
 
 def test_grad_clip_0_is_off_and_a_negative_one_is_refused(folder, tmp_path, monkeypatch, capsys):

@@ -1,6 +1,5 @@
 """Tests for dit.py: the transformer's parts, the learned-variance diffusion, guidance, the paper's
 model sizes, a small learning check, many processes, and the command line."""
-import argparse
 import math
 import os
 import signal
@@ -548,21 +547,6 @@ def test_ctrl_c_during_sample_is_one_line_and_exit_130(trained, tmp_path, monkey
                   "--device", "cpu"])
     assert e.value.code == 130 and "interrupted: nothing saved" in capsys.readouterr().err
     assert not (tmp_path / "x.png").exists()
-
-
-def test_a_rank_stopped_by_another_rank_stops_as_if_sent_sigterm(monkeypatch):
-    """Under torchrun the processes agree on stopping through the mean of their stop flags."""
-    def run(others_stop):
-        def all_reduce(x):  # the other process: the same loss, and its stop flag
-            x += x.new_tensor([x[0], x[1], x[2], others_stop])
-        monkeypatch.setattr(dit.dist, "all_reduce", all_reduce)
-        r = dit.Run(world=2, rank=1, stop=[], device=torch.device("cpu"), first=torch.tensor(1.0),
-                    bad_data=torch.tensor(0.0), step=10, total=20, saved=10, path="unused", grid=0.0, per_epoch=4,
-                    args=argparse.Namespace(log_every=1e9, save_every=1e9, batch_size=8),
-                    last_log=time.time() - 1, last_save=time.time())
-        return dit.check(r, [torch.tensor(1.0)]), r.stop
-    assert run(1.0) == (True, [signal.SIGTERM])
-    assert run(0.0) == (False, [])
 
 
 def test_a_signal_during_a_slow_grid_stops_it_at_the_next_step_and_exits_143(data, tmp_path):

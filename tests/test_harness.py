@@ -1,7 +1,9 @@
 """The harness block (from the line beginning "# ==== harness" to the one beginning
 "# ==== end of harness") is the same text in every method file, and what it promises holds."""
 import argparse
+import signal
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -37,7 +39,7 @@ def test_every_copy_of_the_harness_is_the_same(name):
 def test_the_comparison_names_the_first_differing_line(tmp_path, monkeypatch):
     text = (ROOT / "ddpm.py").read_text()
     (tmp_path / "a.py").write_text(text)
-    (tmp_path / "b.py").write_text(text.replace("CHECK_EVERY = 10", "CHECK_EVERY = 11"))
+    (tmp_path / "b.py").write_text(text.replace("run.step % 10 == 0", "run.step % 11 == 0"))
     monkeypatch.setattr(sys.modules[__name__], "ROOT", tmp_path)
     monkeypatch.setattr(sys.modules[__name__], "METHODS", ["a", "b"])
     with pytest.raises(AssertionError, match=r"b\.py line \d+ differs"):
@@ -97,3 +99,46 @@ def test_shared_flags_are_checked(capsys):
         with pytest.raises(SystemExit):
             ddpm.parse_args(argv)
         assert words in capsys.readouterr().err, argv
+
+
+def checked_run(first, world=1):
+    """A run at step 5 of 10 as the harness's check() sees it: no progress line or save due."""
+    args = argparse.Namespace(log_every=1e9, save_every=1e9, batch_size=1)
+    return ddpm.Run(args=args, device=torch.device("cpu"), rank=1, world=world, stop=[], path="p", step=5,
+                    saved=5, total=10, per_epoch=10, last_log=time.time() - 1, last_save=time.time(),
+                    bad_data=torch.zeros(()), first=torch.tensor(first))
+
+
+def diverged(loss, first):
+    try:
+        ddpm.check(checked_run(first), [torch.tensor(loss)])
+    except ddpm.UserError as e:
+        assert "diverged" in str(e) and "lower --lr" in str(e) and "p holds step 5" in str(e)
+        return True
+    return False
+
+
+def test_the_divergence_rule():
+    """Non-finite, or over 1000 x the first step's loss, itself at least 1: a -ELBO of hundreds
+    of nats may double, a loss of 0.01 may reach 10, a Gaussian decoder's loss may go negative."""
+    assert diverged(float("nan"), 1.0) and diverged(float("inf"), 1.0)
+    assert diverged(1001.0, 0.5) and not diverged(999.0, 0.5)
+    assert diverged(5.6e5, 550.0) and not diverged(5.4e5, 550.0) and not diverged(250.0, 550.0)
+    assert not diverged(-3000.0, -2500.0) and diverged(1001.0, -2500.0)
+
+
+def test_bad_data_stops_without_saving():
+    run = checked_run(1.0)
+    run.bad_data = torch.ones(())
+    with pytest.raises(ddpm.UserError, match="the data hold NaN or inf"):
+        ddpm.check(run, [torch.tensor(1.0)])
+
+
+def test_a_process_stopped_by_another_processs_signal_saves_and_exits_as_after_sigterm(monkeypatch):
+    def all_reduce(x):  # the other process: the same loss, and its stop flag
+        x += x.new_tensor([x[0], x[1], x[2], 1.0])
+    monkeypatch.setattr(ddpm.dist, "all_reduce", all_reduce)
+    run = checked_run(1.0, world=2)
+    assert ddpm.check(run, [torch.tensor(1.0)]) and run.stop == [signal.SIGTERM]
+    run = checked_run(1.0, world=1)
+    assert not ddpm.check(run, [torch.tensor(1.0)]) and run.stop == []
