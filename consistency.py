@@ -652,26 +652,28 @@ def finish(run):
         raise SystemExit(128 + run.stop[0])
 
 
-def sample_command(args, methods, keys, load, nrow=None):
+def sample_command(args, methods, keys, load, nrow=None, write=None):
     """--sample: load(ckpt, device) of --ckpt gives (net, draw); --n samples drawn 256 at a time by
-    draw(first, n, progress), checked and written to --save as a tensor or a grid nrow wide (nrow:
-    a number, or a function of the checkpoint)."""
+    draw(first, n, progress), checked and written to --save as a tensor, a grid nrow wide (nrow: a
+    number, or a function of the checkpoint), or by write(x, path) for a method's own kinds of file."""
     if not args.ckpt:
         raise UserError(f"--sample needs --ckpt PATH, a checkpoint its training wrote (in {args.out})")
-    check_save(args.save)
+    check_save(args.save, (".png", ".pt", *getattr(write, "suffixes", ())))
     ckpt = load_checkpoint(args.ckpt, methods, ("shape", *keys))
     net, draw = load(ckpt, pick_device(args.device))
     if not all(torch.isfinite(w).all() for w in net.parameters()):
         raise UserError(f"{args.ckpt} holds non-finite weights (its run diverged): retrain with a lower --lr")
     start, chunks = time.time(), []
     for i in range(0, args.n, 256):
-        progress = Progress(f"images {i + 1}-{min(i + 256, args.n)} of {args.n}")
+        progress = Progress(f"samples {i + 1}-{min(i + 256, args.n)} of {args.n}")
         chunks.append(draw(i, min(256, args.n - i), progress).float().cpu())
     x = torch.cat(chunks)
     if not torch.isfinite(x).all():
         raise UserError(f"the samples of {args.ckpt} came out non-finite: the checkpoint is broken, retrain it")
     print(f"{args.n} samples in {time.time() - start:.2f} s")
-    if args.save.endswith(".pt"):
+    if write is not None:
+        write(x, args.save)
+    elif args.save.endswith(".pt"):
         torch.save(x, args.save)
     else:
         save_grid(x[:, :3], args.save, nrow=nrow(ckpt) if callable(nrow) else nrow)
@@ -736,11 +738,11 @@ def out_folder(path):
     return Path(path)
 
 
-def check_save(path):
+def check_save(path, suffixes=(".png", ".pt")):
     if path and Path(path).is_dir():
-        raise UserError(f"--save {path} is a folder: give a file name ending in .png or .pt")
-    if not path or Path(path).suffix not in (".png", ".pt"):
-        raise UserError("--sample needs --save FILE.png (a grid) or FILE.pt (a tensor)")
+        raise UserError(f"--save {path} is a folder: give a file name ending in {' or '.join(suffixes)}")
+    if not path or Path(path).suffix not in suffixes:
+        raise UserError(f"--sample needs --save FILE{' or FILE'.join(suffixes)}")
     try:
         Path(path).parent.mkdir(parents=True, exist_ok=True)
     except OSError as e:

@@ -545,7 +545,7 @@ def test_sampling_reports_how_far_the_solver_is(stages, tmp_path, capsys):
     rf.main(["--sample", "--ckpt", str(stages / "ckpt_1rf.pt"), "--n", "3", "--solver", "euler",
              "--sampling-steps", "4", "--log-every", "0", "--save", str(tmp_path / "x.pt")])
     out = capsys.readouterr().out
-    assert "images 1-3 of 3: t = 0.25" in out and "t = 0.75" in out
+    assert "samples 1-3 of 3: t = 0.25" in out and "t = 0.75" in out
 
 
 def test_a_long_run_on_a_cpu_says_so_at_once(images, tmp_path, monkeypatch, capsys):
