@@ -1,12 +1,17 @@
 """Tests for latte.py's paper part: tubelets, positions, which tokens each attention mixes,
 adaLN-Zero, the Gflops of full and factorised attention, the objective, DDIM with guidance, the
-video measures, the GIF, and a tiny model that learns motion."""
+video measures, the GIF, a tiny model that learns motion; and the command line: training, its
+outputs, --resume, signals, --sample's three kinds of file and the bad inputs."""
+import os
+import signal
+import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
 import torch
-from PIL import Image
+from PIL import Image, ImageDraw
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -353,3 +358,146 @@ def test_a_tiny_latte_learns_a_bar_moving_right():
     net.eval()
     x = latte.sample_ddim(net, (64, 4, 1, 8, 8), sch, 20, generator=torch.Generator().manual_seed(1))
     assert moving_right(x) > 0.6
+
+
+# ----------------------------------------------------------------------------------------------
+# Command line
+# ----------------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory):
+    """16 8x8 grayscale PNGs of two named classes (folders bar and box): moving on a 12x12 canvas,
+    clips of 4 frames."""
+    root = tmp_path_factory.mktemp("garments")
+    for name, box in (("bar", [3, 0, 4, 7]), ("box", [1, 1, 6, 6])):
+        (root / name).mkdir()
+        for i in range(8):
+            im = Image.new("L", (8, 8), 10 * i)
+            ImageDraw.Draw(im).rectangle(box, fill=255 - 10 * i)
+            im.save(root / name / f"{i}.png")
+    return root
+
+
+def argv(data, out, *extra, steps="4"):
+    """4 clips a batch: 4 batches per epoch."""
+    return ["--dataset", str(data), "--image-size", "8", "--canvas", "12", "--frames", "4", "--model", "T/4",
+            "--depth", "2", "--width", "32", "--heads", "2", "--T", "20", "--sampling-steps", "3",
+            "--batch-size", "4", "--steps", steps, "--out", str(out), "--device", "cpu", "--lr", "1e-3", *extra]
+
+
+def exit_message(args):
+    try:
+        latte.main(args)
+    except SystemExit as e:
+        return str(e.code)
+    return None
+
+
+def load(path):
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+@pytest.fixture(scope="module")
+def trained(folder, tmp_path_factory):
+    """An uninterrupted 4-step run: one epoch."""
+    out = tmp_path_factory.mktemp("trained") / "run"
+    latte.main(argv(folder, out))
+    return out
+
+
+def test_cli_trains_and_leaves_a_checkpoint_a_gif_and_a_strip(trained):
+    ckpt = load(trained / "ckpt.pt")
+    assert ckpt["method"] == "latte" and ckpt["step"] == 4 and ckpt["shape"] == [4, 1, 12, 12]
+    assert ckpt["classes"] == ["bar", "box"]
+    with Image.open(trained / "samples_epoch001.gif") as im:  # one row per class, 4 clips each
+        assert im.format == "GIF" and im.n_frames == 4 and im.size == (4 * 14 + 2, 2 * 14 + 2)
+    with Image.open(trained / "samples_epoch001.png") as im:  # each row's first clip, frame by frame
+        assert im.format == "PNG" and im.size == (4 * 14 + 2, 2 * 14 + 2)
+    assert not list(trained.glob("*.tmp"))
+
+
+def test_resume_is_bit_for_bit(folder, trained, tmp_path):
+    """2 steps, then --resume to 4: the weights of 4 steps straight."""
+    out = tmp_path / "run"
+    latte.main(argv(folder, out, steps="2"))
+    assert load(out / "ckpt.pt")["step"] == 2
+    latte.main(argv(folder, out, "--resume", steps="4"))
+    resumed, straight = load(out / "ckpt.pt"), load(trained / "ckpt.pt")
+    assert resumed["step"] == 4
+    for part in ("model", "ema"):
+        for k, v in straight[part].items():
+            assert torch.equal(v, resumed[part][k]), f"{part}.{k}"
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_a_signal_saves_and_exits_128_plus_its_number(folder, tmp_path, sig):
+    """Ctrl-C or SIGTERM to a subprocess once its first epoch is done: the step ends, the run saves
+    and exits 130 or 143."""
+    p = subprocess.Popen([sys.executable, "-u", str(ROOT / "latte.py"), "--log-every", "0",
+                          *argv(folder, tmp_path / "run", steps="10000")],
+                         cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                         env={**os.environ, "OMP_NUM_THREADS": "1"})
+    lines = []
+    for line in p.stdout:
+        lines.append(line)
+        if line.startswith("step ") or line.startswith("error"):
+            break
+    p.send_signal(sig)
+    start = time.time()
+    lines += p.stdout.readlines()
+    assert p.wait(timeout=60) == 128 + sig, "".join(lines)
+    assert time.time() - start < 10, "".join(lines)
+    step = load(tmp_path / "run" / "ckpt.pt")["step"]
+    assert step >= 4 and lines[-1].startswith(f"interrupted at step {step};"), "".join(lines)
+
+
+def test_sample_writes_a_gif_a_strip_and_a_tensor(trained, tmp_path):
+    sample = ["--sample", "--ckpt", str(trained / "ckpt.pt"), "--n", "5", "--sampling-steps", "2", "--device", "cpu"]
+    for name in ("x.gif", "x.png", "x.pt"):
+        latte.main([*sample, "--save", str(tmp_path / name)])
+    with Image.open(tmp_path / "x.gif") as im:  # one column per class: the classes in turn
+        assert im.n_frames == 4 and im.size == (2 * 14 + 2, 3 * 14 + 2)
+    with Image.open(tmp_path / "x.png") as im:  # one row of 4 frames per clip
+        assert im.size == (4 * 14 + 2, 5 * 14 + 2)
+    x = load(tmp_path / "x.pt")
+    assert x.shape == (5, 4, 1, 12, 12) and x.dtype == torch.float32 and x.abs().max() <= 1
+    msg = exit_message([*sample, "--save", str(tmp_path / "x.jpg")])
+    assert msg and "FILE.gif" in msg and "FILE.pt" in msg
+
+
+def test_a_tensor_file_of_clips_trains_with_tubelets_and_samples(tmp_path):
+    """Float clips (N, F, C, H, W) without labels: an unconditional model, its x_0 not clipped."""
+    torch.save(torch.rand(8, 4, 1, 8, 8) * 2 - 1, tmp_path / "clips.pt")
+    latte.main(["--dataset", str(tmp_path / "clips.pt"), "--model", "T/4", "--depth", "1", "--width", "32",
+                "--heads", "2", "--variant", "0", "--tubelet", "2", "--T", "20", "--sampling-steps", "2",
+                "--batch-size", "4", "--steps", "1", "--out", str(tmp_path / "run"), "--device", "cpu"])
+    ckpt = load(tmp_path / "run" / "ckpt.pt")
+    assert ckpt["shape"] == [4, 1, 8, 8] and ckpt["classes"] is None and not ckpt["args"]["clip_x0"]
+    latte.main(["--sample", "--ckpt", str(tmp_path / "run" / "ckpt.pt"), "--n", "3", "--device", "cpu",
+                "--save", str(tmp_path / "x.pt")])
+    assert load(tmp_path / "x.pt").shape == (3, 4, 1, 8, 8)
+
+
+@pytest.mark.parametrize("extra, words", [
+    (["--tubelet", "3"], ["--tubelet 3 does not divide the 4 frames", "[1, 2, 4]"]),
+    (["--patch", "5"], ["--patch 5 does not divide the 12x12 frames", "[1, 2, 3, 4, 6, 12]"]),
+    (["--variant", "2", "--depth", "3"], ["even depth (got 3)"]),
+    (["--sampling-steps", "21"], ["--sampling-steps must be between 1 and --T (20), got 21"]),
+])
+def test_bad_training_input_is_one_line(folder, tmp_path, extra, words, capsys):
+    msg = exit_message(argv(folder, tmp_path / "run", *extra))
+    text = (msg or "") + capsys.readouterr().err
+    assert all(w in text for w in words) and "Traceback" not in text, text
+    assert not (tmp_path / "run" / "ckpt.pt").exists()
+
+
+@pytest.mark.parametrize("content, extra, words", [
+    (torch.zeros(5, 1, 12, 12), [], ["(N, F, C, H, W)", "(5, 1, 12, 12)"]),
+    (torch.zeros(5, 4, 1, 12, 10), [], ["H = W"]),
+    (torch.zeros(5, 4, 1, 12, 12), ["--frames", "8"], ["--frames", "4 frames of 12x12", "leave --frames out"]),
+])
+def test_a_video_file_of_the_wrong_shape_is_one_line(tmp_path, content, extra, words):
+    torch.save(content, tmp_path / "bad.pt")
+    msg = exit_message(["--dataset", str(tmp_path / "bad.pt"), "--batch-size", "2", "--steps", "1", "--device",
+                        "cpu", "--out", str(tmp_path / "run"), *extra])
+    assert msg and all(w in msg for w in words), msg
