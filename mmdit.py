@@ -341,14 +341,6 @@ def learning_rate(args, step, total):
     return lr * 0.5 * (1 + math.cos(math.pi * step / total)) if args.lr_decay == "cosine" else lr
 
 
-def save_checkpoint(path, state):
-    """state and the RNG states, written to a temporary file and renamed: a crash leaves no broken file."""
-    rng = {"torch": torch.get_rng_state(), "python": random.getstate(),
-           "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None}
-    torch.save({**state, "rng": rng}, f"{path}.tmp")
-    os.replace(f"{path}.tmp", path)
-
-
 def load_checkpoint(path, methods, keys, flag="--ckpt"):
     """A checkpoint of one of `methods` with `keys`, read as data (weights_only), or one line."""
     if not Path(path).is_file():
@@ -477,29 +469,32 @@ def train(run):
     flag are read from the device every 10 steps and at each epoch's end, whose checkpoint and pictures
     follow. Ctrl-C or SIGTERM: the step ends, the run saves and exits 128 + the signal's number."""
     prepare(run)
-    amp = torch.autocast("cuda", torch.bfloat16, enabled=run.args.bf16 and run.device.type == "cuda")
     losses, run.bad_data, run.last_log = [], torch.zeros((), device=run.device), time.time()
     run.last_save = run.last_log
     with signals_to(run.stop):
         while run.step < run.total and not run.stop:
             epoch, skip = divmod(run.step, run.per_epoch)
             for batch in epoch_batches(run.dataset, run.args, epoch, skip, run.rank, run.world):
-                with amp:
-                    losses.append(gradient_step(run, [b.to(run.device) for b in batch]))
+                losses.append(gradient_step(run, [b.to(run.device) for b in batch]))
                 end = run.step % run.per_epoch == 0 or run.step == run.total
                 if (end or run.step % 10 == 0 or run.world == 1 and run.stop) and check(run, losses) or end:
                     break
             if run.step % run.per_epoch == 0 or run.step == run.total:
                 end_of_epoch(run, epoch)
         save(run)
-    finish(run)
+    if run.world > 1:  # the others wait for rank 0's checkpoint: the next command may read it
+        dist.barrier()
+    print(f"{'interrupted' if run.stop else 'done'} at step {run.step}; checkpoint {run.path}")
+    if run.stop:
+        raise SystemExit(128 + run.stop[0])
 
 
 def gradient_step(run, batch):
     run.bad_data += (~torch.isfinite(batch[0])).any()
     for group in run.opt.param_groups:
         group["lr"] = learning_rate(run.args, run.step, run.total)
-    loss = run.loss(batch, Draws(run.args.batch_size, run.device, run.rank, run.world))
+    with torch.autocast("cuda", torch.bfloat16, enabled=run.args.bf16 and run.device.type == "cuda"):
+        loss = run.loss(batch, Draws(run.args.batch_size, run.device, run.rank, run.world))
     run.opt.zero_grad(set_to_none=True)
     loss.backward()
     if run.args.grad_clip:
@@ -543,11 +538,14 @@ def check(run, losses):
 
 
 def save(run):
+    """The run and the RNG states, written to a temporary file and renamed: a crash leaves no broken file."""
     if run.rank == 0 and run.saved != run.step:
-        save_checkpoint(run.path, {"method": run.method, "args": vars(run.args), "step": run.step,
-                                   "shape": list(run.shape), "model": run.model.state_dict(),
-                                   "optimizer": run.opt.state_dict(),
-                                   "ema": None if run.ema is None else run.ema.state_dict(), **run.extra()})
+        rng = {"torch": torch.get_rng_state(), "python": random.getstate(),
+               "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None}
+        torch.save({"method": run.method, "args": vars(run.args), "step": run.step, "shape": list(run.shape),
+                    "model": run.model.state_dict(), "optimizer": run.opt.state_dict(), "rng": rng,
+                    "ema": None if run.ema is None else run.ema.state_dict(), **run.extra()}, f"{run.path}.tmp")
+        os.replace(f"{run.path}.tmp", run.path)
     run.saved, run.last_save = run.step, time.time()
 
 
@@ -561,15 +559,6 @@ def end_of_epoch(run, epoch):
     except SamplingStopped:
         print(f"stopped while drawing the grid; {run.path} holds step {run.step}")
     run.grid, run.last_log = time.time() - start, time.time()  # img/s counts training alone
-
-
-def finish(run):
-    """The run's last line; an interrupted run, once saved, exits 128 + its signal's number."""
-    if run.world > 1:  # the others wait for rank 0's checkpoint: the next command may read it
-        dist.barrier()
-    print(f"{'interrupted' if run.stop else 'done'} at step {run.step}; checkpoint {run.path}")
-    if run.stop:
-        raise SystemExit(128 + run.stop[0])
 
 
 def sample_command(args, methods, keys, load, nrow=None, write=None):
