@@ -37,6 +37,10 @@ Run (the locked base is a ddpm.py checkpoint):
                          --control-from-test 16 --save out.png                     # two ControlNets composed
     python controlnet.py --base runs/ddpm/ckpt.pt --condition edges --no-zero-conv --steps 600  # ablation
 
+Outputs in --out (runs/controlnet): samples_epochNNN.png per epoch (up to 8 test conditions above
+three samples each), ckpt.pt (the ControlNet alone, with its base's path and step), and per epoch
+a fidelity line beside the locked base's floor (--fidelity-every S: every S steps too).
+
 What to expect: at step 0 the samples are exactly the locked base's (every residual is zero); the
 condition takes hold within a few hundred steps, often abruptly (the paper's "sudden convergence",
 Sec. 3.3), and the condition-fidelity measures (edge F1, mask IoU, low-res PSNR) rise with it.
@@ -59,14 +63,27 @@ Differences from the paper:
   non-maximum suppression, one threshold instead of Canny's hysteresis), the garment's silhouette,
   and a 4x average-pooled image.
 """
+import argparse
+import contextlib
 import copy
 import math
+import os
+import random
+import signal
+import sys
+import time
+from pathlib import Path
+from signal import SIGINT, SIGTERM
 
 import torch
+import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import DataLoader, Subset
+from torchvision.transforms.functional import pil_to_tensor
 
-from common import Level, UNet, UserError, timestep_embedding
+from common import Level, UNet, UserError, load_dataset, pick_device, save_grid, seed_everything, timestep_embedding
 
 # ==== the paper ====================================================================================
 # The locked base's diffusion (ddpm.py's schedules, rebuilt from its checkpoint's args)
@@ -290,7 +307,7 @@ def loss(base, controlnet, x0, c, y, t, eps, sch, drop=None, control_scale=1.0):
     return (eps - eps_theta(base, [(controlnet, c)], x_t, t, y, control_scale)).square().mean()
 
 
-def training_step(base, controlnet, x0, c, y, sch, draw):
+def training_step(base, controlnet, x0, c, y, sch, draw, p_uncond=0.5):
     """DDPM's Algorithm 1 with the locked base and the ControlNet, for a batch (x_0, c, y); the
     caller takes the gradient step on the ControlNet's parameters. draw: the random draws (one
     process's share of a global batch's), with randint, randn and rand as in ddpm.py's Draws."""
@@ -299,8 +316,8 @@ def training_step(base, controlnet, x0, c, y, sch, draw):
     t = draw.randint(1, sch.T + 1)
     # Algorithm 1, line 4: eps ~ N(0, I)
     eps = draw.randn(*x0.shape[1:])
-    # Sec. 3.3: "we randomly replace 50% text prompts c_t with empty strings"
-    drop = draw.rand() < 0.5
+    # Sec. 3.3: "we randomly replace 50% text prompts c_t with empty strings" (p_uncond = 0.5)
+    drop = draw.rand() < p_uncond
     # Algorithm 1, line 5: grad || eps - eps_theta(sqrt(alpha_bar_t) x_0 + sqrt(1 - alpha_bar_t) eps, t, y, c) ||^2
     return loss(base, controlnet, x0, c, y, t, eps, sch, drop)
 
@@ -371,3 +388,680 @@ def lowres_psnr(samples, c):
 
 
 FIDELITY = {"edges": edge_f1, "mask": mask_iou, "lowres": lowres_psnr}
+
+
+# ==== harness: the same text in every method file (tests/test_harness.py compares the copies) ====
+# Processes and devices, a global batch's random draws, checkpoints and resume, signals, EMA, the
+# learning rate, the training loop's bookkeeping, progress lines, --sample's frame and shared flags.
+
+
+def setup_processes(device_name):
+    """(rank, world, device): 0 of 1, or under torchrun one process per device, NCCL on GPUs and
+    gloo on CPUs, of which only rank 0 prints."""
+    if "RANK" not in os.environ:
+        return 0, 1, pick_device(device_name)
+    rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    if rank > 0:
+        sys.stdout = open(os.devnull, "w")
+    if device_name in ("auto", "cuda") and torch.cuda.is_available():
+        device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
+        torch.cuda.set_device(device)
+    else:
+        device = pick_device("cpu" if device_name == "auto" else device_name)
+    if not dist.is_initialized():  # (a caller may have set the group up already)
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+        print(f"distributed: {world} processes ({dist.get_backend()})")
+    return rank, world, device
+
+
+class Draws:
+    """A global batch of n's random draws: every process draws all n and keeps its slice, so that
+    N processes compute what one process computes on the whole batch."""
+
+    def __init__(self, n, device, rank=0, world=1):
+        self.n, self.device = n, device
+        self.mine = slice(rank * n // world, (rank + 1) * n // world)
+
+    def randn(self, *shape):  # (n / world, *shape)
+        return torch.randn(self.n, *shape, device=self.device)[self.mine]
+
+    def rand(self):
+        return torch.rand(self.n, device=self.device)[self.mine]
+
+    def randint(self, low, high):
+        return torch.randint(low, high, (self.n,), device=self.device)[self.mine]
+
+
+def epoch_batches(dataset, args, epoch, skip, rank=0, world=1):
+    """Epoch `epoch`'s shuffled batches from the `skip`-th on, rank r's slice of each global batch.
+    The loader has its own generator: the global RNG's draws would differ after a resume."""
+    g = torch.Generator().manual_seed(args.seed * 100003 + epoch)
+    order = torch.randperm(len(dataset), generator=g)[skip * args.batch_size:]
+    b = args.batch_size // world
+    mine = order[:len(order) // args.batch_size * args.batch_size].view(-1, world, b)[:, rank].flatten()
+    return DataLoader(Subset(dataset, mine.tolist()), b, drop_last=True, generator=g)
+
+
+@torch.no_grad()
+def ema_update(ema, model, n, max_decay):
+    """EMA of the weights, its decay warmed up as min(max_decay, (1 + n) / (10 + n))."""
+    for e, p in zip(ema.parameters(), model.parameters()):
+        e.lerp_(p, 1 - min(max_decay, (1 + n) / (10 + n)))
+
+
+def learning_rate(args, step, total):
+    """Linear warm-up over --warmup steps (a tenth of a shorter run), then constant or cosine."""
+    warmup = min(args.warmup, total // 10)
+    lr = args.lr * min(1.0, (step + 1) / warmup) if warmup else args.lr
+    return lr * 0.5 * (1 + math.cos(math.pi * step / total)) if args.lr_decay == "cosine" else lr
+
+
+def load_checkpoint(path, methods, keys, flag="--ckpt"):
+    """A checkpoint of one of `methods` with `keys`, read as data (weights_only), or one line."""
+    if not Path(path).is_file():
+        raise UserError(f"no checkpoint at {path}: train first, or pass {flag} PATH")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise UserError(f"cannot read checkpoint {path} ({type(e).__name__}): it is damaged or "
+                        f"incomplete (a copy cut short?), or not a checkpoint at all") from None
+    method = ckpt.get("method", "unknown") if isinstance(ckpt, dict) else "unknown"
+    if method not in methods:
+        raise UserError(f"{path} is a checkpoint of {method}, not of {' or '.join(methods)}")
+    missing = [k for k in ("args", "step", "rng", *keys) if k not in ckpt]
+    if missing:
+        raise UserError(f"{path} is an incomplete {method} checkpoint: no {', '.join(missing)}")
+    return ckpt
+
+
+def resumed_args(p, args, ckpt, free=("device", "out", "resume", "ckpt", "data_dir", "log_every",
+                                      "save_every", "compile", "bf16")):
+    """The checkpoint's flags, with the `free` ones and a new length given now; any other flag
+    given now that differs from the checkpoint's is refused."""
+    saved = ckpt["args"]
+    for k, v in vars(args).items():
+        if k not in (*free, "epochs", "steps") and v not in (p.get_default(k), saved.get(k)):
+            raise UserError(f"--resume continues the run with its --{k.replace('_', '-')} {saved.get(k)}, "
+                            f"not {v}: leave the flag out, or start a new run with another --out")
+    length = ("epochs", "steps") if args.epochs or args.steps else ()
+    print("--resume: the flags left out are the checkpoint's")
+    return argparse.Namespace(**{**saved, **{k: getattr(args, k) for k in (*free, *length)}})
+
+
+@contextlib.contextmanager
+def signals_to(stop):
+    """Ctrl-C and SIGTERM append their number to `stop`: the run ends its step, saves and exits."""
+    old = {s: signal.signal(s, lambda signum, frame: stop.append(signum)) for s in (SIGINT, SIGTERM)}
+    try:
+        yield
+    finally:
+        for s, handler in old.items():
+            signal.signal(s, handler)
+
+
+class SamplingStopped(Exception):
+    """Ctrl-C or SIGTERM arrived while a sampler ran."""
+
+
+class Progress:
+    """Called after each step of a long loop, as progress(done, total) or as a sampler's on_step(x,
+    done, total): a line with the time left every few seconds; SamplingStopped once `stop` is set."""
+
+    def __init__(self, what, stop=(), every=5.0):
+        self.what, self.stop, self.every = what, stop, every
+        self.start = self.last = time.time()
+
+    def __call__(self, *step):
+        done, total = step[-2:]
+        if self.stop:
+            raise SamplingStopped
+        if time.time() - self.last >= self.every:
+            left = (time.time() - self.start) / done * (total - done)
+            print(f"{self.what}: step {done}/{total}, {left / 60:.1f} min left", flush=True)
+            self.last = time.time()
+
+
+class Run(argparse.Namespace):
+    """A training run: args, method, rank, world, device, path (of its checkpoint), ckpt (resumed, or
+    None), stop, shape (of an example), model, opt, dataset, loss(batch, draws) -> a scalar, and
+    optionally ema, after_step(step), pictures(epoch, progress) and extra() (more to checkpoint)."""
+    ckpt = ema = after_step = pictures = first = None
+    step, saved, grid = 0, 0, 0.0
+
+    def extra(self):
+        return {}
+
+
+def begin(args, p, method, keys):
+    """A Run: its processes, --out, and with --resume its checkpoint and flags; then the seed, the
+    same on every process (see Draws)."""
+    rank, world, device = setup_processes(args.device)
+    run = Run(method=method, rank=rank, world=world, device=device, stop=[], path=out_folder(args.out) / "ckpt.pt")
+    if args.resume:
+        run.ckpt = load_checkpoint(args.ckpt or run.path, [method], ("shape", *keys))
+        args = resumed_args(p, args, run.ckpt)
+    seed_everything(args.seed)
+    run.args = args
+    return run
+
+
+def prepare(run):
+    """A resumed run's weights, optimizer, step and RNG, and run.net: the network as training calls it."""
+    args, ckpt = run.args, run.ckpt
+    if args.batch_size % run.world:
+        raise UserError(f"--batch-size {args.batch_size} (the global batch) must divide evenly over "
+                        f"{run.world} processes")
+    if len(run.dataset) < args.batch_size:
+        raise UserError(f"{len(run.dataset)} training examples, fewer than --batch-size {args.batch_size}")
+    if ckpt is not None:
+        if tuple(ckpt["shape"]) != tuple(run.shape):
+            raise UserError(f"the checkpoint was trained on {tuple(ckpt['shape'])} data, not {tuple(run.shape)}: "
+                            f"resume on the data it was trained on")
+        try:
+            run.model.load_state_dict(ckpt["model"])
+        except RuntimeError:
+            raise UserError(f"{run.path}'s weights do not fit the network its flags build: damaged?") from None
+        if run.ema is not None:
+            run.ema.load_state_dict(ckpt["ema"])
+        run.opt.load_state_dict(ckpt["optimizer"])
+        run.step = run.saved = ckpt["step"]
+        torch.set_rng_state(ckpt["rng"]["torch"])
+        random.setstate(ckpt["rng"]["python"])
+        if ckpt["rng"]["cuda"] is not None and run.device.type == "cuda":  # each rank continues rank 0's
+            torch.cuda.set_rng_state(ckpt["rng"]["cuda"], run.device)
+        print(f"resumed from step {run.step}")
+    run.per_epoch = len(run.dataset) // args.batch_size
+    run.total = args.steps or args.epochs * run.per_epoch
+    run.net = run.model
+    if run.world > 1:  # averages the gradients over the processes in backward()
+        run.net = DistributedDataParallel(run.model, [run.device.index] if run.device.type == "cuda" else None)
+    if args.compile:
+        run.net = torch.compile(run.net)
+
+
+def train(run):
+    """From run.step to the end: global batches, run.loss, gradient steps, EMA. The loss and the stop
+    flag are read from the device every 10 steps and at each epoch's end, whose checkpoint and pictures
+    follow. Ctrl-C or SIGTERM: the step ends, the run saves and exits 128 + the signal's number."""
+    prepare(run)
+    losses, run.bad_data, run.last_log = [], torch.zeros((), device=run.device), time.time()
+    run.last_save = run.last_log
+    with signals_to(run.stop):
+        while run.step < run.total and not run.stop:
+            epoch, skip = divmod(run.step, run.per_epoch)
+            for batch in epoch_batches(run.dataset, run.args, epoch, skip, run.rank, run.world):
+                losses.append(gradient_step(run, [b.to(run.device) for b in batch]))
+                end = run.step % run.per_epoch == 0 or run.step == run.total
+                if (end or run.step % 10 == 0 or run.world == 1 and run.stop) and check(run, losses) or end:
+                    break
+            if run.step % run.per_epoch == 0 or run.step == run.total:
+                end_of_epoch(run, epoch)
+        save(run)
+    if run.world > 1:  # the others wait for rank 0's checkpoint: the next command may read it
+        dist.barrier()
+    print(f"{'interrupted' if run.stop else 'done'} at step {run.step}; checkpoint {run.path}")
+    if run.stop:
+        raise SystemExit(128 + run.stop[0])
+
+
+def gradient_step(run, batch):
+    run.bad_data += (~torch.isfinite(batch[0])).any()
+    for group in run.opt.param_groups:
+        group["lr"] = learning_rate(run.args, run.step, run.total)
+    with torch.autocast("cuda", torch.bfloat16, enabled=run.args.bf16 and run.device.type == "cuda"):
+        loss = run.loss(batch, Draws(run.args.batch_size, run.device, run.rank, run.world))
+    run.opt.zero_grad(set_to_none=True)
+    loss.backward()
+    if run.args.grad_clip:
+        torch.nn.utils.clip_grad_norm_(run.model.parameters(), run.args.grad_clip)
+    run.opt.step()
+    run.step += 1
+    if run.ema is not None:
+        ema_update(run.ema, run.model, run.step, run.args.ema)
+    if run.after_step is not None:
+        run.after_step(run.step)
+    run.first = loss.detach().float() if run.first is None else run.first
+    return loss.detach().float()
+
+
+def check(run, losses):
+    """Stops a diverged run (a loss over 1000 x its first, or 1) without saving; prints progress; saves
+    every --save-every minutes. Returns whether any process was asked to stop."""
+    stop = torch.tensor(float(len(run.stop)), device=run.device)
+    x = torch.stack([torch.stack(losses).mean(), run.first, run.bad_data, stop])
+    if run.world > 1:
+        dist.all_reduce(x)
+        x /= run.world
+    (loss, first, bad, stop), now = x.tolist(), time.time()
+    if bad or not math.isfinite(loss) or loss > 1000 * max(first, 1):
+        held = f"{run.path} holds step {run.saved}" if run.saved else "this run has written no checkpoint yet"
+        why = "the data hold NaN or inf" if bad else f"the loss went from {first:.3g} to {loss:.3g} " \
+            f"(diverged: try a lower --lr)"
+        raise UserError(f"stopped at step {run.step} without saving, as {why}; {held}")
+    if now - run.last_log >= run.args.log_every or stop or run.step == run.total:
+        speed = len(losses) * run.args.batch_size / (now - run.last_log)
+        left = (run.total - run.step) * (run.args.batch_size / speed + run.grid / run.per_epoch)
+        print(f"step {run.step}/{run.total}  loss {loss:.4f}  {speed:.0f} img/s  {left / 60:.1f} min left",
+              flush=True)
+        losses.clear()
+        run.last_log = now
+    if stop and not run.stop:  # another process's signal: exit as after SIGTERM
+        run.stop.append(SIGTERM)
+    if now - run.last_save >= 60 * run.args.save_every or stop:
+        save(run)
+    return bool(stop)
+
+
+def save(run):
+    """The run and the RNG states, written to a temporary file and renamed: a crash leaves no broken file."""
+    if run.rank == 0 and run.saved != run.step:
+        rng = {"torch": torch.get_rng_state(), "python": random.getstate(),
+               "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None}
+        torch.save({"method": run.method, "args": vars(run.args), "step": run.step, "shape": list(run.shape),
+                    "model": run.model.state_dict(), "optimizer": run.opt.state_dict(), "rng": rng,
+                    "ema": None if run.ema is None else run.ema.state_dict(), **run.extra()}, f"{run.path}.tmp")
+        os.replace(f"{run.path}.tmp", run.path)
+    run.saved, run.last_save = run.step, time.time()
+
+
+def end_of_epoch(run, epoch):
+    save(run)
+    if run.pictures is None or run.rank > 0:  # the other processes wait meanwhile
+        return
+    start = time.time()
+    try:
+        run.pictures(epoch, Progress(f"epoch {epoch + 1} grid", run.stop))
+    except SamplingStopped:
+        print(f"stopped while drawing the grid; {run.path} holds step {run.step}")
+    run.grid, run.last_log = time.time() - start, time.time()  # img/s counts training alone
+
+
+def sample_command(args, methods, keys, load, nrow=None, write=None):
+    """--sample: load(ckpt, device) of --ckpt gives (net, draw); --n samples drawn 256 at a time by
+    draw(first, n, progress), checked and written to --save as a tensor, a grid nrow wide (nrow: a
+    number, or a function of the checkpoint), or by write(x, path) for a method's own kinds of file."""
+    if not args.ckpt:
+        raise UserError(f"--sample needs --ckpt PATH, a checkpoint its training wrote (in {args.out})")
+    check_save(args.save, (".png", ".pt", *getattr(write, "suffixes", ())))
+    ckpt = load_checkpoint(args.ckpt, methods, ("shape", *keys))
+    net, draw = load(ckpt, pick_device(args.device))
+    if not all(torch.isfinite(w).all() for w in net.parameters()):
+        raise UserError(f"{args.ckpt} holds non-finite weights (its run diverged): retrain with a lower --lr")
+    start, chunks = time.time(), []
+    for i in range(0, args.n, 256):
+        progress = Progress(f"samples {i + 1}-{min(i + 256, args.n)} of {args.n}")
+        chunks.append(draw(i, min(256, args.n - i), progress).float().cpu())
+    x = torch.cat(chunks)
+    if not torch.isfinite(x).all():
+        raise UserError(f"the samples of {args.ckpt} came out non-finite: the checkpoint is broken, retrain it")
+    print(f"{args.n} samples in {time.time() - start:.2f} s")
+    if write is not None:
+        write(x, args.save)
+    elif args.save.endswith(".pt"):
+        torch.save(x, args.save)
+    else:
+        save_grid(x[:, :3], args.save, nrow=nrow(ckpt) if callable(nrow) else nrow)
+    print(f"saved {args.save}")
+
+
+def positive_int(s):
+    if not s.strip().isdigit() or int(s) == 0:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {s!r}")
+    return int(s)
+
+
+def int_list(s):
+    if not s.replace(",", "").strip():
+        raise argparse.ArgumentTypeError(f"must be comma-separated integers such as 1,2,2, got {s!r}")
+    return tuple(positive_int(x) for x in s.split(",") if x.strip())
+
+
+def shared_flags(p, out, lr, batch_size=128, warmup=0, ema=0.9999, grad_clip=1.0):
+    """DESIGN.md's command line: the flags of every method file, with the method's defaults."""
+    p.add_argument("--dataset", help="mnist | fashion-mnist (default) | cifar10 | FOLDER | FILE.pt")
+    p.add_argument("--data-dir", default="./data")
+    p.add_argument("--image-size", type=positive_int, help="for image folders")
+    length = p.add_mutually_exclusive_group()
+    length.add_argument("--epochs", type=positive_int)
+    length.add_argument("--steps", type=positive_int)
+    p.add_argument("--batch-size", type=positive_int, default=batch_size)
+    p.add_argument("--lr", type=float, default=lr)
+    p.add_argument("--warmup", type=int, default=warmup, help="steps of linear warm-up (0: none)")
+    p.add_argument("--lr-decay", choices=["none", "cosine"], default="none")
+    p.add_argument("--ema", type=float, default=ema, help="EMA decay of the weights")
+    p.add_argument("--grad-clip", type=float, default=grad_clip, help="gradient norm clip (0: off)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda | mps")
+    p.add_argument("--bf16", action="store_true", help="bfloat16 autocast on CUDA")
+    p.add_argument("--compile", action="store_true", help="torch.compile the network")
+    p.add_argument("--out", default=out)
+    p.add_argument("--resume", action="store_true", help="continue OUT's checkpoint (or --ckpt)")
+    p.add_argument("--log-every", type=float, default=5.0, help="seconds between progress lines")
+    p.add_argument("--save-every", type=float, default=5.0, help="minutes between checkpoints")
+    p.add_argument("--sample", action="store_true", help="only sample from --ckpt")
+    p.add_argument("--ckpt")
+    p.add_argument("--n", type=positive_int, default=64, help="images to sample")
+    p.add_argument("--save", help="FILE.png (a grid) or FILE.pt (a tensor) for --sample")
+
+
+def check_shared_flags(p, args):
+    for flag, ok, what in [("lr", args.lr > 0, "positive"), ("warmup", args.warmup >= 0, "0 or more"),
+                           ("grad_clip", args.grad_clip >= 0, "0 (off) or positive"),
+                           ("ema", 0 <= args.ema < 1, "in [0, 1)")]:
+        if not ok:
+            p.error(f"--{flag.replace('_', '-')} must be {what}, got {getattr(args, flag)}")
+    if not args.resume:
+        args.dataset = args.dataset or "fashion-mnist"
+        args.epochs = args.epochs or (None if args.steps else 10)
+
+
+def out_folder(path):
+    if Path(path).exists() and not Path(path).is_dir():
+        raise UserError(f"--out {path} is a file: give a folder for the run's outputs")
+    Path(path).mkdir(parents=True, exist_ok=True)
+    return Path(path)
+
+
+def check_save(path, suffixes=(".png", ".pt")):
+    if path and Path(path).is_dir():
+        raise UserError(f"--save {path} is a folder: give a file name ending in {' or '.join(suffixes)}")
+    if not path or Path(path).suffix not in suffixes:
+        raise UserError(f"--sample needs --save FILE{' or FILE'.join(suffixes)}")
+    try:
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise UserError(f"cannot write --save {path}: {e.strerror}") from None
+
+
+def run_command(command, args):
+    """main()'s body: a user's error is one line, and so is Ctrl-C before training or while
+    sampling (status 130); the process group, if any, is closed."""
+    try:
+        command(args)
+    except UserError as e:
+        sys.exit(f"error: {e}")
+    except (KeyboardInterrupt, SamplingStopped):
+        print("interrupted: nothing saved", file=sys.stderr)
+        sys.exit(130)
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+# ==== end of harness ===============================================================================
+
+
+# ==== the command line =============================================================================
+
+KEYS = ("model", "ema", "optimizer", "base", "base_step", "num_classes")  # besides the harness's
+MEASURES = {"edges": "edge F1", "mask": "mask IoU", "lowres": "low-res PSNR (dB)"}
+SHOWN = {"edges": "an edge map", "mask": "a silhouette", "lowres": "a low-resolution image"}
+
+
+def cond_channels(condition, channels):
+    """Edge maps and silhouettes have one channel; a low-resolution image has the image's."""
+    return channels if condition == "lowres" else 1
+
+
+def load_base(path, device, step=None, trained=None):
+    """The locked base of the ddpm.py checkpoint at `path`, its schedule, shape and step; `step`:
+    the one the ControlNet `trained` (a path) was trained on, refused if the file now holds another."""
+    ckpt = load_checkpoint(path, ["ddpm"], ("shape", "ema"), flag="--base")
+    if step is not None and ckpt["step"] != step:
+        raise UserError(f"{trained} was trained on the base {path} at step {step}, but it now holds step "
+                        f"{ckpt['step']}: give --base the checkpoint it was trained on")
+    try:
+        base = locked_base(ckpt, device)
+    except (RuntimeError, KeyError, TypeError):
+        raise UserError(f"{path}'s weights do not fit the U-Net its flags build: damaged?") from None
+    return base, base_schedule(ckpt["args"]), tuple(ckpt["shape"]), ckpt["step"]
+
+
+def make_controlnet(base, args, channels, num_classes):
+    return ControlNet(base, cond_channels(args.condition, channels), num_classes, zero=args.zero_conv)
+
+
+def draw(base, controls, n, shape, sch, args, device, y=None, seed=0, on_step=None):
+    """n images by guided DDIM with the (controlnet, c) pairs `controls`, from a fixed seed."""
+    g = torch.Generator(device).manual_seed(seed)
+    steps = args.sampling_steps or min(50, sch.T)
+    return sample_ddim(base, controls, (n, *shape), sch, steps, y, args.cfg_scale, args.control_scale,
+                       device=device, generator=g, on_step=on_step)
+
+
+def first_test_images(args, n):
+    """The first n test images of args.dataset (an image folder or tensor file: its own images) and
+    their labels, or None for a data set without labels."""
+    test, info = load_dataset(args.dataset, args.data_dir, False, args.image_size)
+    n = min(n, len(test))
+    x = torch.stack([test[i][0] for i in range(n)])
+    return x, torch.tensor([int(test[i][1]) for i in range(n)]) if info.num_classes else None
+
+
+def shown(c, channels):
+    """Conditions as images: a one-channel map repeated over the images' channels."""
+    return c.expand(-1, channels, -1, -1) if c.shape[1] == 1 else c
+
+
+def step_loss(run, base, sch, batch, draws):
+    """training_step on a batch (x_0, y), its condition computed here from x_0: each process
+    computes its own share's, so the global batch is the same for any number of processes."""
+    x0, y = batch
+    run.net.num_classes = run.model.num_classes  # (DistributedDataParallel hides the model's attributes)
+    y = y if run.model.num_classes else None
+    return training_step(base, run.net, x0, CONDITIONS[run.args.condition](x0), y, sch, draws, run.args.p_uncond)
+
+
+def fidelity_line(run, base, sch, fixed, on_step=None):
+    """The EMA ControlNet's condition fidelity on the fixed test conditions (noise seed 1, as the
+    locked base's floor): the line from which the paper's "sudden convergence" is read."""
+    c, y = fixed
+    x = draw(base, [(run.ema.eval(), c)], len(c), run.shape, sch, run.args, run.device, y, 1, on_step)
+    score = FIDELITY[run.args.condition](x.float(), c).mean().item()
+    print(f"step {run.step}: {MEASURES[run.args.condition]} {score:.3f} on {len(c)} test conditions "
+          f"(the locked base alone: {run.floor:.3f})", flush=True)
+
+
+def pictures(run, base, sch, fixed, epoch, progress):
+    """The epoch's grid, up to 8 test conditions above three samples each (EMA weights, fixed noise),
+    and the fidelity line."""
+    c, y = fixed
+    k = min(8, len(c))
+
+    def part(i):  # progress over the two samplers' steps
+        return lambda x, done, total: progress(i * total + done, 2 * total)
+
+    x = draw(base, [(run.ema.eval(), c[:k].repeat(3, 1, 1, 1))], 3 * k, run.shape, sch, run.args, run.device,
+             None if y is None else y[:k].repeat(3), 0, part(0))
+    path = Path(run.args.out) / f"samples_epoch{epoch + 1:03d}.png"
+    save_grid(torch.cat([shown(c[:k], run.shape[0]), x]), path, nrow=k)
+    print(f"epoch {epoch + 1}: conditions and samples in {path}")
+    fidelity_line(run, base, sch, fixed, part(1))
+
+
+def train_command(args, p):
+    if not args.base and not args.resume:
+        raise UserError("training needs --base CKPT, the ddpm.py checkpoint to lock (python ddpm.py writes "
+                        "runs/ddpm/ckpt.pt)")
+    run = begin(args, p, "controlnet", KEYS)
+    args = run.args
+    trained_on = None if run.ckpt is None else run.ckpt["base_step"]
+    base, sch, base_shape, base_step = load_base(args.base, run.device, trained_on, args.ckpt or run.path)
+    run.dataset, info = load_dataset(args.dataset, args.data_dir, True, args.image_size)
+    run.shape = (info.channels, info.size, info.size)
+    if run.shape != base_shape:
+        raise UserError(f"the base {args.base} was trained on {base_shape} images, --dataset {args.dataset} "
+                        f"holds {run.shape}: train the ControlNet on the base's data")
+    ddim_timesteps(sch.T, args.sampling_steps or min(50, sch.T))  # a clear error before any work
+    run.model = make_controlnet(base, args, info.channels, info.num_classes).to(run.device)
+    print(f"locked base: {args.base} (step {base_step}, {sum(w.numel() for w in base.parameters()) / 1e6:.2f}M "
+          f"frozen parameters); ControlNet: {sum(w.numel() for w in run.model.parameters()) / 1e6:.2f}M trainable, "
+          f"condition {args.condition}, {'zero' if args.zero_conv else 'plain'} 1x1 convolutions")
+    run.ema = copy.deepcopy(run.model).requires_grad_(False)
+    run.opt = torch.optim.AdamW(run.model.parameters(), lr=args.lr)  # only the ControlNet's: the base is locked
+    run.extra = lambda: {"base": args.base, "base_step": base_step, "num_classes": info.num_classes}
+    run.loss = lambda batch, draws: step_loss(run, base, sch, batch, draws)
+    x, y = first_test_images(args, min(args.n, 64))
+    fixed = (CONDITIONS[args.condition](x).to(run.device), None if y is None else y.to(run.device))
+    if run.rank == 0:  # the floor: the locked base's samples, from the fidelity line's noise
+        samples = draw(base, [], len(x), run.shape, sch, args, run.device, None, 1, Progress("the floor"))
+        run.floor = FIDELITY[args.condition](samples.float(), fixed[0]).mean().item()
+        print(f"{MEASURES[args.condition]} of the locked base alone on {len(x)} test conditions: {run.floor:.3f}")
+    run.pictures = lambda epoch, progress: pictures(run, base, sch, fixed, epoch, progress)
+
+    def after_step(step):  # (an epoch's end has its own line)
+        if run.rank == 0 and step % args.fidelity_every == 0 and step % run.per_epoch and step < run.total:
+            fidelity_line(run, base, sch, fixed)
+    run.after_step = after_step if args.fidelity_every else None
+    train(run)
+
+
+def controlnet_of(path, ckpt, base, shape, device):
+    """The EMA ControlNet of a controlnet.py checkpoint, on the locked base."""
+    net = make_controlnet(base, argparse.Namespace(**ckpt["args"]), shape[0], ckpt["num_classes"])
+    try:
+        net.load_state_dict(ckpt["ema"])
+    except RuntimeError:
+        raise UserError(f"{path}'s weights do not fit a ControlNet of its base: damaged?") from None
+    return net.to(device).eval()
+
+
+def read_control(path, condition, channels, size):
+    """--control's conditions (N, C, H, W) in [-1, 1]: IMAGE.png (one; an edge map or a silhouette is
+    thresholded at mid-grey) or FILE.pt, of the shape the ControlNet takes, or one line."""
+    need = f"{size}x{size} conditions with {channels} channel{'s' if channels > 1 else ''} ({SHOWN[condition]})"
+    if not Path(path).is_file():
+        raise UserError(f"no --control file {path}")
+    if Path(path).suffix.lower() == ".pt":
+        try:
+            c = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as e:
+            raise UserError(f"cannot read --control {path} as a saved tensor ({type(e).__name__})") from None
+        if not torch.is_tensor(c) or not c.is_floating_point() or c.shape[1:] != (channels, size, size) or not len(c):
+            got = f"a {tuple(c.shape)} {c.dtype} tensor" if torch.is_tensor(c) else type(c).__name__
+            raise UserError(f"--control {path} holds {got}: this ControlNet takes float (N, {channels}, {size}, "
+                            f"{size}) tensors, {need}")
+        if not torch.isfinite(c).all() or c.abs().max() > 1:
+            raise UserError(f"--control {path} holds values outside [-1, 1]: conditions are images in [-1, 1]")
+        return c.float()
+    if Path(path).suffix.lower() not in (".png", ".jpg", ".jpeg"):
+        raise UserError(f"--control takes IMAGE.png or FILE.pt, not {path}")
+    from PIL import Image  # torchvision's dependency; only --control's images need it
+    try:
+        with Image.open(path) as im:
+            im = im.convert("L" if channels == 1 else "RGB")
+    except OSError:
+        raise UserError(f"cannot read --control {path} as an image: damaged?") from None
+    if im.size != (size, size):
+        raise UserError(f"--control {path} is {im.size[0]}x{im.size[1]}: this ControlNet takes {need}")
+    c = pil_to_tensor(im)[None].float() / 127.5 - 1
+    return c if condition == "lowres" else torch.where(c > 0, 1.0, -1.0)
+
+
+def sampling_conditions(args, trained, shape):
+    """One (K, C_c, H, W) tensor of conditions per ControlNet (`trained`: their training flags) and
+    K labels or None: --control's files in --ckpt's order (a file of one condition serves all K), or
+    the conditions of --control-from-test N test images, with their labels."""
+    if args.control_from_test:
+        x, y = first_test_images(argparse.Namespace(**{**vars(trained[0]), "data_dir": args.data_dir}),
+                          args.control_from_test)
+        return [CONDITIONS[t.condition](x) for t in trained], y
+    if not args.control:
+        raise UserError("--sample needs --control IMAGE.png|FILE.pt (one per --ckpt) or --control-from-test N")
+    if len(args.control) != len(trained):
+        raise UserError(f"{len(trained)} --ckpt and {len(args.control)} --control: give one --control per "
+                        f"--ckpt, in the same order")
+    conds = [read_control(path, t.condition, cond_channels(t.condition, shape[0]), shape[-1])
+             for path, t in zip(args.control, trained)]
+    k = max(len(c) for c in conds)
+    if any(len(c) not in (1, k) for c in conds):
+        raise UserError(f"the --control files hold {' and '.join(str(len(c)) for c in conds)} conditions: "
+                        f"give each ControlNet as many, or one for all")
+    return [c.expand(k, -1, -1, -1) for c in conds], None
+
+
+def sample(args):
+    rows = []  # the conditions, one row per ControlNet, above the samples in a grid
+
+    def load(ckpt, device):
+        paths = [args.ckpt, *(args.compose or [])]
+        ckpts = [ckpt] + [load_checkpoint(path, ["controlnet"], ("shape", *KEYS)) for path in paths[1:]]
+        for path, other in zip(paths[1:], ckpts[1:]):
+            if (other["base"], other["base_step"]) != (ckpt["base"], ckpt["base_step"]):
+                raise UserError(f"{path} was trained on the base {other['base']} at step {other['base_step']}, "
+                                f"{args.ckpt} on {ckpt['base']} at step {ckpt['base_step']}: composed "
+                                f"ControlNets share one locked base")
+        base, sch, shape, _ = load_base(args.base or ckpt["base"], device, ckpt["base_step"], args.ckpt)
+        ddim_timesteps(sch.T, args.sampling_steps or min(50, sch.T))  # a clear error before any work
+        nets = [controlnet_of(path, c, base, shape, device) for path, c in zip(paths, ckpts)]
+        conds, y = sampling_conditions(args, [argparse.Namespace(**c["args"]) for c in ckpts], shape)
+        y = y if any(net.num_classes for net in nets) else None
+        rows.extend(shown(c, shape[0]) for c in conds)
+        k = len(conds[0])
+        print(f"{len(nets)} ControlNet{'s' * (len(nets) > 1)} on {k} condition{'s' * (k > 1)}"
+              f"{', with their test labels' if y is not None else ''}")
+
+        def draw_chunk(first, n, progress):  # sample i follows condition i mod K
+            i = torch.arange(first, first + n) % k
+            controls = [(net, c[i].to(device)) for net, c in zip(nets, conds)]
+            labels = None if y is None else y[i].to(device)
+            return draw(base, controls, n, shape, sch, args, device, labels, args.seed + first, progress).clamp(-1, 1)
+        return nn.ModuleList(nets), draw_chunk
+
+    def write(x, path):  # a tensor, or a grid of the conditions above their samples, one column each
+        if path.endswith(".pt"):
+            torch.save(x, path)
+        else:
+            save_grid(torch.cat([*rows, x]), path, nrow=len(rows[0]))
+
+    sample_command(args, ["controlnet"], KEYS, load, write=write)
+
+
+def parser():
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0], conflict_handler="resolve",
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    shared_flags(p, "runs/controlnet", lr=1e-4)
+    p.add_argument("--ckpt", action="append", help="a ControlNet's checkpoint; with --sample, two or more compose")
+    p.add_argument("--base", help="the ddpm.py checkpoint to lock (training needs one)")
+    p.add_argument("--condition", choices=list(CONDITIONS), default="edges")
+    p.add_argument("--no-zero-conv", dest="zero_conv", action="store_false",
+                   help="randomly initialised 1x1 convolutions instead of zero ones (the paper's ablation, Fig. 8)")
+    p.add_argument("--p-uncond", type=float, default=0.5, help="label dropout (Sec. 3.3: 50%% empty prompts)")
+    p.add_argument("--cfg-scale", type=float, default=1.0, help="classifier-free guidance on the class (1: none)")
+    p.add_argument("--control-scale", type=float, default=1.0, help="the residuals' weight (0: the base alone)")
+    p.add_argument("--sampling-steps", type=positive_int, help="DDIM steps S (default 50, or T if smaller)")
+    p.add_argument("--fidelity-every", type=int, default=0,
+                   help="steps between fidelity lines (0: at each epoch's end only)")
+    control = p.add_mutually_exclusive_group()
+    control.add_argument("--control", action="append",
+                         help="--sample: IMAGE.png or FILE.pt (N, C, H, W) in [-1, 1]; one per --ckpt")
+    control.add_argument("--control-from-test", type=positive_int, metavar="N",
+                         help="--sample: the conditions of N test images")
+    return p
+
+
+def parse_args(argv=None, p=None):
+    p = p or parser()
+    args = p.parse_args(argv)
+    check_shared_flags(p, args)
+    for flag, ok, what in [("control_scale", args.control_scale >= 0, "0 or more"),
+                           ("cfg_scale", args.cfg_scale >= 0, "0 or more"),
+                           ("p_uncond", 0 <= args.p_uncond <= 1, "between 0 and 1"),
+                           ("fidelity_every", args.fidelity_every >= 0, "0 (off) or more")]:
+        if not ok:
+            p.error(f"--{flag.replace('_', '-')} must be {what}, got {getattr(args, flag)}")
+    ckpts = args.ckpt or []
+    if len(ckpts) > 1 and not args.sample:
+        p.error("two --ckpt compose ControlNets for --sample: training and --resume take one")
+    args.ckpt, args.compose = (ckpts[0] if ckpts else None), (ckpts[1:] or None)
+    if args.base:
+        args.base = str(Path(args.base).resolve())  # where the checkpoint will find its base
+    return args
+
+
+def main(argv=None):
+    p = parser()
+    args = parse_args(argv, p)
+    run_command(sample if args.sample else lambda a: train_command(a, p), args)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,11 +1,19 @@
-"""Tests for controlnet.py, the paper part: the locked base's schedule, zero convolutions that start
-exactly at the pretrained model, a locked base that never moves, the conditions, and a small
-learning check (a ControlNet puts a blob where its condition says)."""
+"""Tests for controlnet.py: the locked base's schedule, zero convolutions that start exactly at the
+pretrained model, a locked base that never moves, the conditions, a small learning check (a
+ControlNet puts a blob where its condition says), and the command line on a tiny ddpm.py base."""
+import contextlib
+import io
+import os
+import shutil
+import signal
+import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
+from PIL import Image, ImageDraw
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -364,3 +372,204 @@ def test_a_controlnet_puts_the_blob_where_the_condition_says():
     # (Seeds 0-8 give 0.84 to 1 and a blob mean of 0.6 to 0.9; chance is 0.25.)
     assert (quadrant_of(steered) == want).float().mean() >= 0.75
     assert steered[c > 0].mean() > 0.4 and steered[c < 0].mean() < -0.7  # a blob there, dark elsewhere
+
+
+# ----------------------------------------------------------------------------------------------
+# The command line, on a ddpm.py base of a few steps (12x12 shapes in two class folders)
+# ----------------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory):
+    """16 12x12 grayscale PNGs, ellipses and rectangles in two class folders."""
+    root = tmp_path_factory.mktemp("shapes")
+    rng = np.random.default_rng(0)
+    for i in range(16):
+        kind = root / ("rect" if i % 2 else "ellipse")
+        kind.mkdir(exist_ok=True)
+        im = Image.new("L", (12, 12), int(rng.integers(0, 40)))
+        x, y = (int(v) for v in rng.integers(0, 5, 2))
+        w, h = (int(v) for v in rng.integers(4, 7, 2))
+        (ImageDraw.Draw(im).rectangle if i % 2 else ImageDraw.Draw(im).ellipse)(
+            [x, y, x + w, y + h], fill=int(rng.integers(150, 256)))
+        im.save(kind / f"{i:02d}.png")
+    return root
+
+
+@pytest.fixture(scope="module")
+def base(folder, tmp_path_factory):
+    """A ddpm.py checkpoint of 4 steps (at a high --lr: its output layer, zero at first, must pass the
+    ControlNet's residuals on): the locked base."""
+    out = tmp_path_factory.mktemp("base")
+    with pytest.warns(UserWarning, match="mostly memorises"):
+        ddpm.main(["--dataset", str(folder), "--image-size", "12", "--width", "8", "--mults", "1,2",
+                   "--res-blocks", "1", "--attn", "6", "--T", "20", "--batch-size", "8", "--steps", "4", "--lr", "1e-2",
+                   "--sampler", "ddim", "--sampling-steps", "2", "--n", "2", "--out", str(out), "--device", "cpu"])
+    return out / "ckpt.pt"
+
+
+def argv(folder, base, out, *extra, steps="4"):
+    """2 batches an epoch; a high --lr so that 4 steps move the ControlNet visibly."""
+    return ["--base", str(base), "--dataset", str(folder), "--image-size", "12", "--batch-size", "8",
+            "--lr", "1e-2", "--steps", steps, "--sampling-steps", "2", "--n", "4", "--out", str(out),
+            "--device", "cpu", *extra]
+
+
+def load(path):
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def exit_message(args):
+    """The message main() exits with, or None if it returned normally."""
+    try:
+        cn.main(args)
+    except SystemExit as e:
+        return str(e.code)
+    return None
+
+
+pytestmark = pytest.mark.filterwarnings("ignore:.*mostly memorises:UserWarning")
+
+
+@pytest.fixture(scope="module")
+def trained(folder, base, tmp_path_factory):
+    """An uninterrupted 4-step edges run (epochs end at steps 2 and 4), and what it printed."""
+    out = tmp_path_factory.mktemp("trained") / "run"
+    log = io.StringIO()
+    with contextlib.redirect_stdout(log):
+        cn.main(argv(folder, base, out, "--fidelity-every", "1"))
+    return out, log.getvalue()
+
+
+def test_cli_trains_the_controlnet_alone_and_writes_grids_and_fidelity_lines(trained, base):
+    out, log = trained
+    ckpt = load(out / "ckpt.pt")
+    assert ckpt["method"] == "controlnet" and ckpt["step"] == 4 and ckpt["shape"] == [1, 12, 12]
+    assert ckpt["base"] == str(base.resolve()) and ckpt["base_step"] == 4 and ckpt["num_classes"] == 2
+    assert not any(k.startswith(("up.", "out.")) for k in ckpt["model"])  # no decoder: the base is not saved
+    assert any(k.startswith("z_skips.") for k in ckpt["model"])
+    assert sorted(p.name for p in out.glob("samples_epoch*.png")) == ["samples_epoch001.png", "samples_epoch002.png"]
+    with Image.open(out / "samples_epoch002.png") as im:  # 4 conditions above 3 x 4 samples, 12 px + 2 px pads
+        assert im.size == (4 * 14 + 2, 4 * 14 + 2)
+    floor = "edge F1 of the locked base alone on 4 test conditions: "
+    assert floor in log, log
+    lines = [line for line in log.splitlines() if line.startswith("step ") and "edge F1" in line]
+    assert [line.split(":")[0] for line in lines] == [f"step {s}" for s in (1, 2, 3, 4)], log  # --fidelity-every 1
+    assert all(f"(the locked base alone: {log.split(floor)[1][:5]})" in line for line in lines)
+
+
+def test_resume_is_bit_for_bit(folder, base, trained, tmp_path):
+    out = tmp_path / "run"
+    cn.main(argv(folder, base, out, steps="2"))
+    cn.main(argv(folder, base, out, "--resume", steps="4"))
+    resumed, straight = load(out / "ckpt.pt"), load(trained[0] / "ckpt.pt")
+    assert resumed["step"] == 4
+    for part in ("model", "ema"):
+        for k, v in straight[part].items():
+            assert torch.equal(v, resumed[part][k]), f"{part}.{k}"
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
+def test_a_signal_saves_and_exits_130_or_143(folder, base, tmp_path, sig):
+    out = tmp_path / "run"
+    proc = subprocess.Popen([sys.executable, "-u", str(ROOT / "controlnet.py"), "--log-every", "0",
+                             *argv(folder, base, out, steps="100000")], stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    lines = []
+    try:
+        for line in proc.stdout:
+            lines.append(line)
+            if line.startswith(("step 2/", "error")):  # training has begun
+                break
+        proc.send_signal(sig)
+        lines += proc.stdout.readlines()
+        assert proc.wait(timeout=60) == 128 + sig, "".join(lines)
+    finally:
+        proc.kill()
+    step = load(out / "ckpt.pt")["step"]
+    assert step >= 2 and lines[-1].strip() == f"interrupted at step {step}; checkpoint {out / 'ckpt.pt'}", lines[-3:]
+
+
+def write_png(path, size=12):
+    im = Image.new("L", (size, size), 0)
+    ImageDraw.Draw(im).rectangle([3, 3, 8, 8], outline=255)
+    im.save(path)
+    return path
+
+
+def sample(trained, tmp_path, *flags, save="x.pt"):
+    cn.main(["--sample", "--ckpt", str(trained[0] / "ckpt.pt"), "--sampling-steps", "2", "--device", "cpu",
+             "--save", str(tmp_path / save), *flags])
+    return load(tmp_path / save) if save.endswith(".pt") else tmp_path / save
+
+
+def test_sample_follows_a_png_or_a_pt_of_conditions(trained, base, tmp_path):
+    x = sample(trained, tmp_path, "--control", str(write_png(tmp_path / "c.png")), "--n", "3")
+    assert x.shape == (3, 1, 12, 12) and x.dtype == torch.float32 and x.abs().max() <= 1
+    c = cn.edges(torch.rand(2, 1, 12, 12) * 2 - 1)
+    torch.save(c, tmp_path / "c.pt")
+    png = sample(trained, tmp_path, "--control", str(tmp_path / "c.pt"), "--n", "4", save="x.png")
+    with Image.open(png) as im:  # the 2 conditions above 2 x 2 samples
+        assert im.size == (2 * 14 + 2, 3 * 14 + 2)
+    # --control-scale 0 is the locked base alone, from the same noise; 1 is not
+    scaled = [sample(trained, tmp_path, "--control", str(tmp_path / "c.pt"), "--n", "2", "--control-scale", s)
+              for s in ("0", "1")]
+    locked, sch = cn.locked_base(load(base)), cn.base_schedule(load(base)["args"])
+    alone = cn.sample_ddim(locked, [], (2, 1, 12, 12), sch, 2, generator=torch.Generator().manual_seed(0))
+    assert torch.allclose(scaled[0], alone, atol=1e-6) and not torch.allclose(scaled[1], alone, atol=1e-3)
+    x = sample(trained, tmp_path, "--control-from-test", "3", "--n", "3", "--cfg-scale", "2")
+    assert x.shape == (3, 1, 12, 12)
+
+
+def test_two_controlnets_compose(folder, base, trained, tmp_path):
+    cn.main(argv(folder, base, tmp_path / "mask", "--condition", "mask", steps="2"))
+    a, b = str(trained[0] / "ckpt.pt"), str(tmp_path / "mask" / "ckpt.pt")
+    one = sample(trained, tmp_path, "--control-from-test", "2", "--n", "2")
+    both = sample(trained, tmp_path, "--ckpt", b, "--control-from-test", "2", "--n", "2")
+    assert both.shape == one.shape == (2, 1, 12, 12) and not torch.allclose(both, one, atol=1e-3)
+    torch.save(cn.mask(torch.rand(2, 1, 12, 12) * 2 - 1), tmp_path / "m.pt")
+    png = sample(trained, tmp_path, "--ckpt", b, "--control", str(write_png(tmp_path / "e.png")), "--control",
+                 str(tmp_path / "m.pt"), "--n", "4", save="x.png")  # one edge map for both masks
+    with Image.open(png) as im:  # the edge map twice and the 2 masks above 2 x 2 samples
+        assert im.size == (2 * 14 + 2, 4 * 14 + 2)
+    moved = load(b)
+    moved["base_step"] = 7
+    torch.save(moved, tmp_path / "other.pt")
+    msg = exit_message(["--sample", "--ckpt", a, "--ckpt", str(tmp_path / "other.pt"), "--control-from-test", "2",
+                        "--save", str(tmp_path / "y.pt"), "--device", "cpu"])
+    assert msg and "share one locked base" in msg and "\n" not in msg, msg
+
+
+def test_bad_input_is_one_line(folder, base, trained, tmp_path, capsys):
+    msgs = {"no --base": exit_message(argv(folder, base, tmp_path / "a")[2:])}
+    torch.save({"method": "vae", "args": {}, "step": 1}, tmp_path / "vae.pt")
+    msgs["a vae base"] = exit_message(argv(folder, tmp_path / "vae.pt", tmp_path / "b"))
+    (tmp_path / "garbage.pt").write_bytes(b"not a checkpoint" * 100)
+    msgs["a damaged base"] = exit_message(argv(folder, tmp_path / "garbage.pt", tmp_path / "c"))
+    sample = ["--sample", "--ckpt", str(trained[0] / "ckpt.pt"), "--save", str(tmp_path / "x.png"), "--device", "cpu"]
+    msgs["an 8x8 control"] = exit_message([*sample, "--control", str(write_png(tmp_path / "c8.png", 8))])
+    torch.save(torch.zeros(2, 3, 12, 12), tmp_path / "rgb.pt")
+    msgs["a 3-channel control"] = exit_message([*sample, "--control", str(tmp_path / "rgb.pt")])
+    msgs["no control"] = exit_message(sample)
+    for what, words in [("no --base", "training needs --base CKPT"), ("a vae base", "checkpoint of vae, not of ddpm"),
+                        ("a damaged base", "cannot read checkpoint"),
+                        ("an 8x8 control", "c8.png is 8x8: this ControlNet takes 12x12 conditions with 1 channel"),
+                        ("a 3-channel control", "holds a (2, 3, 12, 12) torch.float32 tensor: this ControlNet takes "
+                                                "float (N, 1, 12, 12)"),
+                        ("no control", "--sample needs --control")]:
+        assert msgs[what] and msgs[what].startswith("error: ") and words in msgs[what], (what, msgs[what])
+        assert "\n" not in msgs[what], what
+    for flags, words in [(["--control-scale", "-1"], "--control-scale must be 0 or more, got -1.0"),
+                         (["--ckpt", "a", "--ckpt", "b"], "two --ckpt compose ControlNets for --sample")]:
+        with pytest.raises(SystemExit) as e:
+            cn.main(argv(folder, base, tmp_path / "d", *flags))
+        assert e.value.code == 2 and words in capsys.readouterr().err.strip().splitlines()[-1]
+
+
+def test_resume_refuses_a_base_that_changed(folder, base, tmp_path):
+    shutil.copy(base, tmp_path / "base.pt")
+    cn.main(argv(folder, tmp_path / "base.pt", tmp_path / "run", steps="1"))
+    retrained = load(tmp_path / "base.pt")
+    retrained["step"] = 9
+    torch.save(retrained, tmp_path / "base.pt")
+    msg = exit_message(argv(folder, tmp_path / "base.pt", tmp_path / "run", "--resume", steps="2"))
+    assert msg and "at step 4, but it now holds step 9" in msg and "\n" not in msg, msg

@@ -14,7 +14,7 @@ sys.path.insert(0, str(ROOT))
 import ddpm  # noqa: E402
 
 # the method files in the three-part shape (the paper, the harness, the command line)
-METHODS = ["ddpm", "vae", "rectified_flow", "dit", "mmdit", "ldm", "consistency", "latte"]
+METHODS = ["ddpm", "vae", "rectified_flow", "dit", "mmdit", "ldm", "consistency", "latte", "controlnet"]
 
 
 def harness(name):
