@@ -108,6 +108,34 @@ def consistency_config():
             lambda x: model(x, torch.full((len(x),), 1.0, device=x.device)))
 
 
+def controlnet_config():
+    """A ControlNet on edges over the locked U-Net of ddpm.py's CPU recipe (its optimizer holds the
+    ControlNet alone; the locked base's forward is in every step and every call)."""
+    import controlnet
+    import ddpm
+    args = ddpm.parse_args(UNET)
+    ddpm.fill_model_defaults(args, argparse.Namespace(size=28))
+    ckpt = {"args": vars(args), "shape": [1, 28, 28], "ema": ddpm.make_model(args, 1, 28).state_dict()}
+    base = controlnet.locked_base(ckpt)
+    net = controlnet.ControlNet(base, 1, 10)
+    sch = controlnet.base_schedule(ckpt["args"])
+    return (net, lambda x: controlnet.training_step(base.to(x.device), net, x, controlnet.edges(x), labels(x), sch,
+                                                    draws(x)),
+            lambda x: controlnet.eps_theta(base.to(x.device), [(net, controlnet.edges(x))], x,
+                                           torch.full((len(x),), 500, device=x.device), labels(x)))
+
+
+def latte_config():
+    """Latte T/4, Variant 1, on the CPU recipe's clips: 8 frames of 32 x 32."""
+    import latte
+    args = latte.parse_args(["--model", "T/4"])
+    latte.fill_model_defaults(args)
+    model = latte.make_model(args, (8, 1, 32, 32), 10)
+    sch = latte.linear_schedule(args.T)
+    return (model, lambda x: latte.training_step(model, x, labels(x), sch, draws(x), 10, args.p_uncond),
+            lambda x: model(x, torch.full((len(x),), 500, device=x.device), labels(x)))
+
+
 CONFIGS = {  # name: (builder, batch size, shape of a training example)
     "ddpm": (lambda: ddpm_config(recipe=False), 128, (1, 28, 28)),
     "ddpm-cpu-recipe": (lambda: ddpm_config(recipe=True), 64, (1, 28, 28)),
@@ -117,6 +145,8 @@ CONFIGS = {  # name: (builder, batch size, shape of a training example)
     "mmdit-T/4": (mmdit_config, 64, (1, 28, 28)),
     "ldm-cpu-recipe": (ldm_config, 64, (4, 14, 14)),
     "consistency-teacher-cpu-recipe": (consistency_config, 64, (1, 28, 28)),
+    "controlnet-cpu-recipe": (controlnet_config, 64, (1, 28, 28)),
+    "latte-cpu-recipe": (latte_config, 32, (8, 1, 32, 32)),  # clips (F, C, H, W)
 }
 
 
@@ -151,7 +181,8 @@ def measure(name, device, bf16, compile_, repeats):
     model, loss_fn, call = build()
     model = model.to(device)
     opt = torch.optim.Adam(model.parameters(), lr=1e-4)
-    x = torch.randn(batch, *shape, device=device).contiguous(memory_format=torch.channels_last)
+    x = torch.randn(batch, *shape, device=device)
+    x = x.contiguous(memory_format=torch.channels_last) if x.dim() == 4 else x  # (clips are 5-D)
     amp = torch.autocast(device.type, torch.bfloat16, enabled=bf16)
     loss_of = torch.compile(loss_fn) if compile_ else loss_fn  # compiles the network's calls in the loss
 
