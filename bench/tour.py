@@ -12,15 +12,22 @@ held-out real images as a horizontal line: "from 1000 steps to 1 step", measured
     python bench/tour.py --device cuda --budget-minutes 30
 
 --budget-minutes B: every network trained from random weights (ddpm, vae, 1-RF, dit, mmdit, ldm's
-autoencoder and its U-Net, the consistency teacher and CT) trains B minutes: a 30-step probe run
-measures its images/s and the tour passes the matching --steps, so the learning-rate schedule
-still ends where the recipe's does. A stage that starts from another network (reflow,
+autoencoder and its U-Net, the consistency teacher and CT, latte, and the ControlNet, whose copy
+starts from ddpm's locked U-Net but whose condition encoder and zero convolutions are new) trains
+B minutes: a 30-step probe run measures its images/s and the tour passes the matching --steps, so
+the learning-rate schedule still ends where the recipe's does. A stage that starts from another network (reflow,
 distillation, consistency distillation) keeps its recipe's share: its --steps (and --pairs) scale
 by the factor its parent's steps did. Training minutes count whole stage commands (start-up and
 per-epoch grids included, the probe not), summed along the chain: a 2-RF row counts the 1-RF and
 the pairs; a CD row counts its teacher.
 
-Parameters count the network that draws the samples (a VAE's decoder; an LDM's U-Net and decoder).
+Parameters count the network that draws the samples (a VAE's decoder; an LDM's U-Net and decoder;
+a ControlNet and its locked base). The last column is a method's own yardstick: a ControlNet's edge
+F1 against the test edge maps its samples were drawn from (the row with control scale 0 is its
+locked base alone, the floor); for latte, the share of clips the classifier puts in one class in
+every frame and the garment's distance from a straight bouncing path. Latte's rows are scored per
+frame: each frame's garment window (at its centre of mass) resized to 28x28, 1,000 frames spread
+over 250 clips, beside real clips of held-out test garments made and scored the same way.
 RK45's evaluations are the most any chunk of images took. CT trains without the README's --teacher,
 which only draws its grid's teacher row: consistency training needs no teacher, and its minutes
 count CT alone.
@@ -43,11 +50,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 from bench import quality  # noqa: E402
-from common import UserError  # noqa: E402
+from common import UserError, load_clips, load_dataset  # noqa: E402
 
 N_SAMPLES = 1000
 SEED = 1000            # the sampling seed of every README measurement
@@ -81,11 +89,16 @@ class Setting:
     flags: list
     nfe: int = None
     n: int = N_SAMPLES
+    real: bool = False             # no sampling: the real data the stage trained on, scored alike
 
 
 UNET = ["--width", "32", "--mults", "1,2,3", "--res-blocks", "1", "--batch-size", "64"]
 RF_PAIRS = ["--solver", "heun", "--sampling-steps", "8", "--batch-size", "64", "--lr", "1e-3",
             "--warmup", "20", "--lr-decay", "cosine"]
+
+
+LATTE = ["--image-size", "20", "--canvas", "32", "--frames", "8", "--model", "T/4", "--variant", "1",
+         "--batch-size", "32", "--lr", "1e-3", "--warmup", "100", "--lr-decay", "cosine", "--ema", "0.999"]
 
 
 def recipes():
@@ -124,7 +137,7 @@ def recipes():
                                          "--out", "dit"], "dit/ckpt.pt", 1800)],
                 # guidance 1.5 (the paper's FID setting) evaluates the network twice per step
                 [Setting("dit", "DiT-T/4", "DDPM 250, guidance 1.5", "dit",
-                         ["--sampler", "ddpm", "--sampling-steps", "250", "--cfg-scale", "1.5"], 500),
+                         ["--sampler", "ddpm", "--sampling-steps", "250", "--cfg-scale", "1.5"], 500, n=200),
                  Setting("dit", "DiT-T/4", "DDIM 50, guidance 1.5", "dit",
                          ["--sampler", "ddim", "--sampling-steps", "50", "--cfg-scale", "1.5"], 100)]),
         "mmdit": ([Stage("mmdit", "mmdit.py", ["--model", "T/4", "--batch-size", "64", "--lr", "1e-3", "--warmup",
@@ -154,6 +167,20 @@ def recipes():
             [Setting("consistency", "EDM teacher", "Heun 18 steps", "cm_teacher", [], 35)]
             + [Setting("consistency", model, steps_of(k), stage, ["--sampling-steps", str(k)], k)
                for model, stage in (("CD", "cm_cd"), ("CT (iCT)", "cm_ct")) for k in (1, 2, 4)]),
+        # trains on ddpm's checkpoint as its locked base, one sample for each of the first N test edge maps
+        "controlnet": ([Stage("controlnet", "controlnet.py", ["--base", "ddpm/ckpt.pt", "--condition", "edges",
+                                                              "--batch-size", "64", "--lr", "1e-3", "--warmup", "100",
+                                                              "--lr-decay", "cosine", "--out", "controlnet"],
+                              "controlnet/ckpt.pt", 1500, after="ddpm")],
+                       [Setting("controlnet", "ControlNet (edges)", "DDIM 50", "controlnet",
+                                ["--control-from-test", "{n}", "--sampling-steps", "50"], 50),
+                        Setting("controlnet", "its locked base (control scale 0)", "DDIM 50", "controlnet",
+                                ["--control-from-test", "{n}", "--control-scale", "0", "--sampling-steps", "50"], 50)]),
+        # clips of 8 frames: 250 clips give the 1,000 frames FD is taken on
+        "latte": ([Stage("latte", "latte.py", [*LATTE, "--out", "latte"], "latte/ckpt.pt", 2000)],
+                  [Setting("latte", "Latte-T/4 (Variant 1)", "DDIM 50, guidance 1.5", "latte",
+                           ["--sampling-steps", "50", "--cfg-scale", "1.5"], 100, n=250),
+                   Setting("latte", "real clips (test garments)", "-", "latte", [], n=250, real=True)]),
     }
 
 
@@ -191,7 +218,7 @@ def common_flags(args):
 
 def in_out(flags, out):
     """The recipe's flags with its relative paths (--out, --ckpt, --ae, --teacher) under `out`."""
-    paths = ("--out", "--ckpt", "--ae", "--teacher")
+    paths = ("--out", "--ckpt", "--ae", "--teacher", "--base")
     return [str(out / f) if i and flags[i - 1] in paths else f for i, f in enumerate(flags)]
 
 
@@ -221,7 +248,7 @@ def training_command(stage, args, out, steps, factor):
 def sampling_command(setting, ckpt, args, n, path):
     script = recipes()[setting.method][0][0].script
     return [script, "--sample", "--ckpt", str(ckpt), "--n", str(n), "--seed", str(SEED), "--save", str(path),
-            "--device", args.device, *setting.flags]
+            "--device", args.device, *[f.format(n=n) for f in setting.flags]]
 
 
 def train(stage, args, out, done):
@@ -244,12 +271,15 @@ def train(stage, args, out, done):
 
 
 def parameters(ckpt_path):
-    """Parameters of the network the samples come from: no encoder (vae), the decoder added (ldm)."""
+    """Parameters of the network the samples come from: no encoder (vae), the decoder added (ldm),
+    the locked base added (controlnet)."""
     ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=True)
     weights = ckpt.get("ema") or ckpt["model"]
     count = sum(t.numel() for k, t in weights.items() if not k.startswith("encoder."))
     if isinstance(ckpt.get("ae"), dict):
         count += sum(t.numel() for t in ckpt["ae"]["decoder"].values())
+    if isinstance(ckpt.get("base"), str):
+        count += parameters(ckpt["base"])
     return count
 
 
@@ -267,10 +297,85 @@ def sample(setting, ckpt, args, out):
     return torch.load(path, weights_only=True), float(seconds.group(1)), setting.nfe or int(nfe.group(1))
 
 
-def scored(samples, args, score):
-    q = score(samples, args.dataset, args.data_dir, "cpu" if args.device == "auto" else args.device)
+def scored(samples, args, score, **reference):
+    q = score(samples, args.dataset, args.data_dir, "cpu" if args.device == "auto" else args.device, **reference)
     return {**{k: q[k] for k in METRICS if k in q},
             "nearest_ratio": q["nn_train_median"] / max(q["nn_train_median_real"], 1e-12)}
+
+
+def measures(setting, ckpt, x, args, score):
+    """The row's numbers: bench/quality.py's, and a method's own yardstick under "own"."""
+    if setting.method == "latte":
+        return clip_measures(x, ckpt, args, score, setting.real)
+    row = scored(x, args, score)
+    if setting.method == "controlnet":
+        row["own"] = condition_fidelity(x, ckpt, args)
+    return row
+
+
+def condition_fidelity(x, ckpt_path, args):
+    """{measure: value} of the samples against the conditions of the first len(x) test images, the
+    ones they were drawn from (controlnet.py's edge F1, mask IoU or low-res PSNR)."""
+    import controlnet
+    condition = torch.load(ckpt_path, map_location="cpu", weights_only=True)["args"]["condition"]
+    test, _ = load_dataset(args.dataset, args.data_dir, train=False)
+    c = controlnet.CONDITIONS[condition](torch.stack([test[i][0] for i in range(len(x))]))
+    return {controlnet.MEASURES[condition]: controlnet.FIDELITY[condition](x.float(), c).mean().item()}
+
+
+def clip_args(ckpt_path):
+    return torch.load(ckpt_path, map_location="cpu", weights_only=True)["args"]
+
+
+def real_clips(ckpt_path, args, n):
+    """n clips of held-out test garments made as the stage's training clips were, and the rest of
+    the test split, their reference (as real_row takes it)."""
+    a = clip_args(ckpt_path)
+    clips, _ = load_clips(args.dataset, args.data_dir, False, a["frames"], a["canvas"], image_size=a["image_size"])
+    _, _, test_x, _ = quality.reference(args.dataset, args.data_dir, "cpu")
+    order = torch.randperm(len(test_x), generator=torch.Generator().manual_seed(0))
+    return torch.stack([clips[i][0] for i in order[:n].tolist()]), test_x[order[n:]]
+
+
+def garments(clips, size):
+    """Every frame of clips (N, F, C, H, W) as a 28x28 image for quality.py: the size x size window
+    at the frame's centre of mass (where the garment is), resized. (N * F, C, 28, 28)"""
+    import latte
+    frames = clips.flatten(0, 1)
+    corner = (latte.centre_of_mass(clips).flatten(0, 1) - (size - 1) / 2).round().long()
+    corner = corner.clamp(0, clips.shape[-1] - size)
+    window = torch.arange(size)
+    rows, cols = corner[:, :1] + window, corner[:, 1:] + window            # (N * F, size) each
+    crops = frames[torch.arange(len(frames))[:, None, None], :, rows[:, :, None], cols[:, None, :]]
+    crops = crops.permute(0, 3, 1, 2)                                        # (N * F, C, size, size)
+    return F.interpolate(crops, size=28, mode="bilinear", antialias=True).clamp(-1, 1)
+
+
+def frame_classes(images, args):
+    """bench/quality.py's classifier's class of each image."""
+    classifier = quality.reference(args.dataset, args.data_dir, "cpu")[0]
+    return quality.features_and_probs(classifier, images)[1].argmax(1)
+
+
+def clip_measures(clips, ckpt_path, args, score, real):
+    """Per-frame scores of clips on bench/quality.py, args.n frames spread evenly over the clips'
+    frames; and under "own" latte.py's video measures: the share of clips the classifier puts in one
+    class in every frame, and the centre of mass's distance from a straight bouncing path and its
+    speed (pixels a frame)."""
+    import latte
+    a = clip_args(ckpt_path)
+    reference = {}
+    if real:
+        clips, reference["test_images"] = clips
+    n_clips, n_frames = clips.shape[:2]
+    images = garments(clips, a["image_size"]).unflatten(0, (n_clips, n_frames))
+    chosen = torch.linspace(0, n_frames - 1, -(-args.n // n_clips)).round().long()
+    row = scored(images[:, chosen].flatten(0, 1)[:args.n], args, score, **reference)
+    residual, speed = latte.motion(clips, a["canvas"] - a["image_size"])
+    classes = frame_classes(images.flatten(0, 1), args).view(n_clips, n_frames)
+    own = {"one class": latte.temporal_consistency(classes), "px off a bouncing path": residual.mean().item(),
+           "px a frame": speed.mean().item()}
+    return {**row, "n": min(args.n, n_clips * len(chosen)), "clips": n_clips, "own": own}
 
 
 def real_row(args):
@@ -321,9 +426,13 @@ def tour_method(method, args, out, results, score):
             if s.stage in failed:
                 raise StageFailed(f"training failed: {failed[s.stage]}")
             record = done[s.stage]
-            x, seconds, nfe = sample(s, record["ckpt"], args, out)
-            row.update(nfe=nfe, n=len(x), sample_ms=1000 * seconds / len(x), train_minutes=record["chain_minutes"],
-                       params=parameters(record["ckpt"]), **scored(x, args, score))
+            if s.real:
+                x = real_clips(record["ckpt"], args, min(s.n, args.n))
+            else:
+                x, seconds, nfe = sample(s, record["ckpt"], args, out)
+                row.update(nfe=nfe, n=len(x), sample_ms=1000 * seconds / len(x),
+                           train_minutes=record["chain_minutes"], params=parameters(record["ckpt"]))
+            row.update(measures(s, record["ckpt"], x, args, score))
         except StageFailed as e:
             row["error"] = str(e)
         except Exception as e:            # whatever went wrong is reported in the row; the tour goes on
@@ -340,12 +449,15 @@ def tour_method(method, args, out, results, score):
 # ----------------------------------------------------------------------------------------------
 
 COLUMNS = ("method", "model", "sampler", "evaluations", "ms/img", "train min", "params", "FD", "KID ×10³",
-           "precision", "recall", "class entropy", "nearest train")
+           "precision", "recall", "class entropy", "nearest train", "own measure")
 
 
 def format_row(r, n=N_SAMPLES):
-    """One Markdown table row; a row scored on other than n samples says so (FD depends on N)."""
-    if r.get("n") not in (None, n):
+    """One Markdown table row; a row scored on other than n samples says so (FD depends on N), and
+    a row of clips says how many (its ms/img is per clip, its scores per frame)."""
+    if r.get("clips"):
+        r = {**r, "sampler": f"{r['sampler']} ({r['clips']} clips, {r['n']} frames)"}
+    elif r.get("n") not in (None, n):
         r = {**r, "sampler": f"{r['sampler']} ({r['n']} samples)"}
     if "error" in r:
         error = (r["error"].strip().splitlines() or ["?"])[-1].replace("|", "\\|")
@@ -358,7 +470,8 @@ def format_row(r, n=N_SAMPLES):
     return (f"| {r['method']} | {r['model']} | {r['sampler']} | {f('nfe', 'd')} | {ms} | "
             f"{f('train_minutes', '.1f')} | {params} | {f('fd', '.2f')} | "
             f"{format(1e3 * r['kid'], '.2f') if r.get('kid') is not None else '-'} | {f('precision', '.2f')} | "
-            f"{f('recall', '.2f')} | {f('class_entropy', '.3f')} | {f('nearest_ratio', '.2f')} |")
+            f"{f('recall', '.2f')} | {f('class_entropy', '.3f')} | {f('nearest_ratio', '.2f')} | "
+            f"{', '.join(f'{k} {v:.3g}' for k, v in r.get('own', {}).items()) or '-'} |")
 
 
 def table(results):
@@ -417,7 +530,8 @@ def parse_args(argv=None):
                    "(default: each recipe's own length)")
     p.add_argument("--steps", type=int, help="every stage trains this many steps (a smoke run)")
     p.add_argument("--resume", action="store_true", help="skip rows and stages already in --results")
-    p.add_argument("--n", type=int, default=N_SAMPLES, help="samples per setting (DDPM 1000 steps: 200)")
+    p.add_argument("--n", type=int, default=N_SAMPLES, help="samples per setting (DDPM 1000 steps and "
+                   "DiT's DDPM 250: 200; latte: 250 clips)")
     p.add_argument("--dataset", default="fashion-mnist")
     p.add_argument("--data-dir", default="./data")
     p.add_argument("--device", default="auto")

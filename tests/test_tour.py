@@ -9,6 +9,7 @@ import pytest
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import common  # noqa: E402
 from bench import tour  # noqa: E402
 
 
@@ -34,7 +35,8 @@ def test_table_has_a_row_per_result_and_reports_failures():
     lines = tour.table(made_up_results()).splitlines()
     assert len(lines) == 2 + 4 + 1                      # header, rule, rows, real images
     assert all(line.count("|") == len(tour.COLUMNS) + 1 for line in lines)
-    assert "| ddpm | DDPM | DDIM 50 | 50 | 120.0 | 8.0 | 1.81M | 4.00 | 3.10 | 0.70 | 0.60 | 0.990 | 0.95 |" in lines
+    row = "| ddpm | DDPM | DDIM 50 | 50 | 120.0 | 8.0 | 1.81M | 4.00 | 3.10 | 0.70 | 0.60 | 0.990 | 0.95 | - |"
+    assert row in lines
     assert "failed: dit.py exited with 1" in lines[5]
     assert lines[-1].startswith("| real | held-out test images | - | - |")
 
@@ -80,7 +82,8 @@ def test_every_command_is_one_the_method_file_accepts(method, tmp_path):
             assert parsed.cfg_scale == float(label.split("guidance ")[1])
         for name in ("ddim", "ddpm", "euler", "rk45"):
             if name in label.split(",")[0].split():
-                assert name in (getattr(parsed, "sampler", None), getattr(parsed, "solver", None))
+                # a file without --sampler or --solver samples with DDIM alone
+                assert name in (getattr(parsed, "sampler", "ddim"), getattr(parsed, "solver", None))
         steps = [int(w) for w in label.split(",")[0].split() if w.isdigit()]
         if steps and method != "ddpm" and "heun" not in label:
             assert parsed.sampling_steps == steps[0]
@@ -224,3 +227,54 @@ def test_results_of_another_length_are_never_mixed_in(tmp_path):
     assert tour.load_results(path, longer, resume=False)["rows"] == []          # a new table
     with pytest.raises(tour.UserError, match="--budget-minutes 4"):
         tour.load_results(path, longer, resume=True)
+
+
+def test_garments_cut_each_frame_at_its_garment_and_resize_it_to_28():
+    """A symmetric garment moving on the canvas: every frame's window is the garment itself."""
+    disk = ((torch.arange(20) - 9.5).square()[:, None] + (torch.arange(20) - 9.5).square() < 64).float() * 2 - 1
+    clips = torch.stack([common.MovingClips([(disk[None], 0)], frames=6, canvas=32, seed=s)[0][0] for s in range(3)])
+    crops = tour.garments(clips, 20)
+    assert crops.shape == (18, 1, 28, 28)
+    expected = torch.nn.functional.interpolate(disk[None, None], size=28, mode="bilinear", antialias=True)
+    torch.testing.assert_close(crops, expected.expand(18, -1, -1, -1).clamp(-1, 1))
+
+
+def test_clip_rows_score_frames_spread_over_clips_and_measure_the_motion(tmp_path, monkeypatch):
+    g = torch.Generator().manual_seed(0)
+    images = [(torch.rand(1, 20, 20, generator=g) * 2 - 1, 0) for _ in range(40)]
+    data = tmp_path / "clips.pt"             # a clip file: the stage trained on (and reads back) its clips
+    torch.save(torch.stack([c for c, _ in common.MovingClips(images, frames=8, canvas=32)]), data)
+    ckpt = tmp_path / "latte.pt"
+    torch.save({"args": {"frames": 8, "canvas": 32, "image_size": 20}}, ckpt)
+    scored = []
+
+    def score(x, *a, **reference):
+        scored.append((x, reference))
+        return {"fd": 5.0, "nn_train_median": 1.0, "nn_train_median_real": 1.0}
+    monkeypatch.setattr(tour, "frame_classes", lambda images, args: torch.zeros(len(images), dtype=torch.long))
+    monkeypatch.setattr(tour.quality, "reference", lambda *a: (None, 0.9, torch.zeros(40, 1, 28, 28), None))
+    args = tour.parse_args(["--n", "24", "--dataset", str(data)])
+    clips, held_out = tour.real_clips(ckpt, args, 10)
+    assert clips.shape == (10, 8, 1, 32, 32) and len(held_out) == 30
+    row = tour.clip_measures((clips, held_out), ckpt, args, score, real=True)
+    (x, reference), = scored
+    assert x.shape == (24, 1, 28, 28) and reference["test_images"] is held_out   # 3 frames from each of 8 clips
+    assert row["n"] == 24 and row["clips"] == 10 and row["own"]["one class"] == 1.0
+    assert row["own"]["px off a bouncing path"] < 0.1 and row["own"]["px a frame"] > 1
+    still = clips[:, :1].expand(-1, 8, -1, -1, -1)
+    assert tour.clip_measures(still, ckpt, args, score, real=False)["own"]["px a frame"] == 0
+
+
+def test_controlnet_rows_measure_the_samples_against_the_test_conditions(tmp_path):
+    g = torch.Generator().manual_seed(0)
+    data = tmp_path / "tiny.pt"
+    images = torch.zeros(30, 1, 28, 28, dtype=torch.uint8)
+    for image, (r, c, h, w) in zip(images, torch.randint(2, 12, (30, 4), generator=g).tolist()):
+        image[:, r:r + h, c:c + w] = 255                            # a rectangle each
+    torch.save(images, data)
+    ckpt = tmp_path / "cn.pt"
+    torch.save({"args": {"condition": "edges"}}, ckpt)
+    args = tour.parse_args(["--dataset", str(data)])
+    test = images[:12].float() / 127.5 - 1
+    assert tour.condition_fidelity(test, ckpt, args) == {"edge F1": 1.0}
+    assert tour.condition_fidelity(test.flip(0), ckpt, args)["edge F1"] < 0.9
