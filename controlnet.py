@@ -54,9 +54,11 @@ Differences from the paper:
   time embedding. Labels are dropped to the null class half of the time, as the paper drops
   prompts, and guidance on the class runs the ControlNet twice (with the label and with the null
   label), the condition kept in both passes.
-- The condition encoder E (Sec. 3.2: four 4x4 convolutions with stride 2 taking 512x512 images to
-  Stable Diffusion's 64x64 latents, with ReLU) is four 3x3 convolutions with SiLU (as the official
-  code) and stride 1: here the U-Net's first feature map has the image's own resolution.
+- The condition encoder E (Sec. 3.2: "four convolution layers with 4 x 4 kernels and 2 x 2
+  strides" with ReLU, taking 512x512 images to Stable Diffusion's 64x64 latents, which three such
+  strides would do; the official code uses eight 3x3 convolutions with SiLU, three of stride 2) is
+  four 3x3 convolutions with SiLU and stride 1: here the U-Net's first feature map has the image's
+  own resolution.
 - No "CFG resolution weighting" (Sec. 3.4's w_i = 64 / h_i on the residuals when no prompt is
   given); --control-scale multiplies every residual by one number instead.
 - The conditions are computed in torch on the data itself: a Canny-like edge map (Sobel gradients,
@@ -242,7 +244,8 @@ class ControlNet(nn.Module):
     middle) with the condition encoder E, the zero convolution Z(.; Theta_z1) on E(c), and one zero
     convolution Z(.; Theta_z2) per skip connection and one for the middle. forward returns the
     residuals that UNet.forward(..., residuals=...) adds to the skips and the middle's output.
-    zero=False: ordinary randomly initialised 1x1 convolutions (the paper's ablation)."""
+    zero=False: ordinary 1x1 convolutions of PyTorch's default random initialisation (the paper's
+    ablation, which draws Gaussian weights)."""
 
     def __init__(self, base, cond_channels, num_classes=None, zero=True, widths=(16, 32, 64)):
         super().__init__()
@@ -367,11 +370,13 @@ def dilate(m, radius):
 
 def edge_f1(samples, c, tolerance=1):
     """F1 of the samples' edges against the condition edge maps c, an edge pixel counting as found
-    when the other map has one within `tolerance` pixels (as edge benchmarks match boundaries)."""
+    when the other map has one within `tolerance` pixels (as edge benchmarks match boundaries);
+    1 when both maps are empty."""
     pred, target = edges(samples) > 0, c > 0
     precision = (pred & dilate(target, tolerance)).sum((1, 2, 3)) / pred.sum((1, 2, 3)).clamp(min=1)
     recall = (target & dilate(pred, tolerance)).sum((1, 2, 3)) / target.sum((1, 2, 3)).clamp(min=1)
-    return 2 * precision * recall / (precision + recall).clamp(min=1e-8)
+    f1 = 2 * precision * recall / (precision + recall).clamp(min=1e-8)
+    return torch.where((pred | target).any(3).any(2).any(1), f1, 1.0)
 
 
 def mask_iou(samples, c):
@@ -890,6 +895,9 @@ def train_command(args, p):
     if run.shape != base_shape:
         raise UserError(f"the base {args.base} was trained on {base_shape} images, --dataset {args.dataset} "
                         f"holds {run.shape}: train the ControlNet on the base's data")
+    if args.condition == "lowres" and info.size % 4:
+        raise UserError(f"--condition lowres pools 4x4 blocks: {info.size}x{info.size} images do not divide into "
+                        f"them (give --image-size a multiple of 4, or --condition edges or mask)")
     ddim_timesteps(sch.T, args.sampling_steps or min(50, sch.T))  # a clear error before any work
     run.model = make_controlnet(base, args, info.channels, info.num_classes).to(run.device)
     print(f"locked base: {args.base} (step {base_step}, {sum(w.numel() for w in base.parameters()) / 1e6:.2f}M "
@@ -926,7 +934,8 @@ def controlnet_of(path, ckpt, base, shape, device):
 
 def read_control(path, condition, channels, size):
     """--control's conditions (N, C, H, W) in [-1, 1]: IMAGE.png (one; an edge map or a silhouette is
-    thresholded at mid-grey) or FILE.pt, of the shape the ControlNet takes, or one line."""
+    thresholded at mid-grey, an image for lowres is pooled as in training, which leaves an image
+    already in 4x4 blocks as it is) or FILE.pt, of the shape the ControlNet takes, or one line."""
     need = f"{size}x{size} conditions with {channels} channel{'s' if channels > 1 else ''} ({SHOWN[condition]})"
     if not Path(path).is_file():
         raise UserError(f"no --control file {path}")
@@ -953,7 +962,7 @@ def read_control(path, condition, channels, size):
     if im.size != (size, size):
         raise UserError(f"--control {path} is {im.size[0]}x{im.size[1]}: this ControlNet takes {need}")
     c = pil_to_tensor(im)[None].float() / 127.5 - 1
-    return c if condition == "lowres" else torch.where(c > 0, 1.0, -1.0)
+    return lowres(c) if condition == "lowres" else torch.where(c > 0, 1.0, -1.0)
 
 
 def sampling_conditions(args, trained, shape):
@@ -994,6 +1003,9 @@ def sample(args):
         nets = [controlnet_of(path, c, base, shape, device) for path, c in zip(paths, ckpts)]
         conds, y = sampling_conditions(args, [argparse.Namespace(**c["args"]) for c in ckpts], shape)
         y = y if any(net.num_classes for net in nets) else None
+        if y is None and args.cfg_scale != 1:
+            raise UserError(f"--cfg-scale {args.cfg_scale:g} guides on the class, and these samples have none "
+                            f"(--control files carry no labels): give --control-from-test N or --cfg-scale 1")
         rows.extend(shown(c, shape[0]) for c in conds)
         k = len(conds[0])
         print(f"{len(nets)} ControlNet{'s' * (len(nets) > 1)} on {k} condition{'s' * (k > 1)}"
@@ -1023,7 +1035,8 @@ def parser():
     p.add_argument("--base", help="the ddpm.py checkpoint to lock (training needs one)")
     p.add_argument("--condition", choices=list(CONDITIONS), default="edges")
     p.add_argument("--no-zero-conv", dest="zero_conv", action="store_false",
-                   help="randomly initialised 1x1 convolutions instead of zero ones (the paper's ablation, Fig. 8)")
+                   help="1x1 convolutions of PyTorch's default (random) initialisation instead of zero ones "
+                   "(the paper's ablation, Fig. 8, draws Gaussian weights)")
     p.add_argument("--p-uncond", type=float, default=0.5, help="label dropout (Sec. 3.3: 50%% empty prompts)")
     p.add_argument("--cfg-scale", type=float, default=1.0, help="classifier-free guidance on the class (1: none)")
     p.add_argument("--control-scale", type=float, default=1.0, help="the residuals' weight (0: the base alone)")

@@ -868,7 +868,7 @@ GUIDANCE_ROWS = (1.0, 1.5, 2.0, 4.0)  # the rows of every class-conditional grid
 def model_name(s):
     """S/2, B/4, XL/2, T/4 ... (Table 1's size / the patch size) or a size alone (patch 2)."""
     size, _, patch = s.upper().partition("/")
-    if size not in MODELS or (patch and not patch.isdigit()):
+    if size not in MODELS or (patch and not (patch.isdigit() and int(patch) > 0)):
         raise argparse.ArgumentTypeError(f"unknown model {s!r}: use SIZE/PATCH with SIZE one of "
                                          f"{', '.join(MODELS)} (e.g. S/2, B/4, XL/2)")
     return f"{size}/{patch or 2}"

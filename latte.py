@@ -8,7 +8,8 @@ blocks (the paper's S-AdaLN: shift, scale and gate regressed from the time step 
 the diffusion stay DiT's. What changes is the attention: over all F N tokens it costs (F N)^2 per
 layer, F^2 times an image's N^2. Factorised, spatial attention among the N tokens of each frame
 (F N^2 for the clip) and temporal attention among the F tokens at each position (N F^2) cost
-F N^2 + N F^2, linear in F while F < N. Sec. 3.1 puts the two together in four ways (in brief):
+F N^2 + N F^2, nearly linear in F while F < N (F N^2 dominates). Sec. 3.1 puts the two together
+in four ways (in brief):
 
     Variant 1: spatial Transformer blocks and temporal Transformer blocks, interleaved
                ("interleaved fusion");
@@ -55,7 +56,8 @@ Differences from the paper:
 - The fixed sine-cosine temporal positions are added with the spatial ones to the input tokens (the
   official code adds them before the first temporal block; the paper also tries RoPE).
 - Compression frame patches are decoded by a linear layer to t p p C values per token, rearranged
-  into the tubelet: a 3-D transposed convolution with kernel = stride = (t, p, p).
+  into the tubelet: a 3-D transposed convolution with kernel = stride = (t, p, p) (with a bias per
+  output value rather than per channel).
 - No joint image-video training and no ImageNet-pretrained DiT to start from.
 """
 import argparse
@@ -235,7 +237,8 @@ class LatteBlock(nn.Module):
 
 class FactorisedBlock(nn.Module):
     """Variant 3's block, factorised attention: self-attention over space, then over time, then the
-    MLP, each branch with its own adaLN-Zero shift, scale and gate (TimeSformer's divided attention)."""
+    MLP, each branch with its own adaLN-Zero shift, scale and gate (TimeSformer's divided attention,
+    in the paper's order: space first, then time)."""
 
     def __init__(self, d, heads, mlp_ratio=4.0):
         super().__init__()
@@ -879,7 +882,7 @@ CLIPS_PER_CLASS = 4  # the columns of the epoch's GIF, one row per class
 def model_name(s):
     """S/2, B/4, XL/2, T/4 ... (DiT's Table 1 size / the patch size) or a size alone (patch 2)."""
     size, _, patch = s.upper().partition("/")
-    if size not in MODELS or (patch and not patch.isdigit()):
+    if size not in MODELS or (patch and not (patch.isdigit() and int(patch) > 0)):
         raise argparse.ArgumentTypeError(f"unknown model {s!r}: use SIZE/PATCH with SIZE one of "
                                          f"{', '.join(MODELS)} (e.g. T/4, S/2, XL/2)")
     return f"{size}/{patch or 2}"

@@ -684,7 +684,7 @@ EULER_MAX = 1000  # the most Euler steps: Euler's error, about 1 / steps, is lon
 def model_name(s):
     """S/2, B/4, XL/2, T/4 ... (Table 1's size / the patch size) or a size alone (patch 2)."""
     size, _, patch = s.upper().partition("/")
-    if size not in MODELS or (patch and not patch.isdigit()):
+    if size not in MODELS or (patch and not (patch.isdigit() and int(patch) > 0)):
         raise argparse.ArgumentTypeError(f"unknown model {s!r}: use SIZE/PATCH with SIZE one of "
                                          f"{', '.join(MODELS)} (e.g. S/2, B/4, XL/2)")
     return f"{size}/{patch or 2}"

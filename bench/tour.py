@@ -15,11 +15,11 @@ held-out real images as a horizontal line: "from 1000 steps to 1 step", measured
 autoencoder and its U-Net, the consistency teacher and CT, latte, and the ControlNet, whose copy
 starts from ddpm's locked U-Net but whose condition encoder and zero convolutions are new) trains
 B minutes: a 30-step probe run measures its images/s and the tour passes the matching --steps, so
-the learning-rate schedule still ends where the recipe's does. A stage that starts from another network (reflow,
-distillation, consistency distillation) keeps its recipe's share: its --steps (and --pairs) scale
-by the factor its parent's steps did. Training minutes count whole stage commands (start-up and
-per-epoch grids included, the probe not), summed along the chain: a 2-RF row counts the 1-RF and
-the pairs; a CD row counts its teacher.
+the learning-rate schedule still ends where the recipe's does. A stage that starts from another
+network (reflow, distillation, consistency distillation) keeps its recipe's share: its --steps
+(and --pairs) scale by the factor its parent's steps did. Training minutes count whole stage
+commands (start-up and per-epoch grids included, the probe not), summed along the chain: a 2-RF
+row counts the 1-RF and the pairs; a CD row counts its teacher; a ControlNet row, its base.
 
 Parameters count the network that draws the samples (a VAE's decoder; an LDM's U-Net and decoder;
 a ControlNet and its locked base). The last column is a method's own yardstick: a ControlNet's edge

@@ -146,7 +146,9 @@ def test_the_copy_starts_as_the_locked_encoder():
     net = cn.ControlNet(base, 1, num_classes=3)
     for mine, theirs in [(net.conv_in, base.conv_in), (net.down, base.down), (net.mid, base.mid),
                          (net.time_embed, base.time_embed)]:
-        assert all(torch.equal(a, b) for a, b in zip(mine.state_dict().values(), theirs.state_dict().values()))
+        assert mine.state_dict().keys() == theirs.state_dict().keys()
+        for a, b in zip(mine.state_dict().values(), theirs.state_dict().values(), strict=True):
+            assert torch.equal(a, b) and a.data_ptr() != b.data_ptr()  # equal, and a copy of its own
     assert net.class_embed.weight.abs().max() == 0
     assert all(p.requires_grad for p in net.parameters()) and all(m.training for m in net.modules())
 
@@ -316,6 +318,10 @@ def test_fidelity_measures():
     other, _ = disk(radius=4)
     assert cn.edge_f1(x, cn.edges(x)).item() == 1 and cn.mask_iou(x, cn.mask(x)).item() == 1
     assert cn.edge_f1(-torch.ones_like(x), cn.edges(x)).item() == 0
+    blank = -torch.ones_like(x)
+    assert cn.edge_f1(blank, cn.edges(blank)).item() == 1  # nothing to find, and nothing found
+    # an edge pixel one pixel off counts as found; two pixels off does not
+    assert cn.edge_f1(x.roll(1, -1), cn.edges(x)).item() == 1 > cn.edge_f1(x.roll(2, -1), cn.edges(x)).item()
     assert cn.mask_iou(other, cn.mask(x)).item() == pytest.approx((4 / 8) ** 2, abs=0.05)
     assert cn.lowres_psnr(x, cn.lowres(x)).item() > 60 > cn.lowres_psnr(other, cn.lowres(x)).item()
     assert set(cn.CONDITIONS) == set(cn.FIDELITY) == {"edges", "mask", "lowres"}
@@ -502,7 +508,7 @@ def sample(trained, tmp_path, *flags, save="x.pt"):
     return load(tmp_path / save) if save.endswith(".pt") else tmp_path / save
 
 
-def test_sample_follows_a_png_or_a_pt_of_conditions(trained, base, tmp_path):
+def test_sample_from_a_png_or_a_pt_of_conditions(trained, base, tmp_path):
     x = sample(trained, tmp_path, "--control", str(write_png(tmp_path / "c.png")), "--n", "3")
     assert x.shape == (3, 1, 12, 12) and x.dtype == torch.float32 and x.abs().max() <= 1
     c = cn.edges(torch.rand(2, 1, 12, 12) * 2 - 1)
@@ -516,8 +522,12 @@ def test_sample_follows_a_png_or_a_pt_of_conditions(trained, base, tmp_path):
     locked, sch = cn.locked_base(load(base)), cn.base_schedule(load(base)["args"])
     alone = cn.sample_ddim(locked, [], (2, 1, 12, 12), sch, 2, generator=torch.Generator().manual_seed(0))
     assert torch.allclose(scaled[0], alone, atol=1e-6) and not torch.allclose(scaled[1], alone, atol=1e-3)
-    x = sample(trained, tmp_path, "--control-from-test", "3", "--n", "3", "--cfg-scale", "2")
-    assert x.shape == (3, 1, 12, 12)
+    guided, plain = [sample(trained, tmp_path, "--control-from-test", "3", "--n", "3", "--cfg-scale", s)
+                     for s in ("2", "1")]
+    assert guided.shape == (3, 1, 12, 12) and not torch.equal(guided, plain)  # a barely trained class: small
+    msg = exit_message(["--sample", "--ckpt", str(trained[0] / "ckpt.pt"), "--control", str(tmp_path / "c.pt"),
+                        "--cfg-scale", "2", "--save", str(tmp_path / "y.pt"), "--device", "cpu"])
+    assert msg and "--control-from-test" in msg and "\n" not in msg, msg
 
 
 def test_two_controlnets_compose(folder, base, trained, tmp_path):

@@ -459,9 +459,10 @@ def test_bad_training_input(data, tmp_path, extra, words, capsys):
 
 
 def test_unknown_model_is_an_argparse_error(capsys):
-    with pytest.raises(SystemExit):
-        dit.parse_args(["--model", "M/2"])
-    assert "unknown model 'M/2'" in capsys.readouterr().err
+    for name in ("M/2", "T/0"):
+        with pytest.raises(SystemExit):
+            dit.parse_args(["--model", name])
+        assert f"unknown model '{name}'" in capsys.readouterr().err
 
 
 def test_prompt_for_an_unconditional_model(tmp_path):

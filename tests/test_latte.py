@@ -145,6 +145,11 @@ def test_variant_3s_block_attends_in_space_then_in_time():
         gate_t.weight[5 * 32:6 * 32] = 0
         gate_t.bias[5 * 32:6 * 32] = 0
     assert torch.equal(changed(block, c), SAME_FRAME)  # the temporal branch's gate shut: a spatial block
+    order = []  # which is run first: the reach above is the same in either order
+    block.attn_s.register_forward_hook(lambda *_: order.append("spatial"))
+    block.attn_t.register_forward_hook(lambda *_: order.append("temporal"))
+    block(torch.randn(1, 4, 6, 32), c)
+    assert order == ["spatial", "temporal"]
 
 
 @pytest.mark.parametrize("variant, axes", [(0, ["full"] * 4), (1, ["spatial", "temporal"] * 2),
@@ -174,6 +179,7 @@ def test_the_class_and_its_null_change_the_output():
     with torch.no_grad():
         out, none = net(x, t, torch.tensor([0, 1, 3])), net(x[:1], t[:1])
     assert (out[0] - out[1]).abs().max() > 1e-4 and torch.allclose(none[0], out[2], atol=1e-6)
+    assert (out[0] - out[2]).abs().max() > 1e-4  # the null class is a class of its own
 
 
 def test_bad_shapes_are_named():
@@ -259,9 +265,17 @@ def test_ddim_with_the_true_noise_returns_the_single_data_point():
         ab = latte.extract(sch.alpha_bar, t, x)
         return (x - ab.sqrt() * x_star) / (1 - ab).sqrt()
 
+    # with the true eps, DDIM keeps x_T's noise: x_tau = sqrt(alpha_bar_tau) x* + sqrt(1 - alpha_bar_tau) eps_0
+    x_T = torch.randn((3, 4, 1, 8, 8), generator=torch.Generator().manual_seed(0))
+    eps_0 = eps_star(x_T, torch.full((3,), 100))
     steps = []
+
+    def on_step(x, done, total):
+        ab = sch.alpha_bar[[90, 80, 70, 60, 50, 40, 30, 20, 10, 0][done - 1]]
+        assert torch.allclose(x, ab.sqrt() * x_star + (1 - ab).sqrt() * eps_0, atol=1e-5)
+        steps.append((done, total))
     out = latte.sample_ddim(eps_star, (3, 4, 1, 8, 8), sch, 10, generator=torch.Generator().manual_seed(0),
-                            on_step=lambda x, done, total: steps.append((done, total)))
+                            on_step=on_step)
     assert torch.allclose(out, x_star.expand_as(out), atol=1e-5)
     assert steps == [(i, 10) for i in range(1, 11)]
     assert latte.ddim_timesteps(100, 10) == list(range(10, 101, 10)) and latte.ddim_timesteps(100, 1) == [100]
@@ -483,6 +497,7 @@ def test_a_tensor_file_of_clips_trains_with_tubelets_and_samples(tmp_path):
     (["--patch", "5"], ["--patch 5 does not divide the 12x12 frames", "[1, 2, 3, 4, 6, 12]"]),
     (["--variant", "2", "--depth", "3"], ["even depth (got 3)"]),
     (["--sampling-steps", "21"], ["--sampling-steps must be between 1 and --T (20), got 21"]),
+    (["--model", "T/0"], ["unknown model 'T/0'"]),
 ])
 def test_bad_training_input_is_one_line(folder, tmp_path, extra, words, capsys):
     msg = exit_message(argv(folder, tmp_path / "run", *extra))

@@ -301,6 +301,7 @@ def test_two_processes_train_as_one_process_on_the_joined_batch(data, trained, t
     (["--p-uncond", "1"], ["--p-uncond must be in [0, 1)"]),
     (["--lr", "1e9"], ["stopped at step", "without saving", "diverged: try a lower --lr"]),
     (["--model", "M/2"], ["unknown model 'M/2'"]),
+    (["--model", "T/0"], ["unknown model 'T/0'"]),
 ])
 def test_bad_training_input(data, tmp_path, extra, words, capsys):
     text = exit_message(argv(data, tmp_path / "run", *extra), capsys) or ""
