@@ -484,8 +484,9 @@ def table(results):
 
 
 def plot(results, path):
-    """FD against evaluations per image, log-log, one line per model, real images as a floor.
-    Returns the lines drawn, {label: (evaluations, FDs)}."""
+    """FD against evaluations per image, log-log, one line per model, real images as a floor; clips'
+    per-frame FD, whose floor is another, stays in the table. Returns the lines drawn, {label:
+    (evaluations, FDs)}."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -493,12 +494,13 @@ def plot(results, path):
     fig, ax = plt.subplots(figsize=(7.5, 4.8), dpi=120)
     models, drawn = {}, {}
     for r in results["rows"]:
-        if "error" not in r and r.get("fd") and r.get("nfe"):
+        if "error" not in r and r.get("fd") and r.get("nfe") and not r.get("clips"):
             models.setdefault(f"{r['method']}: {r['model']}", []).append(r)
-    for label, rows in models.items():
+    colours = plt.get_cmap("tab20").colors
+    for i, (label, rows) in enumerate(models.items()):
         rows = sorted(rows, key=lambda r: r["nfe"])
         drawn[label] = ([r["nfe"] for r in rows], [r["fd"] for r in rows])
-        line, = ax.plot(*drawn[label], "o-", label=label)
+        line, = ax.plot(*drawn[label], "os^D"[i % 4] + "-", color=colours[i % 20], label=label)
         for r in rows:                    # FD is biased up on fewer samples: such a point says so
             if r.get("n") not in (None, results.get("n", N_SAMPLES)):
                 ax.plot(r["nfe"], r["fd"], "o", mfc="white", color=line.get_color())
