@@ -38,10 +38,10 @@ def main(argv=None):
     (out / "logs").mkdir(parents=True, exist_ok=True)
     flags = ["--sampling-steps", args.sampling_steps, "--cfg-scale", args.cfg_scale]
     label = f"DDIM {args.sampling_steps}, guidance {args.cfg_scale}"
-    drawn = tour.Setting("latte", Path(args.ckpt).parent.name, label, "latte", flags, n=args.clips)
+    nfe = int(args.sampling_steps) * (1 if float(args.cfg_scale) == 1 else 2)  # guidance: two a step
+    drawn = tour.Setting("latte", Path(args.ckpt).parent.name, label, "latte", flags, nfe, n=args.clips)
     real = tour.Setting("latte", "real clips (test garments)", "-", "latte", [], n=args.clips, real=True)
     x, seconds, _ = tour.sample(drawn, args.ckpt, args, out)
-    nfe = int(args.sampling_steps) * (1 if float(args.cfg_scale) == 1 else 2)  # guidance: two a step
     rows = [{"method": "latte", "model": drawn.model, "sampler": label, "nfe": nfe,
              "params": tour.parameters(args.ckpt), "sample_ms": 1000 * seconds / len(x),
              **tour.measures(drawn, args.ckpt, x, args, quality.score)},
