@@ -583,3 +583,13 @@ def test_resume_refuses_a_base_that_changed(folder, base, tmp_path):
     torch.save(retrained, tmp_path / "base.pt")
     msg = exit_message(argv(folder, tmp_path / "base.pt", tmp_path / "run", "--resume", steps="2"))
     assert msg and "at step 4, but it now holds step 9" in msg and "\n" not in msg, msg
+
+
+def test_lowres_refuses_sides_that_are_not_whole_4x4_blocks(folder, tmp_path):
+    base = tmp_path / "base"
+    with pytest.warns(UserWarning, match="mostly memorises"):
+        ddpm.main(["--dataset", str(folder), "--image-size", "10", "--width", "8", "--mults", "1,2",
+                   "--res-blocks", "1", "--attn", "5", "--T", "4", "--batch-size", "8", "--steps", "1",
+                   "--sampler", "ddim", "--sampling-steps", "1", "--n", "1", "--out", str(base), "--device", "cpu"])
+    msg = exit_message(argv(folder, base / "ckpt.pt", tmp_path / "run", "--image-size", "10", "--condition", "lowres"))
+    assert msg and "--condition lowres pools 4x4 blocks: 10x10 images" in msg and "\n" not in msg, msg
