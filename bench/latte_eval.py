@@ -37,7 +37,7 @@ def add_flags(p, out="runs/latte_eval"):
     p.add_argument("--dataset", default="fashion-mnist")
     p.add_argument("--data-dir", default="./data")
     p.add_argument("--device", default="auto")
-    p.add_argument("--out", default=out, help="checkpoints, samples and logs")
+    p.add_argument("--out", default=out, help="the samples and the sampling logs")
 
 
 def drawn_row(ckpt, args, out, model):

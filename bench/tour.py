@@ -368,7 +368,8 @@ def clip_measures(clips, ckpt_path, args, score, real):
     if real:
         clips, reference["test_images"] = clips
     n_clips, n_frames = clips.shape[:2]
-    images = garments(clips, a["image_size"]).unflatten(0, (n_clips, n_frames))
+    size = a["image_size"] or load_dataset(args.dataset, args.data_dir, train=False)[1].size  # None: the data's own
+    images = garments(clips, size).unflatten(0, (n_clips, n_frames))
     chosen = torch.linspace(0, n_frames - 1, -(-args.n // n_clips)).round().long()
     row = scored(images[:, chosen].flatten(0, 1)[:args.n], args, score, **reference)
     residual, speed = latte.motion(clips, a["canvas"] - a["image_size"])
