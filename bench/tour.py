@@ -372,7 +372,7 @@ def clip_measures(clips, ckpt_path, args, score, real):
     images = garments(clips, size).unflatten(0, (n_clips, n_frames))
     chosen = torch.linspace(0, n_frames - 1, -(-args.n // n_clips)).round().long()
     row = scored(images[:, chosen].flatten(0, 1)[:args.n], args, score, **reference)
-    residual, speed = latte.motion(clips, a["canvas"] - a["image_size"])
+    residual, speed = latte.motion(clips, a["canvas"] - size)
     classes = frame_classes(images.flatten(0, 1), args).view(n_clips, n_frames)
     own = {"one class": latte.temporal_consistency(classes), "px off a bouncing path": residual.mean().item(),
            "px a frame": speed.mean().item()}

@@ -265,6 +265,25 @@ def test_clip_rows_score_frames_spread_over_clips_and_measure_the_motion(tmp_pat
     assert tour.clip_measures(still, ckpt, args, score, real=False)["own"]["px a frame"] == 0
 
 
+def test_clip_rows_of_a_run_at_its_datas_own_size_take_that_size(tmp_path, monkeypatch):
+    """No --image-size: the checkpoint holds None and the window and the travel come from the data."""
+    g = torch.Generator().manual_seed(0)
+    images = torch.rand(12, 1, 20, 20, generator=g) * 2 - 1
+    data = tmp_path / "images.pt"
+    torch.save(images, data)
+    clips = torch.stack([c for c, _ in common.MovingClips([(x, 0) for x in images], frames=8, canvas=32)])
+    ckpt = tmp_path / "latte.pt"
+    torch.save({"args": {"frames": 8, "canvas": 32, "image_size": None}}, ckpt)
+    sizes = []
+    garments = tour.garments
+    monkeypatch.setattr(tour, "garments", lambda clips, size: sizes.append(size) or garments(clips, size))
+    monkeypatch.setattr(tour, "frame_classes", lambda images, args: torch.zeros(len(images), dtype=torch.long))
+    score = lambda *a, **r: {"fd": 5.0, "nn_train_median": 1.0, "nn_train_median_real": 1.0}  # noqa: E731
+    row = tour.clip_measures(clips, ckpt, tour.parse_args(["--n", "24", "--dataset", str(data)]), score, real=False)
+    assert sizes == [20]
+    assert row["own"]["px off a bouncing path"] < 0.1 and row["own"]["px a frame"] > 1
+
+
 def test_controlnet_rows_measure_the_samples_against_the_test_conditions(tmp_path):
     g = torch.Generator().manual_seed(0)
     data = tmp_path / "tiny.pt"
