@@ -31,9 +31,11 @@ def parse_args(argv=None):
     latte_eval.add_flags(p, out="runs/latte_ablation")
     p.add_argument("--results", default=str(ROOT / "bench" / "results" / "latte_ablation.json"))
     args = p.parse_args(argv)
-    args.variants = [int(v) for v in args.variants.split(",")]
-    if args.minutes <= 0 or any(v not in latte.VARIANTS for v in args.variants):
-        p.error(f"--minutes must be > 0 and --variants among {sorted(latte.VARIANTS)}")
+    variants = args.variants.split(",")
+    if args.minutes <= 0 or any(v not in map(str, latte.VARIANTS) for v in variants):
+        p.error(f"--minutes must be > 0 and --variants comma-separated among {sorted(latte.VARIANTS)}, "
+                f"got --minutes {args.minutes:g} --variants {args.variants}")
+    args.variants = [int(v) for v in variants]
     args.budget_minutes = args.minutes                  # what tour.probe_steps reads
     return args
 
