@@ -1,10 +1,10 @@
 """latte.py's variants at equal minutes: full attention and the paper's four factorisations (Sec. 3.1).
 
 Each variant trains for --minutes on the CPU recipe's clips (28-pixel garments on a 32x32 canvas,
-4 frames) at equal depth and width (T/4: depth 4, width 128, 4 heads, which Variant 4 splits in
-halves), for the --steps a short probe run says fit, and is scored as bench/latte_eval.py scores a
-checkpoint: per-frame FD on bench/quality.py, the share of clips in one class in every frame, and
-the motion; beside real clips of held-out test garments, the floor.
+4 frames) in uniform frame patches, at equal depth and width (T/4: depth 4, width 128, 4 heads,
+which Variant 4 splits in halves), for the --steps a short probe run says fit, and is scored as
+bench/latte_eval.py scores a checkpoint: per-frame FD on bench/quality.py, the share of clips in
+one class in every frame, and the motion; beside real clips of held-out test garments, the floor.
 
     python bench/latte_ablation.py [--minutes 4] [--variants 0,1,2,3,4]
 
